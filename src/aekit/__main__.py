@@ -1,0 +1,7 @@
+"""``python -m aekit`` (and ``torchrun -m aekit``) runs the CLI."""
+
+import sys
+
+from aekit.cli import main
+
+sys.exit(main())

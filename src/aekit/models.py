@@ -1,0 +1,190 @@
+"""The seed's convolutional autoencoder, layer for layer.
+
+The blog's Keras network (``Conv2D(16) -> MaxPool -> Conv2D(8) -> MaxPool -> Conv2D(8)``,
+a mirrored decoder with ``UpSampling2D`` and a sigmoid output, 4,385 parameters) written as
+two PyTorch modules so that the 7x7x8 bottleneck (the blog's ``conv2d_3``) can be read and
+decoded on its own. Names follow CompressAI: ``g_a`` is the analysis transform (encoder),
+``g_s`` the synthesis transform (decoder).
+
+Shapes are NCHW inside PyTorch; :func:`summary` prints them NHWC, as Keras does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """Keras' ``Conv2D(out, (3, 3), padding='same')``: stride 1, spatial size kept."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+
+
+class SeedEncoder(nn.Module):
+    """(n, 1, 28, 28) -> (n, 8, 7, 7): the blog's encoder, up to ``conv2d_3``."""
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.layers = nn.Sequential(
+            conv3x3(in_channels, 16), nn.ReLU(),  # (n, 16, 28, 28)
+            nn.MaxPool2d(2),                      # (n, 16, 14, 14)
+            conv3x3(16, 8), nn.ReLU(),            # (n, 8, 14, 14)
+            nn.MaxPool2d(2),                      # (n, 8, 7, 7)
+            conv3x3(8, 8), nn.ReLU(),             # (n, 8, 7, 7)  the bottleneck
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SeedDecoder(nn.Module):
+    """(n, 8, 7, 7) -> (n, 1, 28, 28) in [0, 1]: the blog's decoder.
+
+    The last convolution produces logits; :meth:`forward` applies the sigmoid. Training
+    with binary cross-entropy uses :meth:`logits` directly, which is numerically safer
+    than taking the log of a saturated sigmoid.
+    """
+
+    def __init__(self, out_channels: int = 1):
+        super().__init__()
+        self.layers = nn.Sequential(
+            conv3x3(8, 8), nn.ReLU(),                  # (n, 8, 7, 7)
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (n, 8, 14, 14)
+            conv3x3(8, 8), nn.ReLU(),                  # (n, 8, 14, 14)
+            nn.Upsample(scale_factor=2, mode="nearest"),  # (n, 8, 28, 28)
+            conv3x3(8, 16), nn.ReLU(),                 # (n, 16, 28, 28)
+            conv3x3(16, out_channels),                 # (n, 1, 28, 28) logits
+        )
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.layers(z))
+
+
+class SeedAutoencoder(nn.Module):
+    """The blog's full network: ``g_s(g_a(x))``, 4,385 parameters for 28x28x1 input.
+
+    ``image_shape`` is ``(C, H, W)``. The two 2x2 poolings need H and W divisible by 4
+    for the output to match the input size.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28)):
+        super().__init__()
+        channels, height, width = image_shape
+        if height % 4 or width % 4:
+            raise ValueError(
+                f"the seed network needs image height and width divisible by 4 (two 2x2 "
+                f"poolings), got {height}x{width}; resize the images, e.g. --resize 28 28"
+            )
+        self.image_shape = (channels, height, width)
+        self.g_a = SeedEncoder(channels)
+        self.g_s = SeedDecoder(channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        _, height, width = self.image_shape
+        return (8, height // 4, width // 4)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) in [0, 1] -> (n, 8, H/4, W/4)."""
+        return self.g_a(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(n, 8, H/4, W/4) -> (n, C, H, W) in [0, 1]."""
+        return self.g_s(z)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
+        return self.g_s.logits(self.g_a(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g_s(self.g_a(x))
+
+
+# The CLI looks models up here by name; the library passes model objects around.
+MODELS = {"seed": SeedAutoencoder}
+
+
+def build_model(name: str, image_shape: tuple[int, int, int]) -> nn.Module:
+    """Build a registered model for images of ``image_shape = (C, H, W)``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](image_shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_keras_(model: nn.Module) -> None:
+    """Keras' defaults for ``Conv2D``: glorot_uniform kernels, zero biases."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def init_he_(model: nn.Module) -> None:
+    """He (Kaiming) uniform kernels for the ReLU layers, zero biases.
+
+    The output convolution feeds a sigmoid, not a ReLU, so it gets Glorot instead.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        if i == len(convs) - 1:
+            nn.init.xavier_uniform_(conv.weight)
+        else:
+            nn.init.kaiming_uniform_(conv.weight, a=0.0, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+
+
+# Initialisations by name, for recipes and the CLI. "torch" keeps PyTorch's own default
+# (kaiming_uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both).
+INITS = {"keras": init_keras_, "he": init_he_, "torch": lambda model: None}
+
+
+def summary(model: SeedAutoencoder) -> str:
+    """A Keras-style layer table (NHWC output shapes), as printed in the blog."""
+    rows: list[tuple[str, str, str, int]] = []
+    channels, height, width = model.image_shape
+    rows.append(("input_1", "InputLayer", f"(None, {height}, {width}, {channels})", 0))
+    keras_names = {nn.Conv2d: ("conv2d", "Conv2D"), nn.MaxPool2d: ("max_pooling2d", "MaxPooling2D"),
+                   nn.Upsample: ("up_sampling2d", "UpSampling2D")}
+    counters: dict[str, int] = {}
+    hooks = []
+
+    def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        prefix, kind = keras_names[type(module)]
+        counters[prefix] = counters.get(prefix, 0) + 1
+        _, c, h, w = output.shape
+        params = sum(p.numel() for p in module.parameters())
+        rows.append((f"{prefix}_{counters[prefix]}", kind, f"(None, {h}, {w}, {c})", params))
+
+    for module in model.modules():
+        if type(module) in keras_names:
+            hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, height, width))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    total = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    line = "_" * 69
+    out = [line, f"{'Layer (type)':<33}{'Output Shape':<26}{'Param #':<10}", "=" * 69]
+    for name, kind, shape, params in rows:
+        label = f"{name} ({kind})"
+        out.append(f"{label:<33}{shape:<26}{params:<10}")
+    out += ["=" * 69, f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+            f"Non-trainable params: {total - trainable:,}", line]
+    return "\n".join(out)
+
+
+__all__ = [
+    "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "MODELS", "INITS", "build_model",
+    "count_parameters", "init_keras_", "init_he_", "summary",
+]

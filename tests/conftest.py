@@ -1,0 +1,47 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aekit import data as data_lib
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip with a visible reason when a dependency is absent; under CI=true, fail instead."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"missing in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The real MNIST, fetched once into the user's cache (as `make demo` does)."""
+    try:
+        return data_lib.load_dataset("mnist")
+    except data_lib.DataError as exc:
+        need(False, f"MNIST is not available: {exc}")
+
+
+@pytest.fixture
+def data_home(tmp_path, monkeypatch):
+    """An empty, private AEKIT_DATA for tests that exercise the cache."""
+    home = tmp_path / "cache"
+    monkeypatch.setenv("AEKIT_DATA", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Two threads, the machine's cores, for every test: results then do not depend on
+    # what another test left behind.
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,139 @@
+"""The seed network against the blog's table and against a NumPy reference forward pass."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aekit.models import SeedAutoencoder, build_model, count_parameters, init_he_, init_keras_, summary
+
+# The blog's model.summary(), row by row: (name, output shape NHWC, params).
+BLOG_TABLE = [
+    ("input_1", (None, 28, 28, 1), 0),
+    ("conv2d_1", (None, 28, 28, 16), 160),
+    ("max_pooling2d_1", (None, 14, 14, 16), 0),
+    ("conv2d_2", (None, 14, 14, 8), 1160),
+    ("max_pooling2d_2", (None, 7, 7, 8), 0),
+    ("conv2d_3", (None, 7, 7, 8), 584),
+    ("conv2d_4", (None, 7, 7, 8), 584),
+    ("up_sampling2d_1", (None, 14, 14, 8), 0),
+    ("conv2d_5", (None, 14, 14, 8), 584),
+    ("up_sampling2d_2", (None, 28, 28, 8), 0),
+    ("conv2d_6", (None, 28, 28, 16), 1168),
+    ("conv2d_7", (None, 28, 28, 1), 145),
+]
+
+
+def test_parameter_count_is_the_blogs():
+    model = SeedAutoencoder()
+    assert count_parameters(model) == 4385
+    assert count_parameters(model.g_a) == 160 + 1160 + 584
+    assert count_parameters(model.g_s) == 584 + 584 + 1168 + 145
+
+
+def test_summary_matches_the_blog_table():
+    text = summary(SeedAutoencoder())
+    rows = [line for line in text.splitlines() if "(" in line and ")" in line and "Layer (type)" not in line]
+    assert len(rows) == len(BLOG_TABLE)
+    for line, (name, shape, params) in zip(rows, BLOG_TABLE):
+        assert line.startswith(name + " ")
+        assert str(shape) in line
+        assert line.split()[-1] == str(params)
+    assert "Total params: 4,385" in text
+    assert "Trainable params: 4,385" in text
+
+
+def test_bottleneck_can_be_read_and_decoded_alone():
+    model = SeedAutoencoder().eval()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        z = model.encode(x)
+        out = model.decode(z)
+    assert z.shape == (5, 8, 7, 7)
+    assert model.latent_shape == (8, 7, 7)
+    assert out.shape == (5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+        assert torch.allclose(torch.sigmoid(model.logits(x)), out)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_rejects_sizes_the_poolings_cannot_invert():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SeedAutoencoder((1, 30, 28))
+    with pytest.raises(ValueError, match="unknown model 'vae'"):
+        build_model("vae", (1, 28, 28))
+
+
+def test_keras_init_is_glorot_uniform_with_zero_bias():
+    torch.manual_seed(0)
+    model = SeedAutoencoder()
+    init_keras_(model)
+    for conv in [m for m in model.modules() if isinstance(m, nn.Conv2d)]:
+        fan_in = conv.in_channels * 9
+        fan_out = conv.out_channels * 9
+        limit = np.sqrt(6 / (fan_in + fan_out))
+        assert float(conv.weight.abs().max()) <= limit
+        assert float(conv.weight.abs().max()) > 0.8 * limit  # fills the range, not a tiny init
+        assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_he_init_scales_by_fan_in():
+    torch.manual_seed(0)
+    model = SeedAutoencoder()
+    init_he_(model)
+    first = model.g_a.layers[0]
+    assert float(first.weight.abs().max()) <= np.sqrt(6 / 9) + 1e-6
+
+
+# --- a NumPy reference of the Keras layers, to check the PyTorch network against ---
+
+def np_conv_same(x, w, b):
+    """x (C, H, W), w (O, C, 3, 3), b (O,): Keras Conv2D(padding='same'), stride 1."""
+    c, h, wd = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    out = np.zeros((w.shape[0], h, wd))
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("oc,chw->ohw", w[:, :, dy, dx], padded[:, dy:dy + h, dx:dx + wd])
+    return out + b[:, None, None]
+
+
+def np_maxpool(x):
+    c, h, w = x.shape
+    return x.reshape(c, h // 2, 2, w // 2, 2).max(axis=(2, 4))
+
+
+def np_upsample(x):
+    return x.repeat(2, axis=1).repeat(2, axis=2)
+
+
+def np_forward(model, x):
+    convs = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy())
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
+    h = relu(np_conv_same(x, *convs[0]))
+    h = np_maxpool(h)
+    h = relu(np_conv_same(h, *convs[1]))
+    h = np_maxpool(h)
+    z = relu(np_conv_same(h, *convs[2]))
+    h = relu(np_conv_same(z, *convs[3]))
+    h = np_upsample(h)
+    h = relu(np_conv_same(h, *convs[4]))
+    h = np_upsample(h)
+    h = relu(np_conv_same(h, *convs[5]))
+    return z, 1 / (1 + np.exp(-np_conv_same(h, *convs[6])))
+
+
+def test_forward_matches_numpy_reference():
+    torch.manual_seed(3)
+    model = SeedAutoencoder().double().eval()
+    for conv in [m for m in model.modules() if isinstance(m, nn.Conv2d)]:
+        nn.init.normal_(conv.bias, std=0.1)  # nonzero biases, so they are checked too
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        z, out = model.encode(x), model(x)
+    for i in range(2):
+        z_ref, out_ref = np_forward(model, x[i].numpy())
+        np.testing.assert_allclose(z[i].numpy(), z_ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out[i].numpy(), out_ref, rtol=1e-10, atol=1e-12)

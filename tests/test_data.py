@@ -1,0 +1,345 @@
+"""Every loader on small files written here, and every refusal."""
+
+import gzip
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aekit import data as data_lib
+from aekit.data import DataError, load_dataset, read_idx, to_float, to_nchw
+
+from conftest import need
+
+
+def write_idx(path, array, gz=False, dims=None, magic=None):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+    header = magic if magic is not None else bytes([0, 0, codes[array.dtype], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *(dims or array.shape))
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(header + body)
+    return path
+
+
+# ------------------------------------------------------------------------ conversions
+
+def test_to_float_divides_uint8_by_255():
+    x = np.array([[[0, 51, 255]]], dtype=np.uint8)
+    out = to_float(x)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.array([[[0, 0.2, 1]]], dtype=np.float32))
+
+
+def test_to_float_refuses_out_of_range_and_nan():
+    with pytest.raises(DataError, match=r"must lie in \[0, 1\].*divide by 255"):
+        to_float(np.full((1, 2, 2), 3.0))
+    with pytest.raises(DataError, match="NaN"):
+        to_float(np.array([[[np.nan]]], dtype=np.float32))
+    with pytest.raises(DataError, match="dtype int32"):
+        to_float(np.zeros((1, 2, 2), dtype=np.int32))
+
+
+def test_to_nchw():
+    assert to_nchw(np.zeros((4, 5, 6))).shape == (4, 1, 5, 6)
+    assert to_nchw(np.zeros((4, 5, 6, 3))).shape == (4, 3, 5, 6)
+
+
+# ------------------------------------------------------------------------------- IDX
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, rng, gz):
+    images = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
+    path = write_idx(tmp_path / ("x.idx.gz" if gz else "x.idx"), images, gz=gz)
+    np.testing.assert_array_equal(read_idx(path), images)
+
+
+def test_idx_float_and_int_types(tmp_path, rng):
+    floats = rng.random((3, 2, 2)).astype(np.float32)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "f.idx", floats)), floats)
+    ints = rng.integers(-5, 5, size=(6,)).astype(np.int32)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "i.idx", ints)), ints)
+
+
+def test_idx_folder_like_mnist(tmp_path, rng):
+    xtr = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    xte = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    ytr, yte = rng.integers(0, 10, 20).astype(np.uint8), rng.integers(0, 10, 6).astype(np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", xtr, gz=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", ytr, gz=True)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", xte)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", yte)
+    (a, ya), (b, yb) = load_dataset(tmp_path)
+    np.testing.assert_array_equal(a, xtr)
+    np.testing.assert_array_equal(b, xte)
+    np.testing.assert_array_equal(ya, ytr)
+    np.testing.assert_array_equal(yb, yte)
+    assert ya.dtype == np.int64
+
+
+def test_idx_truncated(tmp_path, rng):
+    path = write_idx(tmp_path / "x.idx", rng.integers(0, 256, (10, 4, 4), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=r"x\.idx: IDX file is truncated.*fetch it again"):
+        read_idx(path)
+
+
+def test_idx_header_claiming_huge_data_is_refused_without_allocating(tmp_path):
+    # 10^12 items claimed, 16 bytes present: the reader must stop at the bytes present.
+    path = write_idx(tmp_path / "lie.idx", np.zeros((4, 2, 2), np.uint8), dims=(1_000_000, 1000, 1000))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_idx_longer_than_header(tmp_path):
+    path = write_idx(tmp_path / "long.idx", np.zeros((4, 2, 2), np.uint8), dims=(2, 2, 2))
+    with pytest.raises(DataError, match="longer than its header says"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00", b"PK\x03\x04hello", b"\x00\x00\x07\x01abcd"])
+def test_idx_bad_magic(tmp_path, content):
+    path = tmp_path / "bad.idx"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="bad.idx"):
+        read_idx(path)
+
+
+def test_truncated_gzip(tmp_path, rng):
+    path = write_idx(tmp_path / "x.idx.gz", rng.integers(0, 256, (50, 8, 8), dtype=np.uint8), gz=True)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match="x.idx.gz"):
+        read_idx(path)
+
+
+# ------------------------------------------------------------------------ npy / npz
+
+def test_npz_keras_layout(tmp_path, rng):
+    arrays = {"x_train": rng.integers(0, 256, (9, 6, 6), dtype=np.uint8),
+              "y_train": np.arange(9), "x_test": rng.integers(0, 256, (3, 6, 6), dtype=np.uint8)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    (xtr, ytr), (xte, yte) = load_dataset(tmp_path / "d.npz")
+    np.testing.assert_array_equal(xtr, arrays["x_train"])
+    np.testing.assert_array_equal(ytr, np.arange(9))
+    np.testing.assert_array_equal(xte, arrays["x_test"])
+    assert yte is None
+
+
+def test_npy_is_split_90_10_reproducibly(tmp_path, rng):
+    x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    (xtr, ytr), (xte, _) = load_dataset(tmp_path / "x.npy")
+    assert xtr.shape == (45, 8, 8, 3) and xte.shape == (5, 8, 8, 3) and ytr is None
+    # every image lands in exactly one split
+    together = np.concatenate([xtr, xte]).reshape(50, -1)
+    assert sorted(map(bytes, together)) == sorted(map(bytes, x.reshape(50, -1)))
+    (xtr2, _), _ = load_dataset(tmp_path / "x.npy")
+    np.testing.assert_array_equal(xtr, xtr2)
+
+
+def test_float_npy_kept_as_float(tmp_path, rng):
+    x = rng.random((10, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (xtr, _), _ = load_dataset(tmp_path / "x.npy")
+    assert xtr.dtype == np.float32
+
+
+def test_nan_in_array_is_refused(tmp_path):
+    x = np.zeros((10, 4, 4), np.float32)
+    x[3, 1, 1] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataError, match=r"x\.npy.*1 NaN"):
+        load_dataset(tmp_path / "x.npy")
+
+
+def test_object_arrays_are_refused(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="without pickle"):
+        load_dataset(tmp_path / "o.npy")
+    np.savez(tmp_path / "o.npz", x=np.array([None, 1], dtype=object))
+    with pytest.raises(DataError, match="without pickle"):
+        load_dataset(tmp_path / "o.npz")
+
+
+def test_channels_first_array_gets_a_fix(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((10, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"transpose \(n, C, H, W\)"):
+        load_dataset(tmp_path / "x.npy")
+
+
+# ---------------------------------------------------------------------- image folders
+
+def save_png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def test_png_folder_grayscale(tmp_path, rng):
+    images = rng.integers(0, 256, (10, 12, 10), dtype=np.uint8)
+    for i, img in enumerate(images):
+        save_png(tmp_path / "imgs" / f"{i:02d}.png", img)
+    (xtr, ytr), (xte, _) = load_dataset(tmp_path / "imgs")
+    assert xtr.shape == (9, 12, 10) and xte.shape == (1, 12, 10) and ytr is None
+    together = {bytes(a) for a in np.concatenate([xtr, xte]).reshape(10, -1)}
+    assert together == {bytes(a) for a in images.reshape(10, -1)}
+
+
+def test_png_folder_rgb_with_classes_and_jpeg(tmp_path, rng):
+    for label in ("cat", "dog"):
+        for i in range(5):
+            save_png(tmp_path / "pets" / label / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "pets" / "dog" / "x.jpg")
+    (xtr, ytr), (xte, yte) = load_dataset(tmp_path / "pets")
+    assert xtr.shape[1:] == (8, 8, 3)
+    assert len(xtr) + len(xte) == 11
+    assert sorted(np.concatenate([ytr, yte]).tolist()) == [0] * 5 + [1] * 6
+
+
+def test_train_test_subfolders(tmp_path, rng):
+    for split, n in (("train", 4), ("test", 2)):
+        for i in range(n):
+            save_png(tmp_path / "d" / split / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "d")
+    assert xtr.shape == (4, 8, 8) and xte.shape == (2, 8, 8)
+
+
+def test_mixed_sizes_need_resize(tmp_path, rng):
+    save_png(tmp_path / "m" / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    save_png(tmp_path / "m" / "b.png", rng.integers(0, 256, (9, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"different sizes.*--resize H W"):
+        load_dataset(tmp_path / "m")
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "m", resize=(4, 6))
+    assert xtr.shape[1:] == (4, 6)
+
+
+def test_odd_image_modes(tmp_path, rng):
+    folder = tmp_path / "modes"
+    gray = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+    save_png(folder / "gray.png", gray)
+    Image.fromarray((gray.astype(np.uint16) * 257)).save(folder / "sixteen.png")  # 16-bit
+    Image.fromarray(gray).convert("P").save(folder / "palette.png")
+    Image.fromarray(gray > 128).save(folder / "bilevel.png")
+    Image.fromarray(gray).convert("LA").save(folder / "alpha.png")
+    (xtr, _), (xte, _) = load_dataset(folder)
+    images = np.concatenate([xtr, xte])
+    assert images.shape == (5, 6, 6) and images.dtype == np.uint8
+    # the 16-bit image is scaled, not clipped: it equals the 8-bit original
+    assert any(np.array_equal(img, gray) for img in images)
+    assert sum(np.array_equal(img, gray) for img in images) >= 3
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no PNG or JPEG images found"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_broken_image_file(tmp_path, rng):
+    save_png(tmp_path / "f" / "ok.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    (tmp_path / "f" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=r"broken\.png: cannot read as an image"):
+        load_dataset(tmp_path / "f")
+
+
+def test_missing_path_names_builtins(tmp_path):
+    with pytest.raises(DataError, match=r"no data at .*not a built-in name \(fashion-mnist, mnist\)"):
+        load_dataset(tmp_path / "nope")
+
+
+# ------------------------------------------------------------- pickles and built-ins
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/aekit-pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    payload = pickle.dumps(((np.zeros(2), _Evil()),))
+    with pytest.raises(DataError, match="refused to load posix.system|refused to load os.system"):
+        data_lib.load_arrays_pickle(io.BytesIO(payload), "evil.pkl")
+    assert not os.path.exists("/tmp/aekit-pwned")
+
+
+def test_object_dtype_inside_pickle_is_refused():
+    payload = pickle.dumps(np.array([1, "a"], dtype=object))
+    with pytest.raises(DataError, match="refused an object dtype"):
+        data_lib.load_arrays_pickle(io.BytesIO(payload), "obj.pkl")
+
+
+def test_mnist_pickle_layout_converts_exactly(rng):
+    def part(n):
+        pixels = rng.integers(0, 256, (n, 784))
+        return (pixels / 256).astype(np.float32), rng.integers(0, 10, n), pixels
+    (xa, ya, pa), (xb, yb, pb), (xc, yc, pc) = part(5), part(3), part(4)
+    payload = pickle.dumps(((xa, ya), (xb, yb), (xc, yc)))
+    out = data_lib.mnist_from_pickle(io.BytesIO(payload), "fake.pkl")
+    np.testing.assert_array_equal(out["x_train"], np.concatenate([pa, pb]).reshape(-1, 28, 28))
+    np.testing.assert_array_equal(out["x_test"], pc.reshape(-1, 28, 28))
+    np.testing.assert_array_equal(out["y_train"], np.concatenate([ya, yb]))
+    assert out["x_train"].dtype == np.uint8
+
+
+def test_mnist_pickle_with_other_values_is_refused(rng):
+    x = rng.random((2, 784)).astype(np.float32)  # not k/256
+    payload = pickle.dumps(((x, np.zeros(2)),) * 3)
+    with pytest.raises(DataError, match="not MNIST pixels"):
+        data_lib.mnist_from_pickle(io.BytesIO(payload), "fake.pkl")
+
+
+def test_cached_file_with_wrong_checksum_is_refused(data_home):
+    data_home.mkdir()
+    np.savez(data_home / "mnist.npz", x_train=np.zeros((60000, 28, 28), np.uint8),
+             y_train=np.zeros(60000, np.uint8), x_test=np.zeros((10000, 28, 28), np.uint8),
+             y_test=np.zeros(10000, np.uint8))
+    with pytest.raises(DataError, match=r"mnist\.npz: checksum mismatch for x_train.*aekit data fetch mnist"):
+        load_dataset("mnist")
+
+
+def test_truncated_cache_is_refused(data_home):
+    data_home.mkdir()
+    (data_home / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match="cannot read the cached mnist"):
+        load_dataset("mnist")
+
+
+def test_failed_download_leaves_nothing_behind(data_home, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(data_lib.urllib.request, "urlopen", fail)
+    monkeypatch.setattr(data_lib, "FASHION_DEBIAN", data_home / "no-debian-copy")
+    with pytest.raises(DataError, match=r"could not get Fashion-MNIST.*network unreachable.*apt-get install"):
+        load_dataset("fashion-mnist")
+    assert list(data_home.iterdir()) == []
+
+
+def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"not mnist")
+    with pytest.raises(DataError, match="checksum mismatch"):
+        data_lib._download(src.as_uri(), tmp_path / "out" / "mnist.npz", sha256="0" * 64)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_mnist_is_the_real_thing(mnist):
+    (xtr, ytr), (xte, yte) = mnist
+    assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28)
+    assert xtr.dtype == np.uint8 and ytr.dtype == np.int64
+    assert ytr[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the standard order
+    assert yte[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert 0.11 < float((to_float(xte) ** 2).mean()) < 0.12  # the blank-output MSE of the issue
+
+
+def test_fashion_mnist_from_debian(data_home):
+    need(data_lib.FASHION_DEBIAN.is_dir(), "Debian's dataset-fashion-mnist is not installed "
+         "(make test installs it: apt-get install dataset-fashion-mnist)")
+    (xtr, ytr), (xte, _) = load_dataset("fashion-mnist")
+    assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28)
+    assert sorted(set(ytr.tolist())) == list(range(10))
+    assert (data_home / "fashion-mnist.npz").is_file()
+
+

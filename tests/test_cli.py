@@ -1,0 +1,133 @@
+"""The CLI, called in-process as ``main([...])``, and the run folder it writes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from aekit.cli import main
+from aekit.runs import load_model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    assert main(["train", "--limit", "1500", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: error: ")
+    return err[0]
+
+
+def test_summary_prints_the_blog_table(capsys):
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2d_3 (Conv2D)" in out and "(None, 7, 7, 8)" in out
+    assert "Total params: 4,385" in out
+
+
+def test_train_writes_the_run_folder(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "model.safetensors", "history.csv", "metrics.json",
+            "reconstructions.png", "checkpoint.safetensors"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["recipe"] == "default" and config["loss"] == "bce" and config["image_shape"] == [1, 28, 28]
+    rows = list(csv.DictReader(open(trained_run / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "loss", "val_loss", "val_mse", "seconds", "images_per_second"}
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("test_mse", "test_psnr", "epochs", "seconds", "images_per_second"):
+        assert key in metrics
+    assert metrics["epochs"] == 2
+    assert metrics["test_psnr"] == pytest.approx(10 * np.log10(1 / metrics["test_mse"]))
+    assert float(rows[-1]["val_mse"]) == pytest.approx(metrics["test_mse"], rel=1e-4)
+    with Image.open(trained_run / "reconstructions.png") as img:
+        assert img.width > img.height  # two rows of ten
+
+
+def test_weights_round_trip(trained_run):
+    model, config = load_model(trained_run)
+    saved = load_file(str(trained_run / "model.safetensors"))
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    for key in saved:
+        assert torch.equal(saved[key], state[key])
+
+
+def test_evaluate_prints_json(trained_run, capsys):
+    assert main(["evaluate", str(trained_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert result["test_mse"] == pytest.approx(metrics["test_mse"], rel=1e-6)
+
+
+def test_reconstruct_writes_png_and_will_not_overwrite(trained_run, tmp_path, capsys):
+    out = tmp_path / "recon.png"
+    assert main(["reconstruct", str(trained_run), "--out", str(out), "--n", "4"]) == 0
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(trained_run), "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in one_error_line(capsys)
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    before = (trained_run / "model.safetensors").read_bytes()
+    assert main(["train", "--limit", "100", "--epochs", "1", "--out", str(trained_run), "--quiet"]) == 2
+    assert "already holds a run" in one_error_line(capsys)
+    assert (trained_run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_extends_a_run(tmp_path, mnist, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--limit", "600", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--epochs", "2", "--out", str(out), "--resume", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert json.loads((out / "config.json").read_text())["limit"] == 600  # kept from the run
+
+
+def test_data_info_and_fetch(tmp_path, capsys, rng):
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    assert main(["data", "info", str(tmp_path / "x.npy")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["train"]["shape"] == [18, 8, 8] and info["test"]["labels"] is None
+
+
+def test_train_on_a_users_image_folder(tmp_path, rng, capsys):
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["image_shape"] == [1, 16, 16]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/no/such/data", "--out", "{tmp}/x"], "no data at '/no/such/data'"),
+    (["train", "--resume"], "--resume needs --out DIR"),
+    (["train", "--device", "cuda:7", "--out", "{tmp}/x"], "PyTorch sees no CUDA GPU"),
+    (["evaluate", "{tmp}"], "not a run folder"),
+    (["data", "fetch", "cifar"], "unknown data set 'cifar'"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_bad_flag_values_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err

@@ -35,10 +35,11 @@ from aekit import data as data_lib
 from aekit._io import atomic_path, write_text_atomic
 from aekit.models import INITS, build_model
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                            resolve_device)
+                            outlier_threshold, reconstruction_errors, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
+DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
 
 
@@ -106,7 +107,7 @@ def load_model(workdir: str | Path, device: str = "cpu") -> tuple[nn.Module, Tra
         raise RunError(f"{workdir / CONFIG}: no image_shape recorded; the run never started training")
     if not (workdir / WEIGHTS).is_file():
         raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run with `aekit train --out {workdir} --resume`")
-    model = build_model(config.model, config.image_shape)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     load_weights(model, workdir / WEIGHTS)
     return model.to(resolve_device(device)).eval(), config
 
@@ -230,7 +231,7 @@ def train_and_evaluate(
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]))
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.image_shape)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     INITS[config.init](model)
     model.to(device)
     optimizer = make_optimizer(model, config)
@@ -253,6 +254,7 @@ def train_and_evaluate(
     write_history(state.history, workdir / HISTORY)
 
     result = evaluate(model, x_test, config.loss)
+    threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
     seconds = sum(r.seconds for r in state.history)
     metrics = {
         "test_mse": result.mse,
@@ -266,6 +268,8 @@ def train_and_evaluate(
         "images_per_second": (len(x_train) * len(state.history) / seconds) if seconds else None,
         "n_train": len(x_train),
         "n_test": len(x_test),
+        "contamination": DEFAULT_CONTAMINATION,
+        "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
     write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
     from aekit.plots import save_reconstructions

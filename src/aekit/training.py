@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aekit.noise import add_noise, noise_generator, parse_noise
+
 log = logging.getLogger("aekit")
 
 
@@ -63,6 +65,9 @@ class TrainConfig:
 
     data: str = "mnist"
     model: str = "seed"
+    latent_dim: int | None = None          # model "conv" only; the seed's latent is 8 x H/4 x W/4
+    widths: tuple[int, ...] | None = None  # model "conv" only: encoder channels per level
+    noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
     recipe: str = "default"
     epochs: int | None = None
     batch_size: int | None = None
@@ -95,7 +100,12 @@ class TrainConfig:
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
+        if self.model == "seed" and (self.latent_dim is not None or self.widths is not None):
+            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
+                             "use --model conv to choose --latent-dim or --widths")
         positive("epochs", self.epochs)
+        positive("latent_dim", self.latent_dim)
+        parse_noise(self.noise)
         positive("batch_size", self.batch_size)
         positive("limit", self.limit)
         positive("patience", self.patience)
@@ -118,7 +128,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; was this run made by a newer aekit?")
         data = dict(data)
-        for key in ("resize", "image_shape"):
+        for key in ("resize", "image_shape", "widths"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -152,11 +162,14 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean per-pixel loss of reconstructing ``x`` (n, C, H, W) in [0, 1]."""
+def loss_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean per-pixel loss of reconstructing ``target`` from ``x``, both (n, C, H, W) in [0, 1].
+
+    ``x`` is ``target`` itself, or a corrupted copy of it when training a denoiser.
+    """
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(model.logits(x), x)
-    return F.mse_loss(model(x), x)
+        return F.binary_cross_entropy_with_logits(model.logits(x), target)
+    return F.mse_loss(model(x), target)
 
 
 @dataclass
@@ -193,6 +206,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: i
     data_spread = x.double().std(0).pow(2).mean().sqrt().item() if len(x) > 1 else 0.0
     collapsed = len(x) > 1 and recon_spread < 0.05 * data_spread
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
+
+
+@torch.inference_mode()
+def reconstruction_errors(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1] -> float64 (n,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    errors = [((model(xb.to(device)) - xb.to(device)) ** 2).flatten(1).mean(1).double().cpu()
+              for xb in x.split(batch_size)]
+    return torch.cat(errors).numpy() if errors else np.zeros(0)
+
+
+def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
+    """The error above which a fraction ``contamination`` of ``errors`` lies."""
+    if not 0 <= contamination < 0.5:
+        raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
+    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
 
 
 @dataclass
@@ -272,12 +302,15 @@ def fit(
         bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
                    desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
+        noise = parse_noise(config.noise)
+        generator = noise_generator(config.seed, epoch, device) if noise is not None else None
         started = time.perf_counter()
         for step in range(steps_per_epoch):
             xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-            loss = loss_fn(model, xb, config.loss)
+            x_in = xb if noise is None else add_noise(xb, noise, generator)
+            loss = loss_fn(model, x_in, xb, config.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -313,5 +346,5 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "evaluate", "learning_rate", "loss_fn", "resolve_device", "make_optimizer",
+           "fit", "evaluate", "reconstruction_errors", "outlier_threshold", "learning_rate", "loss_fn", "resolve_device", "make_optimizer",
            "epoch_permutation", "COLLAPSE_HINT"]

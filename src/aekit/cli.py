@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="print the network's layers, Keras style")
-    p.add_argument("--model", default="seed", help="model name (default: seed)")
+    p.add_argument("--model", default="seed", choices=("seed", "conv"), help="model name (default: seed)")
+    p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv")
+    p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv")
+    p.add_argument("--image-shape", type=_int_list, default=(28, 28, 1), metavar="H,W,C",
+                   help="input size (default: 28,28,1)")
 
     p = sub.add_parser("data", help="fetch built-in data sets, describe data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -154,7 +158,10 @@ def _version() -> str:
 def cmd_summary(args) -> int:
     from aekit.models import build_model, summary
 
-    print(summary(build_model(args.model, (1, 28, 28))))
+    if len(args.image_shape) != 3:
+        raise ValueError(f"--image-shape needs H,W,C, got {','.join(map(str, args.image_shape))}")
+    height, width, channels = args.image_shape
+    print(summary(build_model(args.model, (channels, height, width), args.latent_dim, args.widths)))
     return 0
 
 

@@ -102,6 +102,8 @@ def to_markdown(rows: list[dict]) -> str:
 
 def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
     """compare.csv, compare.md and compare.png in ``out_dir``."""
+    from matplotlib.ticker import NullLocator
+
     from aekit.plots import _figure_module
 
     out_dir = Path(out_dir)
@@ -126,10 +128,14 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> 
     if raw:
         ax_knn.axhline(raw[0]["knn_accuracy"], color="gray", linestyle="--",
                        label=f"raw pixels ({raw[0]['latent_dim']} dims)")
-    ax_mse.set(xscale="log", yscale="log", xlabel="latent dimensions", ylabel="test MSE per pixel",
-               title="reconstruction error")
-    ax_knn.set(xscale="log", xlabel="latent dimensions", ylabel="kNN accuracy", title="kNN on the latents")
+    ax_mse.set(yscale="log", ylabel="test MSE per pixel", title="reconstruction error")
+    ax_knn.set(ylabel="kNN accuracy", title="kNN on the latents")
+    dims = sorted({r["latent_dim"] for r in rows if r["method"] != "raw pixels"})
     for ax in (ax_mse, ax_knn):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("latent dimensions")
         ax.legend()
         ax.grid(alpha=0.3)
     if title:

@@ -66,8 +66,31 @@ class SeedDecoder(nn.Module):
         return torch.sigmoid(self.layers(z))
 
 
-class SeedAutoencoder(nn.Module):
-    """The blog's full network: ``g_s(g_a(x))``, 4,385 parameters for 28x28x1 input.
+class Autoencoder(nn.Module):
+    """``g_s(g_a(x))``: an analysis transform ``g_a`` (encoder) and a synthesis transform
+    ``g_s`` (decoder) whose last layer gives logits and whose forward applies the sigmoid."""
+
+    g_a: nn.Module
+    g_s: nn.Module
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) in [0, 1] -> (n, *latent_shape)."""
+        return self.g_a(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(n, *latent_shape) -> (n, C, H, W) in [0, 1]."""
+        return self.g_s(z)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
+        return self.g_s.logits(self.g_a(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g_s(self.g_a(x))
+
+
+class SeedAutoencoder(Autoencoder):
+    """The blog's full network, 4,385 parameters for 28x28x1 input; latent (n, 8, H/4, W/4).
 
     ``image_shape`` is ``(C, H, W)``. The two 2x2 poolings need H and W divisible by 4
     for the output to match the input size.
@@ -89,21 +112,6 @@ class SeedAutoencoder(nn.Module):
     def latent_shape(self) -> tuple[int, int, int]:
         _, height, width = self.image_shape
         return (8, height // 4, width // 4)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) in [0, 1] -> (n, 8, H/4, W/4)."""
-        return self.g_a(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(n, 8, H/4, W/4) -> (n, C, H, W) in [0, 1]."""
-        return self.g_s(z)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
-        return self.g_s.logits(self.g_a(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_s(self.g_a(x))
 
 
 class ConvEncoder(nn.Module):
@@ -163,7 +171,7 @@ class ConvDecoder(nn.Module):
         return torch.sigmoid(self.logits(z))
 
 
-class ConvAutoencoderNet(nn.Module):
+class ConvAutoencoderNet(Autoencoder):
     """A convolutional autoencoder with a dense latent of any size, for any (C, H, W).
 
     ``widths`` are the encoder's channel counts, one per 2x downsampling; the decoder
@@ -190,18 +198,6 @@ class ConvAutoencoderNet(nn.Module):
     @property
     def latent_shape(self) -> tuple[int]:
         return (self.latent_dim,)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_a(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.g_s(z)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_s.logits(self.g_a(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_s(self.g_a(x))
 
 
 # The CLI looks models up here by name; the library passes model objects around.
@@ -304,6 +300,6 @@ def summary(model: nn.Module) -> str:
 
 
 __all__ = [
-    "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder", "ConvDecoder", "MODELS", "INITS", "build_model",
+    "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder", "ConvDecoder", "MODELS", "INITS", "build_model",
     "count_parameters", "init_keras_", "init_he_", "summary",
 ]

@@ -220,7 +220,8 @@ def build_model(name: str, image_shape: tuple[int, int, int], latent_dim: int | 
             raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
                              "use --model conv to choose latent_dim or widths")
         return SeedAutoencoder(image_shape)
-    return ConvAutoencoderNet(image_shape, latent_dim or DEFAULT_LATENT_DIM, tuple(widths or DEFAULT_WIDTHS))
+    return ConvAutoencoderNet(image_shape, DEFAULT_LATENT_DIM if latent_dim is None else latent_dim,
+                              DEFAULT_WIDTHS if widths is None else tuple(widths))
 
 
 def count_parameters(model: nn.Module) -> int:

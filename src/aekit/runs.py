@@ -172,6 +172,40 @@ def write_history(history: list[EpochRecord], path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def read_history(workdir: str | Path) -> list[EpochRecord]:
+    """The epochs of a run folder's history.csv, as written by :func:`write_history`."""
+    path = Path(workdir) / HISTORY
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {HISTORY}; the run has not finished an epoch, train it first")
+    try:
+        with open(path, newline="") as f:  # every column is a float but the epoch number
+            return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+                    for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable history ({exc}); restore it or train again") from None
+
+
+def read_metrics(workdir: str | Path) -> dict:
+    """A run folder's metrics.json, as written at the end of :func:`train_and_evaluate`."""
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
+                       f"complete it with `aekit train --out {workdir} --resume`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: unreadable metrics ({exc}); evaluate the run again") from None
+
+
+def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
+    """Refuse images (n, C, H, W) whose (C, H, W) differ from those the run was trained on."""
+    if tuple(x.shape[1:]) != tuple(config.image_shape):
+        raise RunError(
+            f"the data's images are {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
+            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
+        )
+
+
 # ------------------------------------------------------------------ the experiment
 
 def psnr(mse: float) -> float:
@@ -282,11 +316,7 @@ def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "cp
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
     _, x_test, _ = load_split(config, data)
-    if tuple(x_test.shape[1:]) != tuple(config.image_shape):
-        raise RunError(
-            f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run was trained on "
-            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
-        )
+    check_image_shape(x_test, config)
     started = time.perf_counter()
     result = evaluate(model, x_test, config.loss)
     return {"test_mse": result.mse, "test_psnr": psnr(result.mse), "test_loss": result.loss,

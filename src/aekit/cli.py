@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+
+    p = sub.add_parser("report", help="write DIR/report.html: figures, metrics and config in one file")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", help="data for the figures (default: the run's test split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
     return parser
 
 
@@ -281,9 +286,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from aekit.report import write_report
+
+    print(write_report(args.run, data=args.data, overwrite=args.overwrite))
+    return 0
+
+
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
-            "score": cmd_score, "compare": cmd_compare}
+            "score": cmd_score, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

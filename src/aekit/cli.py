@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--data", help="data for the figures (default: the run's test split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
+
+    p = sub.add_parser("export", help="export a run's encoder, decoder and model for other runtimes")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", required=True, help="export format: onnx")
+    p.add_argument("--out", type=Path, help="folder for the files (default: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     return parser
 
 
@@ -293,9 +299,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from aekit.export import FORMATS
+
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown --format {args.format!r}; expected one of {', '.join(FORMATS)}")
+    for path in FORMATS[args.format](args.run, args.out, overwrite=args.overwrite).values():
+        print(path)
+    return 0
+
+
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
-            "score": cmd_score, "compare": cmd_compare, "report": cmd_report}
+            "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,15 +218,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, load_model, load_split
+    from aekit.runs import RunError, check_image_shape, load_model, load_split
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
-    if tuple(x_test.shape[1:]) != tuple(config.image_shape):
-        raise RunError(f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run "
-                       f"was trained on {tuple(config.image_shape)}; pass data of the same size")
+    check_image_shape(x_test, config)
     save_reconstructions(model, x_test[:args.n], args.out)
     print(args.out)
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import atomic_path, write_text_atomic
+from aekit._io import write_text_atomic
 from aekit.data import load_dataset
 from aekit.estimator import ConvAutoencoder, PCAReconstructor
 
@@ -104,7 +104,7 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> 
     """compare.csv, compare.md and compare.png in ``out_dir``."""
     from matplotlib.ticker import NullLocator
 
-    from aekit.plots import _figure_module
+    from aekit.plots import _figure_module, save_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,5 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(paths["png"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, paths["png"])
     return paths

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from aekit._io import WriteError
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -122,13 +124,31 @@ def cmd_train(args) -> int:
         schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
         device=args.device, resize=tuple(args.resize) if args.resize else None,
     )
-    result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.quiet)
+    try:
+        result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
+                                    progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(_interrupted(out), file=sys.stderr)
+        return EXIT_INTERRUPTED
     m = result.metrics
     print(f"test_mse {m['test_mse']:.5f}  test_psnr {m['test_psnr']:.2f} dB  "
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
+
+
+def _interrupted(out: Path) -> str:
+    """What Ctrl-C left in the run folder, and how to go on."""
+    from aekit.runs import CHECKPOINT, CONFIG, saved_epoch
+
+    resume = f"resume with: aekit train --out {out} --resume"
+    epoch = saved_epoch(out)
+    if epoch is not None:
+        return (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
+                f"{out / CHECKPOINT}; {resume}")
+    if (out / CONFIG).is_file():
+        return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
+    return "aekit: interrupted before training started; nothing was saved"
 
 
 def cmd_evaluate(args) -> int:
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
         print(f"aekit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -21,7 +21,10 @@ import dataclasses
 import json
 import logging
 import math
+import reprlib
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +99,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
         positive("epochs", self.epochs)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
+            if shape is not None and (len(shape) != size or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+                raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
         positive("batch_size", self.batch_size)
         positive("limit", self.limit)
         positive("patience", self.patience)
@@ -113,15 +122,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; was this run made by a newer aekit?")
-        data = dict(data)
-        for key in ("resize", "image_shape"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        """From JSON-decoded ``data``, each field checked against its type (lists -> tuples)."""
+        return from_plain(cls, data, "config")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -214,6 +216,54 @@ class TrainState:
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
     stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        state = from_plain(cls, data, "state")
+        if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
+            raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
+        return state
+
+
+def from_plain(cls, data: object, where: str):
+    """``cls(**data)`` for JSON-decoded ``data``, every field checked against its type hint.
+
+    Lists become tuples where the field is a tuple, nested dataclasses are built the same
+    way; a missing, unknown or mistyped field raises ValueError naming it.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {reprlib.repr(unknown)}; was it made by a newer aekit?")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing fields {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
+
+
+def _conform(value: object, hint, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
+        return _conform(value, hint, where)
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list and isinstance(value, list):
+        return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    name = f"a list of {len(args)} values" if origin is tuple else getattr(hint, "__name__", str(hint))
+    raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
 COLLAPSE_HINT = (

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from aekit._io import WriteError
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -128,8 +130,20 @@ def cmd_train(args) -> int:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)
     except KeyboardInterrupt:
-        print(_interrupted(out), file=sys.stderr)
+        if _is_main_rank():
+            print(_interrupted(out), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        from aekit import distributed
+
+        if not distributed.lost_peer(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"aekit: error (rank {os.environ.get('RANK')}): lost contact with the other ranks "
+              f"({first}); the rank that failed first says why", file=sys.stderr)
+        return EXIT_FAILED
+    if not _is_main_rank():
+        return 0  # under torchrun, rank 0 reports for the run
     m = result.metrics
     print(f"test_mse {m['test_mse']:.5f}  test_psnr {m['test_psnr']:.2f} dB  "
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
@@ -149,6 +163,11 @@ def _interrupted(out: Path) -> str:
     if (out / CONFIG).is_file():
         return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
     return "aekit: interrupted before training started; nothing was saved"
+
+
+def _is_main_rank() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: rank 0 prints for the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def cmd_evaluate(args) -> int:
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:
-        print(f"aekit: error: {exc}", file=sys.stderr)
+        where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
+        print(f"aekit: error{where}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 import aekit
 from aekit import data as data_lib
+from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
 from aekit.models import INITS, build_model
@@ -355,9 +356,11 @@ def train_and_evaluate(
         config = saved
     config = config.resolved()
 
-    device = resolve_device(config.device)
-    main = True
-    x_train, x_test, _ = load_split(config)
+    # Under torchrun every rank runs this function; only rank 0 writes (see aekit.distributed).
+    device = distributed.setup(resolve_device(config.device))
+    main = distributed.current().is_main
+    with distributed.main_first():  # rank 0 fills the data cache; all ranks have checked workdir
+        x_train, x_test, _ = load_split(config)
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]))
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.image_shape)
@@ -382,7 +385,7 @@ def train_and_evaluate(
 
     state = fit(model, x_train, x_test, config, optimizer=optimizer, state=state,
                 on_epoch_end=checkpoint, progress=progress)
-    result = evaluate(model, x_test, config.loss)
+    result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
     seconds = sum(r.seconds for r in state.history)
     metrics = {
         "test_mse": result.mse,

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aekit import distributed
+
 log = logging.getLogger("aekit")
 
 
@@ -170,14 +172,20 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
-    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches."""
+    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
+
+    Under DDP each rank evaluates its part of ``x`` and the sums are all-reduced, so every
+    rank must call it (it is a collective) and every rank gets the same result.
+    """
     model.eval()
     device = next(model.parameters()).device
+    ranks = distributed.current()
     sq_err = total_loss = 0.0
     recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
     recon_sq = torch.zeros_like(recon_sum)
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
+    first, stop = ranks.span(len(x))  # this rank's rows of x: all of them in one process
+    for start in range(first, stop, batch_size):
+        xb = x[start:min(start + batch_size, stop)].to(device, non_blocking=True)
         logits = model.logits(xb)
         recon = torch.sigmoid(logits)
         sq_err += F.mse_loss(recon, xb, reduction="sum").item()
@@ -186,6 +194,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: i
         recon64 = recon.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
+    if ranks.size > 1:
+        sums = ranks.sum(torch.cat([torch.tensor([sq_err, total_loss], dtype=torch.float64),
+                                    recon_sum.flatten(), recon_sq.flatten()]))
+        sq_err, total_loss = sums[:2].tolist()
+        recon_sum, recon_sq = sums[2:].view(2, *recon_sum.shape).unbind(0)
     n_values = x.numel()
     mse = sq_err / n_values
     # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
@@ -314,6 +327,9 @@ def fit(
     # The whole data set lives on the device as one tensor when it is not already there.
     x_train = x_train.to(device)
     x_val = x_val.to(device)
+    ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
+    train_model = ranks.wrap(model)
+    progress = progress and ranks.is_main
 
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -327,7 +343,8 @@ def fit(
             xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-            loss = loss_fn(model, xb, config.loss)
+            rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+            loss = loss_fn(train_model, rows, config.loss) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -336,6 +353,7 @@ def fit(
                 bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+        loss_sum = ranks.mean(loss_sum)
         seconds = time.perf_counter() - started
         result = evaluate(model, x_val, config.loss)
         record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,

@@ -245,13 +245,15 @@ def read_npy(raw: bytes, source: str) -> np.ndarray:
     """
     f = io.BytesIO(raw)
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise DataError(f"{source}: .npy format version {version} is not supported; save with numpy.save")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a garbled header's literal can warn before it fails
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise DataError(f"{source}: .npy format version {version} is not supported; save with numpy.save")
     except DataError:
         raise
     except (ValueError, SyntaxError, TokenError, TypeError, MemoryError, RecursionError) as exc:
@@ -485,18 +487,28 @@ def mnist_from_pickle(fileobj, source: str) -> dict[str, np.ndarray]:
     data = load_arrays_pickle(fileobj, source)
     try:
         (xa, ya), (xb, yb), (xc, yc) = data
-    except (TypeError, ValueError):
-        raise DataError(f"{source}: expected ((x, y), (x, y), (x, y)) arrays") from None
+        parts = {"x_train": np.concatenate([xa, xb]), "x_test": np.asarray(xc),
+                 "y_train": np.concatenate([ya, yb]), "y_test": np.asarray(yc)}
+        with np.errstate(all="ignore"):  # values that do not convert fail the checks below
+            values = {key: np.asarray(part, dtype=np.float64) for key, part in parts.items()}
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{source}: expected ((x, y), (x, y), (x, y)) numeric arrays ({exc})") from None
     out = {}
-    for key, x in (("x_train", np.concatenate([xa, xb])), ("x_test", xc)):
-        scaled = np.asarray(x, dtype=np.float64) * 256.0
-        if scaled.ndim != 2 or scaled.shape[1] != 784 or not np.array_equal(scaled, np.round(scaled)) \
-                or scaled.min() < 0 or scaled.max() > 255:
+    for key in ("x_train", "x_test"):
+        scaled = values[key] * 256.0
+        if scaled.ndim != 2 or scaled.shape[1] != 784 or len(scaled) == 0 or not _bytes_valued(scaled):
             raise DataError(f"{source}: {key} is not MNIST pixels stored as k/256")
         out[key] = scaled.astype(np.uint8).reshape(-1, 28, 28)
-    out["y_train"] = np.concatenate([ya, yb]).astype(np.uint8)
-    out["y_test"] = np.asarray(yc).astype(np.uint8)
+    for key, n in (("y_train", len(out["x_train"])), ("y_test", len(out["x_test"]))):
+        if values[key].shape != (n,) or not _bytes_valued(values[key]):
+            raise DataError(f"{source}: {key} is not {n} labels in 0..255")
+        out[key] = values[key].astype(np.uint8)
     return out
+
+
+def _bytes_valued(x: np.ndarray) -> bool:
+    """Every value a whole number in 0..255 (NaN and infinities fail)."""
+    return bool(np.all((x >= 0) & (x <= 255) & (x == np.round(x))))
 
 
 def _fetch_mnist() -> dict[str, np.ndarray]:

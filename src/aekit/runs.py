@@ -110,9 +110,12 @@ def read_config(workdir: Path) -> TrainConfig:
     check_version(payload.pop("aekit_version", None), path)
     try:
         config = TrainConfig.from_dict(payload)
-        config.validate()
+        resolved = config.resolved()
     except (TypeError, ValueError) as exc:
         raise RunError(f"{path}: invalid run config ({exc}); restore it or train again") from None
+    if resolved != config:  # a run records every choice its recipe made
+        missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
+        raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
     return config
 
 

@@ -27,6 +27,14 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+def one_error_line(capsys) -> str:
+    """The CLI's stderr after a user error: exactly one line, ``aekit: error: ...``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: error: ")
+    return err[0]
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """The real MNIST, fetched once into the user's cache (as `make demo` does)."""
@@ -55,3 +63,15 @@ def _deterministic_threads():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, mnist):
+    """A trained run folder: the seed network, one epoch on 300 MNIST images. Shared by
+    the report and export tests; a test that changes the folder works on a copy."""
+    from aekit.cli import main
+
+    out = tmp_path_factory.mktemp("small-run") / "seed"
+    if main(["train", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
+        pytest.fail("training the small run failed")
+    return out

@@ -11,6 +11,7 @@ import errno
 import glob
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,7 +71,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     try:
         yield tmp
-        # mkstemp makes 0600 (and some writers replace the file): give the usual permissions
+        # mkstemp makes 0600, and writers that recreate the file (safetensors) keep that:
+        # give the file the usual permissions just before it takes the real name.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -132,3 +134,38 @@ def sha256_array(array: np.ndarray) -> str:
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
+
+    An existing ``path`` is replaced only once the new folder is complete (callers check
+    for --overwrite first). On any error the temporary folder is removed.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise
+    try:
+        yield staging
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import atomic_path, sha256_array, sha256_file
+from aekit._io import atomic_folder, atomic_path, sha256_array, sha256_file
 
 Split = tuple[np.ndarray, np.ndarray | None]
 Dataset = tuple[Split, Split]
@@ -292,12 +292,16 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _load_npy(path: Path) -> Dataset:
+def _read_npy_file(path: Path) -> np.ndarray:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
-    return holdout_split(_check_images(read_npy(raw, str(path)), str(path)), None)
+    return read_npy(raw, str(path))
+
+
+def _load_npy(path: Path) -> Dataset:
+    return holdout_split(_check_images(_read_npy_file(path), str(path)), None)
 
 
 def _load_npz(path: Path) -> Dataset:
@@ -644,10 +648,7 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         fetch(name)
         return _load_cached(BUILTINS[name])
     path = Path(name_or_path)
-    if path.is_symlink() and not path.exists():
-        raise DataError(f"{path}: a broken symlink or a symlink loop; point it at the data")
-    if path.exists() and not (path.is_dir() or path.is_file()):
-        raise DataError(f"{path}: not a regular file or folder (a pipe or a device?); pass the data file itself")
+    _refuse_odd_path(path)
     if not path.exists():
         raise DataError(
             f"no data at {name!r}: not a file or folder, and not a built-in name "
@@ -673,6 +674,47 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         raise DataError(f"{path}: permission denied ({exc.filename})") from None
 
 
+def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every image at ``path`` in order, no split, with a name each (for denoise and score).
+
+    ``path`` is a folder of PNG/JPEG images, one image file, a ``.npy`` array, a ``.npz``
+    with one array (or ``x``), or an IDX file. Returns images uint8 (or float32) shaped
+    (n, H, W) or (n, H, W, C) and their names (file names, or ``"0", "1", ...``).
+    """
+    path = Path(path)
+    _refuse_odd_path(path)
+    if not path.exists():
+        raise DataError(f"no input at {str(path)!r}; pass an image folder, an image file, a .npy/.npz or IDX file")
+    if path.is_dir():
+        files = _image_files(path)
+        if not files:
+            raise DataError(f"{path}: no PNG or JPEG images found directly in this folder")
+        return _read_image_set(files, resize, path), [p.name for p in files]
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _read_image(path, resize)[None], [path.name]
+    if suffix == ".npy":
+        x = _read_npy_file(path)
+    elif suffix == ".npz":
+        arrays = read_npz(path)
+        key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
+        if key is None:
+            raise DataError(f"{path}: expected one array or an array named 'x', found {sorted(arrays)}")
+        x = arrays[key]
+    else:
+        x = read_idx(path)
+    x = _check_images(x, str(path))
+    return x, [str(i) for i in range(len(x))]
+
+
+def _refuse_odd_path(path: Path) -> None:
+    """Symlink loops, pipes and devices: reading them fails late or blocks forever."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path}: a broken symlink or a symlink loop; point it at the data")
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise DataError(f"{path}: not a regular file or folder (a pipe or a device?); pass the data file itself")
+
+
 def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = None) -> dict:
     """Shapes, dtypes, value ranges and label facts, for ``aekit data info``."""
     (xtr, ytr), (xte, yte) = load_dataset(name_or_path, resize)
@@ -687,6 +729,40 @@ def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = N
     return info
 
 
-__all__ = ["load_dataset", "to_float", "to_nchw", "fetch", "describe", "read_idx",
+__all__ = ["load_dataset", "read_images", "write_images", "to_float", "to_nchw", "fetch", "describe", "read_idx",
            "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "data_home",
            "DataError", "BUILTINS"]
+
+
+def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike) -> Path:
+    """Write images (n, H, W) or (n, H, W, C), uint8 or float in [0, 1], to ``out``.
+
+    ``out`` ending in ``.npy``/``.npz`` gets one array (key ``x``) in the input's layout;
+    an image suffix with one image gets that file; anything else becomes a folder of PNGs
+    named after ``names``. The folder is built under a temporary name and renamed, so a
+    failure leaves nothing behind.
+    """
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, x)
+        return out
+    if suffix == ".npz":
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x=x)
+        return out
+    from PIL import Image
+
+    pixels = x if x.dtype == np.uint8 else np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    if suffix in IMAGE_SUFFIXES:
+        if len(pixels) != 1:
+            raise DataError(f"{out} is one image file but there are {len(pixels)} images; "
+                            "pass a folder name or a .npy/.npz file as --out")
+        with atomic_path(out) as tmp:
+            Image.fromarray(pixels[0]).save(tmp, format="PNG" if suffix == ".png" else "JPEG")
+        return out
+    with atomic_folder(out) as staging:
+        for image, name in zip(pixels, names):
+            Image.fromarray(image).save(staging / (Path(name).stem + ".png"))
+    return out

@@ -39,10 +39,12 @@ from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
 from aekit.models import INITS, build_model
-from aekit.training import EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer, resolve_device
+from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
+                            outlier_threshold, reconstruction_errors, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
+DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
 
 
@@ -226,7 +228,7 @@ def load_model(workdir: str | Path, device: str = "cpu") -> tuple[nn.Module, Tra
     if not (workdir / WEIGHTS).is_file():
         raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run with `aekit train --out {workdir} --resume`")
     _check_recorded_checksum(workdir)
-    model = build_model(config.model, config.image_shape)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     load_weights(model, workdir / WEIGHTS, config)
     return model.to(resolve_device(device)).eval(), config
 
@@ -304,6 +306,40 @@ def write_history(history: list[EpochRecord], path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def read_history(workdir: str | Path) -> list[EpochRecord]:
+    """The epochs of a run folder's history.csv, as written by :func:`write_history`."""
+    path = Path(workdir) / HISTORY
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {HISTORY}; the run has not finished an epoch, train it first")
+    try:
+        with open(path, newline="") as f:  # every column is a float but the epoch number
+            return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+                    for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable history ({exc}); restore it or train again") from None
+
+
+def read_metrics(workdir: str | Path) -> dict:
+    """A run folder's metrics.json, as written at the end of :func:`train_and_evaluate`."""
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
+                       f"complete it with `aekit train --out {workdir} --resume`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: unreadable metrics ({exc}); evaluate the run again") from None
+
+
+def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
+    """Refuse images (n, C, H, W) whose (C, H, W) differ from those the run was trained on."""
+    if tuple(x.shape[1:]) != tuple(config.image_shape):
+        raise RunError(
+            f"the data's images are {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
+            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
+        )
+
+
 # ------------------------------------------------------------------ the experiment
 
 def psnr(mse: float) -> float:
@@ -366,7 +402,7 @@ def train_and_evaluate(
         x_train, x_test, _ = load_split(config)
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]))
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.image_shape)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     INITS[config.init](model)
     model.to(device)
     optimizer = make_optimizer(model, config)
@@ -389,6 +425,7 @@ def train_and_evaluate(
     state = fit(model, x_train, x_test, config, optimizer=optimizer, state=state,
                 on_epoch_end=checkpoint, progress=progress)
     result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
+    threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
     seconds = sum(r.seconds for r in state.history)
     metrics = {
         "test_mse": result.mse,
@@ -402,6 +439,8 @@ def train_and_evaluate(
         "images_per_second": (len(x_train) * len(state.history) / seconds) if seconds else None,
         "n_train": len(x_train),
         "n_test": len(x_test),
+        "contamination": DEFAULT_CONTAMINATION,
+        "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
     if main:
         save_weights(model, workdir / WEIGHTS, config)
@@ -418,11 +457,7 @@ def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "cp
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
     _, x_test, _ = load_split(config, data)
-    if tuple(x_test.shape[1:]) != tuple(config.image_shape):
-        raise RunError(
-            f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run was trained on "
-            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
-        )
+    check_image_shape(x_test, config)
     started = time.perf_counter()
     result = evaluate(model, x_test, config.loss)
     return {"test_mse": result.mse, "test_psnr": psnr(result.mse), "test_loss": result.loss,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
+from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
 
@@ -68,6 +69,9 @@ class TrainConfig:
 
     data: str = "mnist"
     model: str = "seed"
+    latent_dim: int | None = None          # model "conv" only; the seed's latent is 8 x H/4 x W/4
+    widths: tuple[int, ...] | None = None  # model "conv" only: encoder channels per level
+    noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
     recipe: str = "default"
     epochs: int | None = None
     batch_size: int | None = None
@@ -100,6 +104,9 @@ class TrainConfig:
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
+        if self.model == "seed" and (self.latent_dim is not None or self.widths is not None):
+            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
+                             "use --model conv to choose --latent-dim or --widths")
         positive("epochs", self.epochs)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
@@ -107,6 +114,8 @@ class TrainConfig:
             if shape is not None and (len(shape) != size or not all(
                     isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
                 raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
+        positive("latent_dim", self.latent_dim)
+        parse_noise(self.noise)
         positive("batch_size", self.batch_size)
         positive("limit", self.limit)
         positive("patience", self.patience)
@@ -156,11 +165,14 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean per-pixel loss of reconstructing ``x`` (n, C, H, W) in [0, 1]."""
+def loss_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean per-pixel loss of reconstructing ``target`` from ``x``, both (n, C, H, W) in [0, 1].
+
+    ``x`` is ``target`` itself, or a corrupted copy of it when training a denoiser.
+    """
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(model.logits(x), x)
-    return F.mse_loss(model(x), x)
+        return F.binary_cross_entropy_with_logits(model.logits(x), target)
+    return F.mse_loss(model(x), target)
 
 
 @dataclass
@@ -208,6 +220,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: i
     data_spread = x.double().std(0).pow(2).mean().sqrt().item() if len(x) > 1 else 0.0
     collapsed = len(x) > 1 and recon_spread < 0.05 * data_spread
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
+
+
+@torch.inference_mode()
+def reconstruction_errors(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1] -> float64 (n,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    errors = [((model(xb.to(device)) - xb.to(device)) ** 2).flatten(1).mean(1).double().cpu()
+              for xb in x.split(batch_size)]
+    return torch.cat(errors).numpy() if errors else np.zeros(0)
+
+
+def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
+    """The error above which a fraction ``contamination`` of ``errors`` lies."""
+    if not 0 <= contamination < 0.5:
+        raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
+    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
 
 
 @dataclass
@@ -265,6 +294,8 @@ def _conform(value: object, hint, where: str):
             return None
         (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
         return _conform(value, hint, where)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
+        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
         return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list and isinstance(value, list):
@@ -275,7 +306,8 @@ def _conform(value: object, hint, where: str):
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
         return value
-    name = f"a list of {len(args)} values" if origin is tuple else getattr(hint, "__name__", str(hint))
+    name = ("a list" if Ellipsis in args else f"a list of {len(args)} values") if origin is tuple \
+        else getattr(hint, "__name__", str(hint))
     raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
@@ -338,13 +370,17 @@ def fit(
         bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
                    desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
+        noise = parse_noise(config.noise)
+        generator = noise_generator(config.seed, epoch, device) if noise is not None else None
         started = time.perf_counter()
         for step in range(steps_per_epoch):
             xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+            x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
             rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
-            loss = loss_fn(train_model, rows, config.loss) * weight
+            inputs, _ = ranks.share(x_in)
+            loss = loss_fn(train_model, inputs, rows, config.loss) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -381,5 +417,5 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "evaluate", "learning_rate", "loss_fn", "resolve_device", "make_optimizer",
+           "fit", "evaluate", "reconstruction_errors", "outlier_threshold", "learning_rate", "loss_fn", "resolve_device", "make_optimizer",
            "epoch_permutation", "COLLAPSE_HINT"]

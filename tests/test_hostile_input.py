@@ -385,6 +385,17 @@ def test_corpus_gives_one_line_and_exit_2(name, tmp_path, capsys):
     assert not os.path.exists("/tmp/aekit-corpus-pwned")
 
 
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_is_refused_by_read_images_too(name, tmp_path):
+    """The reader behind `aekit denoise` and `aekit score` refuses the same files."""
+    make, _ = CORPUS[name]
+    path = make(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(DataError):
+        data_lib.read_images(path)
+    assert listing(tmp_path) == before
+
+
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
 def test_odd_but_valid_png_modes_are_data(mode, tmp_path, capsys):
     """16-bit, palette, 1-bit and alpha images are images: loaded, not refused."""

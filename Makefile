@@ -46,8 +46,9 @@ demo: venv
 test: dev system-deps
 	$(PY) -m pytest
 
+# The slow runs, and the fuzz tests again with 5,000 examples each instead of 100.
 test-slow: dev system-deps
-	$(PY) -m pytest -m slow
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -m "slow or fuzz"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

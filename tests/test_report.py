@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aekit._io import sha256_file
 from aekit.cli import main
 from aekit.report import write_report
-from aekit.runs import RunError
+from aekit.runs import RunError, load_model, save_weights
+from aekit.training import TrainConfig
 from conftest import need, one_error_line
 
 N_FIGURES = 5  # reconstructions, loss curves, latent map, error histogram, denoising
@@ -97,9 +99,17 @@ def test_report_shows_metrics_config_and_an_honest_denoising_caption(report, run
 def test_report_escapes_what_it_shows(run, tmp_path):
     # A copy of the run whose config holds markup, and which says it was trained for denoising.
     copy = copy_run(run, tmp_path / "copy")
+    model, _ = load_model(copy)
     config = json.loads((copy / "config.json").read_text())
     config.update(data="<script>alert(1)</script>", noise="salt_pepper:0.1")
     (copy / "config.json").write_text(json.dumps(config))
+    # The weights record the config they were trained with and are checked against it:
+    # write them, and their checksum in metrics.json, as such a run would have.
+    config.pop("aekit_version")
+    save_weights(model, copy / "model.safetensors", TrainConfig.from_dict(config))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["weights_sha256"] = sha256_file(copy / "model.safetensors")
+    (copy / "metrics.json").write_text(json.dumps(metrics))
     text = write_report(copy, data="mnist").read_text()
     assert "<script>alert(1)" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "trained for denoising with salt_pepper:0.1 noise" in text

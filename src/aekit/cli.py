@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from aekit._io import WriteError
+
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -200,13 +204,48 @@ def cmd_train(args) -> int:
         schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
         device=args.device, resize=tuple(args.resize) if args.resize else None,
     )
-    result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.quiet)
+    try:
+        result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
+                                    progress=not args.quiet)
+    except KeyboardInterrupt:
+        if _is_main_rank():
+            print(_interrupted(out), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        from aekit import distributed
+
+        if not distributed.lost_peer(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"aekit: error (rank {os.environ.get('RANK')}): lost contact with the other ranks "
+              f"({first}); the rank that failed first says why", file=sys.stderr)
+        return EXIT_FAILED
+    if not _is_main_rank():
+        return 0  # under torchrun, rank 0 reports for the run
     m = result.metrics
     print(f"test_mse {m['test_mse']:.5f}  test_psnr {m['test_psnr']:.2f} dB  "
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
+
+
+def _interrupted(out: Path) -> str:
+    """What Ctrl-C left in the run folder, and how to go on."""
+    from aekit.runs import CHECKPOINT, CONFIG, saved_epoch
+
+    resume = f"resume with: aekit train --out {out} --resume"
+    epoch = saved_epoch(out)
+    if epoch is not None:
+        return (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
+                f"{out / CHECKPOINT}; {resume}")
+    if (out / CONFIG).is_file():
+        return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
+    return "aekit: interrupted before training started; nothing was saved"
+
+
+def _is_main_rank() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: rank 0 prints for the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def cmd_evaluate(args) -> int:
@@ -326,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        print(f"aekit: error: {exc}", file=sys.stderr)
+    except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
+        where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
+        print(f"aekit: error{where}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -314,7 +314,7 @@ class ConvAutoencoder(_ImageReconstructor):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_config(self.config_, path)
-        save_weights(self.model_, path / "model.safetensors")
+        save_weights(self.model_, path / "model.safetensors", self.config_)
         state = {"params": self.get_params(), "threshold": self.threshold_, "layout": self.layout_,
                  "image_shape": list(self.image_shape_), "history": self.history_}
         write_text_atomic(path / "estimator.json", json.dumps(state, indent=2, default=list) + "\n")

@@ -21,7 +21,10 @@ import dataclasses
 import json
 import logging
 import math
+import reprlib
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aekit import distributed
 from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
@@ -104,6 +108,12 @@ class TrainConfig:
             raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
                              "use --model conv to choose --latent-dim or --widths")
         positive("epochs", self.epochs)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
+            if shape is not None and (len(shape) != size or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+                raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
         positive("latent_dim", self.latent_dim)
         parse_noise(self.noise)
         positive("batch_size", self.batch_size)
@@ -123,15 +133,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; was this run made by a newer aekit?")
-        data = dict(data)
-        for key in ("resize", "image_shape", "widths"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        """From JSON-decoded ``data``, each field checked against its type (lists -> tuples)."""
+        return from_plain(cls, data, "config")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -181,14 +184,20 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
-    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches."""
+    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
+
+    Under DDP each rank evaluates its part of ``x`` and the sums are all-reduced, so every
+    rank must call it (it is a collective) and every rank gets the same result.
+    """
     model.eval()
     device = next(model.parameters()).device
+    ranks = distributed.current()
     sq_err = total_loss = 0.0
     recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
     recon_sq = torch.zeros_like(recon_sum)
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
+    first, stop = ranks.span(len(x))  # this rank's rows of x: all of them in one process
+    for start in range(first, stop, batch_size):
+        xb = x[start:min(start + batch_size, stop)].to(device, non_blocking=True)
         logits = model.logits(xb)
         recon = torch.sigmoid(logits)
         sq_err += F.mse_loss(recon, xb, reduction="sum").item()
@@ -197,6 +206,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: i
         recon64 = recon.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
+    if ranks.size > 1:
+        sums = ranks.sum(torch.cat([torch.tensor([sq_err, total_loss], dtype=torch.float64),
+                                    recon_sum.flatten(), recon_sq.flatten()]))
+        sq_err, total_loss = sums[:2].tolist()
+        recon_sum, recon_sq = sums[2:].view(2, *recon_sum.shape).unbind(0)
     n_values = x.numel()
     mse = sq_err / n_values
     # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
@@ -244,6 +258,57 @@ class TrainState:
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
     stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        state = from_plain(cls, data, "state")
+        if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
+            raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
+        return state
+
+
+def from_plain(cls, data: object, where: str):
+    """``cls(**data)`` for JSON-decoded ``data``, every field checked against its type hint.
+
+    Lists become tuples where the field is a tuple, nested dataclasses are built the same
+    way; a missing, unknown or mistyped field raises ValueError naming it.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {reprlib.repr(unknown)}; was it made by a newer aekit?")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing fields {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
+
+
+def _conform(value: object, hint, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
+        return _conform(value, hint, where)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
+        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list and isinstance(value, list):
+        return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    name = ("a list" if Ellipsis in args else f"a list of {len(args)} values") if origin is tuple \
+        else getattr(hint, "__name__", str(hint))
+    raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
 COLLAPSE_HINT = (
@@ -294,6 +359,9 @@ def fit(
     # The whole data set lives on the device as one tensor when it is not already there.
     x_train = x_train.to(device)
     x_val = x_val.to(device)
+    ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
+    train_model = ranks.wrap(model)
+    progress = progress and ranks.is_main
 
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -309,8 +377,10 @@ def fit(
             xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-            x_in = xb if noise is None else add_noise(xb, noise, generator)
-            loss = loss_fn(model, x_in, xb, config.loss)
+            x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
+            rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+            inputs, _ = ranks.share(x_in)
+            loss = loss_fn(train_model, inputs, rows, config.loss) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -319,6 +389,7 @@ def fit(
                 bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+        loss_sum = ranks.mean(loss_sum)
         seconds = time.perf_counter() - started
         result = evaluate(model, x_val, config.loss)
         record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--stream", action="store_true",
+                   help="read a .npy file or image folder from disk batch by batch instead of loading it "
+                        "(automatic above 1 GiB of float32 images)")
     _add_resize(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -120,7 +123,7 @@ def cmd_train(args) -> int:
         data=args.data, model=args.model, recipe=args.recipe, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, loss=args.loss, init=args.init,
         schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
-        device=args.device, resize=tuple(args.resize) if args.resize else None,
+        device=args.device, resize=tuple(args.resize) if args.resize else None, stream=args.stream,
     )
     result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                 progress=not args.quiet)
@@ -140,7 +143,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, load_model, load_split
+    from aekit.runs import RunError, first_images, load_model, load_split
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
@@ -149,7 +152,7 @@ def cmd_reconstruct(args) -> int:
     if tuple(x_test.shape[1:]) != tuple(config.image_shape):
         raise RunError(f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run "
                        f"was trained on {tuple(config.image_shape)}; pass data of the same size")
-    save_reconstructions(model, x_test[:args.n], args.out)
+    save_reconstructions(model, first_images(x_test, args.n), args.out)
     print(args.out)
     return 0
 

@@ -75,6 +75,7 @@ class TrainConfig:
     patience: int | None = None
     device: str = "auto"
     resize: tuple[int, int] | None = None
+    stream: bool = False  # read the data from disk batch by batch (aekit.streaming)
     image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
 
     def resolved(self) -> TrainConfig:
@@ -105,6 +106,8 @@ class TrainConfig:
                                      ("init", self.init, tuple(INITS)), ("model", self.model, tuple(MODELS))):
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream must be true or false, got {self.stream!r}")
         if self.device != "auto":
             resolve_device(self.device)
 
@@ -166,32 +169,48 @@ class Evaluation:
     collapsed: bool    # reconstructions (near-)constant across images
 
 
+def _in_order(x, batch_size: int):
+    """Batches of ``x`` (a tensor (n, C, H, W) or an image stream) in order."""
+    if isinstance(x, torch.Tensor):
+        return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return x.batches(batch_size)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
-    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches."""
+def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
+    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
+
+    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`).
+    """
     model.eval()
     device = next(model.parameters()).device
     sq_err = total_loss = 0.0
     recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
     recon_sq = torch.zeros_like(recon_sum)
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
+    data_sum = torch.zeros_like(recon_sum)
+    data_sq = torch.zeros_like(recon_sum)
+    for xb in _in_order(x, batch_size):
+        xb = xb.to(device, non_blocking=True)
         logits = model.logits(xb)
         recon = torch.sigmoid(logits)
         sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         if loss == "bce":
             total_loss += F.binary_cross_entropy_with_logits(logits, xb, reduction="sum").item()
-        recon64 = recon.double().cpu()
+        recon64, data64 = recon.double().cpu(), xb.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
-    n_values = x.numel()
+        data_sum += data64.sum(0)
+        data_sq += (data64 ** 2).sum(0)
+    n = len(x)
+    n_values = n * math.prod(x.shape[1:])
     mse = sq_err / n_values
     # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
     # reconstructions across images with the spread of the inputs themselves.
-    mean = recon_sum / len(x)
-    recon_spread = (recon_sq / len(x) - mean ** 2).clamp_min(0).mean().sqrt().item()
-    data_spread = x.double().std(0).pow(2).mean().sqrt().item() if len(x) > 1 else 0.0
-    collapsed = len(x) > 1 and recon_spread < 0.05 * data_spread
+    mean = recon_sum / n
+    recon_spread = (recon_sq / n - mean ** 2).clamp_min(0).mean().sqrt().item()
+    data_var = (data_sq - data_sum ** 2 / n).clamp_min(0) / max(n - 1, 1)  # unbiased, as std(0)
+    data_spread = data_var.mean().sqrt().item() if n > 1 else 0.0
+    collapsed = n > 1 and recon_spread < 0.05 * data_spread
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
 
 
@@ -287,10 +306,19 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
+def shuffled_batches(x, batch_size: int, seed: int, epoch: int, device: torch.device):
+    """Epoch ``epoch``'s batches of ``x``: a tensor on ``device`` is shuffled by
+    :func:`epoch_permutation`, a stream by its own chunked shuffle (:mod:`aekit.streaming`)."""
+    if isinstance(x, torch.Tensor):
+        shuffled = x[epoch_permutation(seed, epoch, len(x)).to(device)]  # (n, C, H, W)
+        return (shuffled[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return (xb.to(device, non_blocking=True) for xb in x.batches(batch_size, seed, epoch))
+
+
 def fit(
     model: nn.Module,
-    x_train: torch.Tensor,
-    x_val: torch.Tensor,
+    x_train,
+    x_val,
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     state: TrainState | None = None,
@@ -299,6 +327,9 @@ def fit(
     micro_batch: int | None = None,
 ) -> TrainState:
     """Train ``model`` to reconstruct ``x_train`` (n, C, H, W) float32 in [0, 1].
+
+    ``x_train`` and ``x_val`` are tensors or image streams (:mod:`aekit.streaming`); a
+    tensor is moved to the model's device once, a stream is read batch by batch.
 
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
@@ -323,20 +354,21 @@ def fit(
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     model.to(memory_format=memory_format)
     match_state_layout(optimizer)
-    # The whole data set lives on the device as one tensor when it is not already there.
-    x_train = x_train.to(device)
-    x_val = x_val.to(device)
+    # Data in memory lives on the device as one tensor when it is not already there.
+    if isinstance(x_train, torch.Tensor):
+        x_train = x_train.to(device)
+    if isinstance(x_val, torch.Tensor):
+        x_val = x_val.to(device)
 
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch
         model.train()
-        shuffled = x_train[epoch_permutation(config.seed, epoch, n).to(device)]  # (n, C, H, W)
+        batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
         bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
                    desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
         loss_sum = torch.zeros((), device=device)
         started = time.perf_counter()
-        for step in range(steps_per_epoch):
-            xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
+        for step, xb in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
             loss_sum += train_step(model, xb, config.loss, optimizer, micro_batch)
@@ -373,5 +405,5 @@ def fit(
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
            "fit", "train_step", "evaluate", "learning_rate", "loss_fn", "default_micro_batch",
-           "resolve_device", "make_optimizer", "match_state_layout",
+           "resolve_device", "make_optimizer", "match_state_layout", "shuffled_batches",
            "epoch_permutation", "COLLAPSE_HINT"]

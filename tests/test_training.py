@@ -270,3 +270,25 @@ def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
         for value in optimizer.state[param].values():
             if value.shape == param.shape:
                 assert value.stride() == param.stride()
+
+
+def test_the_number_of_workers_does_not_change_the_result(mnist_small):
+    """ChunkPool runs a batch's chunks side by side and the gradients are added in chunk
+    order, so 1, 2 or 3 workers give the same weights bit for bit (at one PyTorch thread
+    each, which fit() sets while a pool runs and restores after)."""
+    x_train, x_test = mnist_small[0][:512], mnist_small[1][:64]
+    config = tiny_config(epochs=1, batch_size=128)
+    weights = []
+    for workers in (1, 2, 3):
+        torch.set_num_threads(1 if workers == 1 else 2)
+        model = seeded_model(config)
+        fit(model, x_train, x_test, config, progress=False, workers=workers)
+        assert torch.get_num_threads() == (1 if workers == 1 else 2)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+
+
+def test_workers_is_validated(mnist_small):
+    config = tiny_config(epochs=1)
+    with pytest.raises(ValueError, match="workers must be a positive number of threads, got -1"):
+        fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, workers=-1)

@@ -133,7 +133,9 @@ def test_float_bytes_decides_what_streams(npy, tmp_path):
 def test_cli_trains_from_a_stream(npy, tmp_path, capsys):
     path, _ = npy
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--stream", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--data", str(path), "--stream", "--epochs", "1", "--threads", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert torch.get_num_threads() == 1
     assert "test_mse" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "reconstructions.png").is_file()
     assert '"stream": true' in (out / "config.json").read_text()

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads PyTorch uses (default: its own, one per core); on a machine busy "
+                        "with other work 1 can be several times faster (bench/RESULTS.md)")
     p.add_argument("--stream", action="store_true",
                    help="read a .npy file or image folder from disk batch by batch instead of loading it "
                         "(automatic above 1 GiB of float32 images)")
@@ -118,6 +121,10 @@ def cmd_train(args) -> int:
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{args.model}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
         data=args.data, model=args.model, recipe=args.recipe, epochs=args.epochs,

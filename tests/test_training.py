@@ -10,7 +10,8 @@ from torch import nn
 from aekit.models import INITS, SeedAutoencoder
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
 from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, epoch_permutation, evaluate, fit,
-                            learning_rate, loss_fn, make_optimizer, match_state_layout, train_step)
+                            learning_rate, loss_fn, make_optimizer, match_state_layout, train_step,
+                            PoolOrNot)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -274,18 +275,32 @@ def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
 
 def test_the_number_of_workers_does_not_change_the_result(mnist_small):
     """ChunkPool runs a batch's chunks side by side and the gradients are added in chunk
-    order, so 1, 2 or 3 workers give the same weights bit for bit (at one PyTorch thread
-    each, which fit() sets while a pool runs and restores after)."""
-    x_train, x_test = mnist_small[0][:512], mnist_small[1][:64]
-    config = tiny_config(epochs=1, batch_size=128)
+    order, so 1, 2 or 3 workers, or the default that switches between pool and one thread
+    as it goes, give the same weights bit for bit (at one PyTorch thread each, which fit()
+    sets while a pool runs and restores after)."""
+    x_train, x_test = mnist_small[0][:1024], mnist_small[1][:64]
+    config = tiny_config(epochs=2, batch_size=128)
     weights = []
-    for workers in (1, 2, 3):
+    for workers in (1, 2, 3, None):
         torch.set_num_threads(1 if workers == 1 else 2)
         model = seeded_model(config)
         fit(model, x_train, x_test, config, progress=False, workers=workers)
         assert torch.get_num_threads() == (1 if workers == 1 else 2)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    assert all(torch.equal(weights[0], w) for w in weights[1:])
+
+
+def test_pool_or_not_probes_both_ways_and_keeps_the_faster():
+    chooser = PoolOrNot(probe=2, period=10)
+    ways = []
+    for step in range(20):
+        way = chooser.pool_now()
+        ways.append(way)
+        chooser.record(way, 2.0 if way else 1.0 if step < 10 else 3.0)  # the pool: slower, then faster
+    assert ways[:4] == [False, False, True, True]
+    assert ways[4:10] == [False] * 6      # one thread was faster
+    assert ways[10:14] == [False, False, True, True]
+    assert ways[14:] == [True] * 6        # now the pool is
 
 
 def test_workers_is_validated(mnist_small):

@@ -361,6 +361,36 @@ class ChunkPool:
         self._pool.shutdown()
 
 
+class PoolOrNot:
+    """Decides, while training runs, whether steps go faster on a :class:`ChunkPool` or on
+    one thread, and follows the machine's load.
+
+    The choice does not change the result (the pool adds gradients in the order one thread
+    does), so it may follow timings: every ``period`` steps, ``probe`` steps run each way
+    and the faster way (by median step time) runs until the next probe. On 2 cores shared
+    with other work one thread often wins; on an idle machine the pool does.
+    """
+
+    def __init__(self, probe: int = 8, period: int = 400):
+        self.probe, self.period = probe, period
+        self.step, self.use_pool = 0, True
+        self.seconds: dict[bool, list[float]] = {False: [], True: []}
+
+    def pool_now(self) -> bool:
+        phase = self.step % self.period
+        return phase >= self.probe if phase < 2 * self.probe else self.use_pool
+
+    def record(self, used_pool: bool, seconds: float) -> None:
+        phase = self.step % self.period
+        if phase < 2 * self.probe:
+            self.seconds[used_pool].append(seconds)
+        if phase == 2 * self.probe - 1:
+            median = {way: sorted(times)[len(times) // 2] for way, times in self.seconds.items()}
+            self.use_pool = median[True] < median[False]
+            self.seconds = {False: [], True: []}
+        self.step += 1
+
+
 def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
     """Give each per-parameter optimiser tensor (Adam's moments) its parameter's strides.
 
@@ -413,8 +443,9 @@ def fit(
     ``on_epoch_end`` (e.g. to write a checkpoint). Pass ``optimizer`` and ``state`` from a
     checkpoint to continue a run. ``micro_batch`` (default: :func:`default_micro_batch`)
     sets how many images go through the network at once, ``workers`` (default:
-    :func:`default_workers`) how many threads run chunks side by side (:class:`ChunkPool`);
-    they change the speed, not the step.
+    :func:`default_workers`, and then :class:`PoolOrNot` picks between them and one thread
+    as the machine's load changes) how many threads run chunks side by side
+    (:class:`ChunkPool`); they change the speed, not the step.
     """
     from tqdm.auto import tqdm
 
@@ -442,9 +473,11 @@ def fit(
     if isinstance(x_val, torch.Tensor):
         x_val = x_val.to(device)
 
+    choose = workers is None  # by default, let PoolOrNot pick pool or one thread as load changes
     if workers is None:
         workers = default_workers(device, config.batch_size, micro_batch, model)
     pool = ChunkPool(model, workers) if workers > 1 else None
+    chooser = PoolOrNot() if pool is not None and choose else None
     threads = torch.get_num_threads()
     if pool is not None:
         torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
@@ -460,7 +493,11 @@ def fit(
             for step, xb in enumerate(batches):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-                loss_sum += train_step(model, xb, config.loss, optimizer, micro_batch, pool)
+                use_pool = chooser.pool_now() if chooser is not None else pool is not None
+                step_started = time.perf_counter()
+                loss_sum += train_step(model, xb, config.loss, optimizer, micro_batch, pool if use_pool else None)
+                if chooser is not None:
+                    chooser.record(use_pool, time.perf_counter() - step_started)
                 if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                     bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                     elapsed = time.perf_counter() - started
@@ -497,6 +534,6 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "train_step", "ChunkPool", "default_workers", "evaluate", "learning_rate", "loss_fn", "default_micro_batch",
+           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "learning_rate", "loss_fn", "default_micro_batch",
            "resolve_device", "make_optimizer", "match_state_layout", "shuffled_batches",
            "epoch_permutation", "COLLAPSE_HINT"]

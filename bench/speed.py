@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     print("'N thr' is torch.set_num_threads(N) for Keras, the plain loop and aekit at batch 32 (one "
           "chunk, so no ChunkPool); aekit at batch 128 runs N ChunkPool workers of one thread each; "
           "'default' is fit() left to choose (ChunkPool or one thread, re-checked every 400 steps).\n")
-    print("| implementation | images/s | s/epoch (60k) | GFLOP/s | % of matmul peak | vs Keras | vs plain | peak RSS MB |")
+    print("| implementation | images/s median (min-max) | s/epoch (60k) | GFLOP/s | % of matmul peak | vs Keras | vs plain | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rates = {label: median(results[label], "images_per_second") for label, _ in rows}
     for label, spec in rows:
@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         keras = rates.get(f"Keras 3, torch backend, batch 128, {t} thr")
         plain = rates.get(f"plain PyTorch loop, batch 128, {t} thr")
         ratio = lambda ref: f"{rate / ref:.2f}x" if ref else "-"  # noqa: E731
-        print(f"| {label} | {rate:,.0f} | {MNIST_TRAIN / rate:.1f} | {gflops:.1f} | "
+        spread = [r["images_per_second"] for r in results[label] if "images_per_second" in r]
+        print(f"| {label} | {rate:,.0f} ({min(spread):,.0f}-{max(spread):,.0f}) | {MNIST_TRAIN / rate:.1f} | {gflops:.1f} | "
               f"{100 * gflops / peak[t]:.0f}% | {ratio(keras)} | {ratio(plain)} | "
               f"{median(results[label], 'max_rss_mb'):.0f} |")
     if keras_missing is not None:

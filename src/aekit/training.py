@@ -251,16 +251,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """Adam with Keras' epsilon; the fused kernel where PyTorch has one for the device.
 
     Fused Adam is the same update in one kernel per step instead of a dozen small ops per
-    parameter (measured: about 5% of a CPU training step at batch 32, bench/RESULTS.md).
+    parameter (measured: 3-6% of a CPU training step, bench/RESULTS.md).
     """
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=fused)
 
 
-# Images per forward/backward pass on the CPU. A pass over 16-32 MNIST images keeps the
-# largest activations (n, 16, 28, 28) in the core's cache; at 128 they spill and each image
-# costs about twice as much (bench/RESULTS.md). Larger batches are cut into such chunks.
+# Images per forward/backward pass on the CPU. A pass over 32 MNIST images keeps the
+# largest activations (n, 16, 28, 28) in the core's cache; from 64 on they spill and each
+# image costs 1.6-1.7x as much (bench/RESULTS.md). Larger batches are cut into such chunks.
 CPU_MICRO_BATCH = 32
 
 

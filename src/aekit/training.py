@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aekit.models import cpu_cores, map_chunks
+from aekit.models import cpu_cores, keep_freed_memory, map_chunks
 
 log = logging.getLogger("aekit")
 
@@ -465,6 +465,8 @@ def fit(
         raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
                          "leave it None for one per core")
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(memory_format=memory_format)
     match_state_layout(optimizer)
     # Data in memory lives on the device as one tensor when it is not already there.

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 #   make demo TORCH='torch==2.14.1'
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow venv dev system-deps clean
+.PHONY: demo test test-slow bench venv dev system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+# Keras 3 for the side-by-side benchmark; it runs on the torch already installed.
+$(VENV)/.bench: $(VENV)/.base
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	touch $@
 
 venv: $(VENV)/.base
@@ -49,6 +54,10 @@ test: dev system-deps
 # The slow runs, and the fuzz tests again with 5,000 examples each instead of 100.
 test-slow: dev system-deps
 	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -m "slow or fuzz"
+
+# Training and encoding speed against stock Keras and a plain PyTorch loop (bench/RESULTS.md).
+bench: $(VENV)/.bench
+	$(PY) bench/speed.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from aekit.models import SeedAutoencoder, build_model, count_parameters, init_he_, init_keras_, summary
+from aekit.models import (SeedAutoencoder, build_model, count_parameters, encode_images, init_he_,
+                          init_keras_, map_chunks, summary)
 
 # The blog's model.summary(), row by row: (name, output shape NHWC, params).
 BLOG_TABLE = [
@@ -168,3 +169,24 @@ def test_conv_autoencoder_bad_params():
         build_model("conv", (1, 28, 28), latent_dim=2, widths=(8, -1))
     with pytest.raises(ValueError, match="latent is fixed"):
         build_model("seed", (1, 28, 28), latent_dim=2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encode_images_is_the_encoder_and_leaves_the_model_as_it_was(workers):
+    torch.manual_seed(0)
+    model = SeedAutoencoder()
+    init_he_(model)
+    x = torch.rand(300, 1, 28, 28)  # 300 = 4 chunks of 64 and one of 44
+    with torch.no_grad():
+        expected = model.encode(x)
+    threads = torch.get_num_threads()
+    latents = encode_images(model, x, workers=workers)
+    assert latents.shape == (300, 8, 7, 7)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    assert model.training and torch.get_num_threads() == threads
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_map_chunks_keeps_the_order():
+    x = torch.arange(10.0).reshape(10, 1)
+    assert torch.equal(map_chunks(lambda c: c * 2, x, chunk=3, workers=3), x * 2)

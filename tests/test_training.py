@@ -9,8 +9,9 @@ from torch import nn
 
 from aekit.models import INITS, SeedAutoencoder
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
-from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, evaluate, fit, learning_rate,
-                            make_optimizer)
+from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, epoch_permutation, evaluate, fit,
+                            learning_rate, loss_fn, make_optimizer, match_state_layout, train_step,
+                            PoolOrNot)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -188,3 +189,121 @@ def test_default_recipe_reaches_the_bar_after_one_epoch(mnist):
     model = seeded_model(config)
     state = fit(model, prepare_images(x_train), prepare_images(x_test), config, progress=False)
     assert state.history[0].val_mse <= 0.010
+
+
+def plain_fit(model: nn.Module, x_train: torch.Tensor, config: TrainConfig) -> list[float]:
+    """The textbook loop the fast path must match: NCHW, unfused Adam, one pass per batch,
+    the same shuffle and schedule. Returns the mean training loss of each epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=ADAM_EPS, foreach=False)
+    n, batch = len(x_train), config.batch_size
+    steps = math.ceil(n / batch)
+    losses = []
+    for epoch in range(config.epochs):
+        shuffled = x_train[epoch_permutation(config.seed, epoch, n)]
+        total = 0.0
+        for step in range(steps):
+            xb = shuffled[step * batch:(step + 1) * batch]
+            optimizer.param_groups[0]["lr"] = learning_rate(config, epoch * steps + step, config.epochs * steps)
+            loss = loss_fn(model, xb, xb, config.loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(xb)
+        losses.append(total / n)
+    return losses
+
+
+@pytest.mark.parametrize("batch_size", [32, 128])
+def test_fast_path_trains_like_the_plain_loop(mnist_small, batch_size):
+    """Same seed, same data: fit() (channels_last, fused Adam, batches cut into chunks)
+    against the textbook loop. One step agrees to float rounding; the loss curves and the
+    final quality agree within a small tolerance (rounding differences grow in training)."""
+    x_train, x_test = mnist_small[0][:1024], mnist_small[1][:200]
+    config = tiny_config(epochs=2, batch_size=batch_size)
+
+    one_step = dataclasses.replace(config, epochs=1)
+    fast, plain = seeded_model(config), seeded_model(config)
+    fit(fast, x_train[:batch_size], x_test[:10], one_step, progress=False)
+    plain_fit(plain, x_train[:batch_size], one_step)
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    fast, plain = seeded_model(config), seeded_model(config)
+    state = fit(fast, x_train, x_test, config, progress=False)
+    plain_losses = plain_fit(plain, x_train, config)
+    fast_losses = [r.loss for r in state.history]
+    assert fast_losses == pytest.approx(plain_losses, rel=0.02)
+    assert state.history[-1].val_mse == pytest.approx(evaluate(plain, x_test).mse, rel=0.05)
+
+
+def test_chunked_step_equals_one_pass_up_to_rounding(mnist_small):
+    """train_step with chunks of 7 (uneven: 64 = 9 * 7 + 1) gives the gradient of one pass."""
+    x = mnist_small[0][:64]
+    config = tiny_config()
+    grads = []
+    for micro_batch in (64, 7):
+        model = seeded_model(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the grads
+        total = train_step(model, x, x, "bce", optimizer, micro_batch)
+        grads.append(([p.grad.clone() for p in model.parameters()], total))
+    for a, b in zip(grads[0][0], grads[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_micro_batch_is_validated(mnist_small):
+    config = tiny_config(epochs=1)
+    with pytest.raises(ValueError, match="micro_batch must be a positive number of images, got 0"):
+        fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, micro_batch=0)
+
+
+def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
+    """A checkpoint stores Adam's moments contiguous; fit() trains channels_last. Fused CPU
+    Adam gives wrong updates when the two layouts differ, so fit() aligns them: the moments
+    end up with their parameter's strides."""
+    config = tiny_config(epochs=1)
+    model = seeded_model(config)
+    optimizer = make_optimizer(model, config)
+    fit(model, mnist_small[0][:128], mnist_small[1][:8], config, optimizer=optimizer, progress=False)
+    model.to(memory_format=torch.channels_last)
+    match_state_layout(optimizer)
+    for param in model.parameters():
+        for value in optimizer.state[param].values():
+            if value.shape == param.shape:
+                assert value.stride() == param.stride()
+
+
+def test_the_number_of_workers_does_not_change_the_result(mnist_small):
+    """ChunkPool runs a batch's chunks side by side and the gradients are added in chunk
+    order, so 1, 2 or 3 workers, or the default that switches between pool and one thread
+    as it goes, give the same weights bit for bit (at one PyTorch thread each, which fit()
+    sets while a pool runs and restores after)."""
+    x_train, x_test = mnist_small[0][:1024], mnist_small[1][:64]
+    config = tiny_config(epochs=2, batch_size=128)
+    weights = []
+    for workers in (1, 2, 3, None):
+        torch.set_num_threads(1 if workers == 1 else 2)
+        model = seeded_model(config)
+        fit(model, x_train, x_test, config, progress=False, workers=workers)
+        assert torch.get_num_threads() == (1 if workers == 1 else 2)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert all(torch.equal(weights[0], w) for w in weights[1:])
+
+
+def test_pool_or_not_probes_both_ways_and_keeps_the_faster():
+    chooser = PoolOrNot(probe=2, period=10)
+    ways = []
+    for step in range(20):
+        way = chooser.pool_now()
+        ways.append(way)
+        chooser.record(way, 2.0 if way else 1.0 if step < 10 else 3.0)  # the pool: slower, then faster
+    assert ways[:4] == [False, False, True, True]
+    assert ways[4:10] == [False] * 6      # one thread was faster
+    assert ways[10:14] == [False, False, True, True]
+    assert ways[14:] == [True] * 6        # now the pool is
+
+
+def test_workers_is_validated(mnist_small):
+    config = tiny_config(epochs=1)
+    with pytest.raises(ValueError, match="workers must be a positive number of threads, got -1"):
+        fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, workers=-1)

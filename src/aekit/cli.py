@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads PyTorch uses (default: its own, one per core); on a machine busy "
+                        "with other work 1 can be several times faster (bench/RESULTS.md)")
+    p.add_argument("--stream", action="store_true",
+                   help="read a .npy file or image folder from disk batch by batch instead of loading it "
+                        "(automatic above 1 GiB of float32 images)")
     _add_resize(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -196,13 +202,17 @@ def cmd_train(args) -> int:
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{args.model}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
         data=args.data, model=args.model, latent_dim=args.latent_dim, widths=args.widths,
         noise=args.noise, recipe=args.recipe, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, loss=args.loss, init=args.init,
         schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
-        device=args.device, resize=tuple(args.resize) if args.resize else None,
+        device=args.device, resize=tuple(args.resize) if args.resize else None, stream=args.stream,
     )
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
@@ -257,14 +267,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, check_image_shape, load_model, load_split
+    from aekit.runs import RunError, check_image_shape, first_images, load_model, load_split
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
     check_image_shape(x_test, config)
-    save_reconstructions(model, x_test[:args.n], args.out)
+    save_reconstructions(model, first_images(x_test, args.n), args.out)
     print(args.out)
     return 0
 

@@ -110,14 +110,18 @@ def holdout_split(x: np.ndarray, y: np.ndarray | None, fraction: float = TEST_FR
 
     The same input always gives the same split, so runs on local data are comparable.
     """
-    n = len(x)
+    train, test = holdout_indices(len(x), fraction)
+    pick = (lambda idx: None) if y is None else (lambda idx: y[idx])
+    return (x[train], pick(train)), (x[test], pick(test))
+
+
+def holdout_indices(n: int, fraction: float = TEST_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted train and test indices of :func:`holdout_split` for ``n`` images."""
     if n < 2:
         raise DataError(f"need at least 2 images to hold some out for testing, got {n}")
     n_test = max(1, int(round(n * fraction)))
     order = np.random.default_rng(0).permutation(n)
-    train, test = np.sort(order[:-n_test]), np.sort(order[-n_test:])
-    pick = (lambda idx: None) if y is None else (lambda idx: y[idx])
-    return (x[train], pick(train)), (x[test], pick(test))
+    return np.sort(order[:-n_test]), np.sort(order[-n_test:])
 
 
 def _check_images(x: np.ndarray, source: str) -> np.ndarray:
@@ -326,7 +330,7 @@ def _load_npz(path: Path) -> Dataset:
 
 # ----------------------------------------------------------------------- image folders
 
-def _read_image(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
+def read_image(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
     """One image file -> uint8 (H, W) for grayscale or (H, W, 3) for colour."""
     from PIL import Image
 
@@ -363,7 +367,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_image_set(files: list[Path], resize: tuple[int, int] | None, where: Path) -> np.ndarray:
-    images = [_read_image(p, resize) for p in files]
+    images = [read_image(p, resize) for p in files]
     if any(img.ndim == 3 for img in images):  # any colour image makes the whole set RGB
         images = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in images]
     sizes = {img.shape[:2] for img in images}
@@ -378,8 +382,8 @@ def _read_image_set(files: list[Path], resize: tuple[int, int] | None, where: Pa
     return np.stack(images)
 
 
-def _load_labelled_folder(folder: Path, resize) -> tuple[np.ndarray, np.ndarray | None]:
-    """A folder of images, or of class subfolders of images (labels = sorted class index)."""
+def labelled_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
+    """The image files of a folder, or of its class subfolders (labels = sorted class index)."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and _image_files(p))
     flat = _image_files(folder)
     if classes and not flat:
@@ -388,13 +392,18 @@ def _load_labelled_folder(folder: Path, resize) -> tuple[np.ndarray, np.ndarray 
             sub_files = _image_files(sub)
             files += sub_files
             labels += [index] * len(sub_files)
-        return _read_image_set(files, resize, folder), np.asarray(labels, dtype=np.int64)
+        return files, np.asarray(labels, dtype=np.int64)
     if not flat:
         raise DataError(
             f"{folder}: no PNG or JPEG images found; expected image files, class subfolders "
             "of images, or train/ and test/ subfolders"
         )
-    return _read_image_set(flat, resize, folder), None
+    return flat, None
+
+
+def _load_labelled_folder(folder: Path, resize) -> tuple[np.ndarray, np.ndarray | None]:
+    files, labels = labelled_files(folder)
+    return _read_image_set(files, resize, folder), labels
 
 
 def _load_image_folder(folder: Path, resize) -> Dataset:
@@ -596,7 +605,7 @@ def _verify(builtin: Builtin, arrays: dict[str, np.ndarray], source: str) -> Non
         if key not in arrays:
             raise DataError(f"{source}: array {key} is missing")
         array = arrays[key]
-        if array.shape != builtin.shapes[key] or (got := sha256_array(array)) != expected:
+        if array.shape != builtin.shapes[key] or sha256_array(array) != expected:
             raise DataError(
                 f"{source}: checksum mismatch for {key} (the file is damaged or not {builtin.name}); "
                 f"delete it and run `aekit data fetch {builtin.name}` again"
@@ -692,7 +701,7 @@ def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
         return _read_image_set(files, resize, path), [p.name for p in files]
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        return _read_image(path, resize)[None], [path.name]
+        return read_image(path, resize)[None], [path.name]
     if suffix == ".npy":
         x = _read_npy_file(path)
     elif suffix == ".npz":
@@ -729,8 +738,9 @@ def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = N
     return info
 
 
-__all__ = ["load_dataset", "read_images", "write_images", "to_float", "to_nchw", "fetch", "describe", "read_idx",
-           "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "data_home",
+__all__ = ["load_dataset", "read_images", "write_images", "to_float", "to_nchw", "fetch", "describe",
+           "read_idx", "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "holdout_indices",
+           "labelled_files", "read_image", "data_home",
            "DataError", "BUILTINS"]
 
 

@@ -11,7 +11,12 @@ Shapes are NCHW inside PyTorch; :func:`summary` prints them NHWC, as Keras does.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +229,108 @@ def build_model(name: str, image_shape: tuple[int, int, int], latent_dim: int | 
                               DEFAULT_WIDTHS if widths is None else tuple(widths))
 
 
+# ------------------------------------------------------------------- fast inference
+
+# Images per pass at inference on the CPU: a pass over 64 MNIST images keeps the
+# (n, 16, 28, 28) activations in the core's cache. Measured on the encoder at batch 1024:
+# 3.5x the images per second of one pass over all 1024 (bench/RESULTS.md).
+CPU_CHUNK = 64
+
+
+HEAP_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep up to 32 MB of freed memory instead of returning it to
+    the system at once, for this whole process (Linux with glibc; elsewhere nothing).
+
+    A forward pass allocates and frees a few MB per layer. By default glibc hands such
+    blocks back to the kernel (munmap, or trimming the heap) and the next pass faults
+    every page in again, zeroed: measured 7,685 page faults per 1,024 encoded images and
+    28,755 images per CPU-second; with both thresholds at 32 MB, 0 faults and 49,906
+    (setting only one of the two made it worse: glibc then stops adapting the other).
+    The cost: up to 32 MB of freed memory stays with the process.
+    """
+    global _KEPT
+    if _KEPT:
+        return
+    _KEPT = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, HEAP_KEEP_BYTES)
+        libc.mallopt(m_trim_threshold, HEAP_KEEP_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+_KEPT = False
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def channels_last_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with channels_last weights while the block runs, on the CPU (where
+    oneDNN's convolutions run 1.4-1.5x faster so); restored to contiguous after."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if on_cpu:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@torch.inference_mode()
+def map_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CPU_CHUNK,
+               workers: int = 1) -> torch.Tensor:
+    """``fn`` applied to ``x`` (n, ...) in chunks of ``chunk`` along the first axis by
+    ``workers`` threads, each with one PyTorch thread; results concatenated in order.
+
+    For per-image functions (a forward pass in eval mode) this is ``fn(x)``, faster: small
+    passes stay in cache, and threads that meet once per chunk do not stall on a busy
+    machine the way PyTorch's own threads do (see training.ChunkPool).
+    """
+    def in_worker(c: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # a thread-local mode: each worker sets its own
+            return fn(c)
+
+    keep_freed_memory()
+    chunks = x.split(chunk)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1 or len(chunks) == 1:
+            return torch.cat([fn(c) for c in chunks])
+        with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="aekit-infer") as pool:
+            return torch.cat(list(pool.map(in_worker, chunks)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def encode_images(model: SeedAutoencoder, x: torch.Tensor, workers: int | None = None) -> torch.Tensor:
+    """(n, C, H, W) in [0, 1] -> latents (n, 8, H/4, W/4), as ``model.encode(x)``, fast.
+
+    On the CPU: channels_last weights, chunks of :data:`CPU_CHUNK` images, one thread per
+    core (``workers``, default all). Elsewhere one pass. The model is left as it was.
+    """
+    x = x.to(next(model.parameters()).device)
+    if x.device.type != "cpu":
+        return model.encode(x)
+    was_training = model.training
+    with channels_last_on_cpu(model.eval()):
+        try:
+            return map_chunks(model.encode, x, CPU_CHUNK, cpu_cores() if workers is None else workers)
+        finally:
+            model.train(was_training)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -301,6 +408,7 @@ def summary(model: nn.Module) -> str:
 
 
 __all__ = [
-    "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder", "ConvDecoder", "MODELS", "INITS", "build_model",
-    "count_parameters", "init_keras_", "init_he_", "summary",
+    "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
+    "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
+    "encode_images", "map_chunks", "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
 ]

@@ -178,7 +178,7 @@ def _table(mapping: dict) -> str:
     rows = []
     for key, value in mapping.items():
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        cell = f"<td class=\"num\">" if numeric else "<td>"
+        cell = "<td class=\"num\">" if numeric else "<td>"
         rows.append(f"<tr><th>{html.escape(str(key))}</th>{cell}<code>{html.escape(_format(value))}</code></td></tr>")
     return "<table>\n" + "\n".join(rows) + "\n</table>"
 

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import reprlib
@@ -39,6 +40,7 @@ from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
 from aekit.models import INITS, build_model
+from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
                             outlier_threshold, reconstruction_errors, resolve_device)
 
@@ -46,6 +48,9 @@ CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.sa
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
 DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
+
+
+log = logging.getLogger("aekit")
 
 
 class RunError(ValueError):
@@ -59,13 +64,32 @@ def prepare_images(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data_lib.to_nchw(data_lib.to_float(x))))
 
 
-def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-    """The run's data as tensors: (x_train, x_test, y_test), with ``config.limit`` applied."""
-    (x_train, _), (x_test, y_test) = data_lib.load_dataset(data or config.data, config.resize)
+def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tensor | ImageStream, torch.Tensor | ImageStream, np.ndarray | None]:
+    """The run's data: (x_train, x_test, y_test), with ``config.limit`` applied.
+
+    Images are float32 tensors (n, C, H, W) in memory, or image streams of the same shape
+    (:mod:`aekit.streaming`) when ``config.stream`` is set or the data would take more than
+    :data:`~aekit.streaming.STREAM_ABOVE_BYTES` in memory; streams carry no labels.
+    """
+    source = data or config.data
+    if config.stream or (float_bytes(source, config.resize) or 0) > STREAM_ABOVE_BYTES:
+        if not config.stream:
+            log.info("%s would take over %d MB in memory as float32: streaming it from disk",
+                     source, STREAM_ABOVE_BYTES >> 20)
+        x_train, x_test = open_stream(source, config.resize)
+        if config.limit is not None:
+            x_train, x_test = x_train.head(config.limit), x_test.head(config.limit)
+        return x_train, x_test, None
+    (x_train, _), (x_test, y_test) = data_lib.load_dataset(source, config.resize)
     if config.limit is not None:
         x_train, x_test = x_train[:config.limit], x_test[:config.limit]
         y_test = None if y_test is None else y_test[:config.limit]
     return prepare_images(x_train), prepare_images(x_test), y_test
+
+
+def first_images(x: torch.Tensor | ImageStream, n: int) -> torch.Tensor:
+    """The first ``n`` images of a tensor or a stream, as a tensor (n, C, H, W)."""
+    return x[:n] if isinstance(x, torch.Tensor) else next(iter(x.batches(n)))
 
 
 # ---------------------------------------------------------------------- save / load
@@ -449,7 +473,7 @@ def train_and_evaluate(
         write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
         from aekit.plots import save_reconstructions
 
-        save_reconstructions(model, x_test[:10], workdir / RECONSTRUCTIONS)
+        save_reconstructions(model, first_images(x_test, 10), workdir / RECONSTRUCTIONS)
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 

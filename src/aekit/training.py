@@ -17,14 +17,17 @@ loading and the run folder (see :mod:`aekit.runs`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
 import reprlib
+import threading
 import time
 import types
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
+from aekit.models import cpu_cores, keep_freed_memory, map_chunks
 from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
@@ -84,6 +88,7 @@ class TrainConfig:
     patience: int | None = None
     device: str = "auto"
     resize: tuple[int, int] | None = None
+    stream: bool = False  # read the data from disk batch by batch (aekit.streaming)
     image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
 
     def resolved(self) -> TrainConfig:
@@ -125,6 +130,8 @@ class TrainConfig:
                                      ("init", self.init, tuple(INITS)), ("model", self.model, tuple(MODELS))):
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream must be true or false, got {self.stream!r}")
         if self.device != "auto":
             resolve_device(self.device)
 
@@ -182,53 +189,77 @@ class Evaluation:
     collapsed: bool    # reconstructions (near-)constant across images
 
 
+def _in_order(x, batch_size: int):
+    """Batches of ``x`` (a tensor (n, C, H, W) or an image stream) in order."""
+    if isinstance(x, torch.Tensor):
+        return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return x.batches(batch_size)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
+def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
     """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
 
-    Under DDP each rank evaluates its part of ``x`` and the sums are all-reduced, so every
-    rank must call it (it is a collective) and every rank gets the same result.
+    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). Under DDP each rank
+    evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
+    (it is a collective) and every rank gets the same result; a stream is read whole by
+    every rank.
     """
     model.eval()
     device = next(model.parameters()).device
     ranks = distributed.current()
+    split = ranks.size > 1 and isinstance(x, torch.Tensor)
     sq_err = total_loss = 0.0
     recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
     recon_sq = torch.zeros_like(recon_sum)
-    first, stop = ranks.span(len(x))  # this rank's rows of x: all of them in one process
-    for start in range(first, stop, batch_size):
-        xb = x[start:min(start + batch_size, stop)].to(device, non_blocking=True)
-        logits = model.logits(xb)
+    data_sum = torch.zeros_like(recon_sum)
+    data_sq = torch.zeros_like(recon_sum)
+    if split:
+        first, stop = ranks.span(len(x))  # this rank's rows of x
+        batches = (x[start:min(start + batch_size, stop)] for start in range(first, stop, batch_size))
+    else:
+        batches = _in_order(x, batch_size)
+    for xb in batches:
+        xb = xb.to(device, non_blocking=True)
+        logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
         recon = torch.sigmoid(logits)
         sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         if loss == "bce":
             total_loss += F.binary_cross_entropy_with_logits(logits, xb, reduction="sum").item()
-        recon64 = recon.double().cpu()
+        recon64, data64 = recon.double().cpu(), xb.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
-    if ranks.size > 1:
+        data_sum += data64.sum(0)
+        data_sq += (data64 ** 2).sum(0)
+    if split:
         sums = ranks.sum(torch.cat([torch.tensor([sq_err, total_loss], dtype=torch.float64),
-                                    recon_sum.flatten(), recon_sq.flatten()]))
+                                    recon_sum.flatten(), recon_sq.flatten(), data_sum.flatten(),
+                                    data_sq.flatten()]))
         sq_err, total_loss = sums[:2].tolist()
-        recon_sum, recon_sq = sums[2:].view(2, *recon_sum.shape).unbind(0)
-    n_values = x.numel()
+        recon_sum, recon_sq, data_sum, data_sq = sums[2:].view(4, *recon_sum.shape).unbind(0)
+    n = len(x)
+    n_values = n * math.prod(x.shape[1:])
     mse = sq_err / n_values
     # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
     # reconstructions across images with the spread of the inputs themselves.
-    mean = recon_sum / len(x)
-    recon_spread = (recon_sq / len(x) - mean ** 2).clamp_min(0).mean().sqrt().item()
-    data_spread = x.double().std(0).pow(2).mean().sqrt().item() if len(x) > 1 else 0.0
-    collapsed = len(x) > 1 and recon_spread < 0.05 * data_spread
+    mean = recon_sum / n
+    recon_spread = (recon_sq / n - mean ** 2).clamp_min(0).mean().sqrt().item()
+    data_var = (data_sq - data_sum ** 2 / n).clamp_min(0) / max(n - 1, 1)  # unbiased, as std(0)
+    data_spread = data_var.mean().sqrt().item() if n > 1 else 0.0
+    collapsed = n > 1 and recon_spread < 0.05 * data_spread
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
 
 
 @torch.inference_mode()
-def reconstruction_errors(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1] -> float64 (n,)."""
+def reconstruction_errors(model: nn.Module, x, batch_size: int = 1000) -> np.ndarray:
+    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1], a tensor or an image
+    stream -> float64 (n,)."""
     model.eval()
     device = next(model.parameters()).device
-    errors = [((model(xb.to(device)) - xb.to(device)) ** 2).flatten(1).mean(1).double().cpu()
-              for xb in x.split(batch_size)]
+    errors = []
+    for xb in _in_order(x, batch_size):
+        xb = xb.to(device)
+        errors.append(((model(xb) - xb) ** 2).flatten(1).mean(1).double().cpu())
     return torch.cat(errors).numpy() if errors else np.zeros(0)
 
 
@@ -319,7 +350,169 @@ COLLAPSE_HINT = (
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS)
+    """Adam with Keras' epsilon; the fused kernel where PyTorch has one for the device.
+
+    Fused Adam is the same update in one kernel per step instead of a dozen small ops per
+    parameter (measured: 3-6% of a CPU training step, bench/RESULTS.md).
+    """
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=fused)
+
+
+# Images per forward/backward pass on the CPU. A pass over 32 MNIST images keeps the
+# largest activations (n, 16, 28, 28) in the core's cache; from 64 on they spill and each
+# image costs 1.6-1.7x as much (bench/RESULTS.md). Larger batches are cut into such chunks.
+CPU_MICRO_BATCH = 32
+
+
+def default_micro_batch(device: torch.device, batch_size: int) -> int:
+    """Chunk size for :func:`train_step`: :data:`CPU_MICRO_BATCH` on the CPU, the whole
+    batch elsewhere (a GPU wants large passes)."""
+    return min(batch_size, CPU_MICRO_BATCH) if device.type == "cpu" else batch_size
+
+
+def default_workers(device: torch.device, batch_size: int, micro_batch: int, model: nn.Module) -> int:
+    """Threads for :class:`ChunkPool`: one per core, at most one per chunk; 1 off the CPU
+    and for models with buffers."""
+    if device.type != "cpu" or any(True for _ in model.buffers()):
+        return 1
+    return max(1, min(cpu_cores(), math.ceil(batch_size / micro_batch)))
+
+
+def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
+               optimizer: torch.optim.Optimizer, micro_batch: int, pool: ChunkPool | None = None,
+               weight: float = 1.0) -> torch.Tensor:
+    """One optimiser step: reconstruct ``target`` (n, C, H, W) from ``x_in`` (``target``
+    itself, or a corrupted copy when training a denoiser); returns the summed loss, detached.
+
+    The batch is processed in chunks of ``micro_batch`` images, their gradients summed in
+    a fixed order. The batch's mean loss is the sum over chunks k of (n_k / n) times chunk
+    k's mean loss, so the gradient is the one of a single pass over the whole batch, up to
+    float rounding: the same step, computed in a cache-friendly order. With a ``pool`` the
+    chunks run side by side and the sum is the same, bit for bit. ``weight`` scales the
+    gradient (DDP: this rank's share of the global batch, see aekit.distributed).
+    """
+    n = len(target)
+    chunks = list(zip(x_in.split(micro_batch), target.split(micro_batch)))
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=target.device)
+    if pool is None or len(chunks) == 1:
+        for chunk_in, chunk_target in chunks:
+            chunk_loss = loss_fn(model, chunk_in, chunk_target, loss)
+            scale = weight * len(chunk_target) / n
+            (chunk_loss if scale == 1 else chunk_loss * scale).backward()
+            total += chunk_loss.detach() * len(chunk_target)
+    else:
+        results = pool.gradients(chunks, loss, n, weight)
+        grads = list(results[0][1])
+        for _, chunk_grads in results[1:]:
+            for grad, more in zip(grads, chunk_grads):
+                grad += more                      # the order backward() accumulates in
+        for param, grad in zip(trainable(model), grads):
+            param.grad = grad
+        for chunk_total, _ in results:
+            total += chunk_total
+    optimizer.step()
+    return total
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class ChunkPool:
+    """Threads that compute the gradients of a batch's chunks side by side, on the CPU.
+
+    Each thread runs its own copy of the model whose parameters share the model's memory
+    (an optimiser step is seen by all) and returns each chunk's gradients, which
+    :func:`train_step` adds in chunk order, as backward() adds them when the chunks run one
+    after another. Run with one PyTorch thread (``fit`` sets it), so the result is the same
+    bit for bit for any number of workers.
+
+    Why not PyTorch's own threads: they meet at a barrier in every operation, about a
+    thousand a step. On a machine busy with other work one of them is often descheduled
+    and the other waits: measured 10x slower with 2 threads than with 1 on 2 busy cores.
+    These threads meet once a step.
+    """
+
+    def __init__(self, model: nn.Module, workers: int):
+        if any(True for _ in model.buffers()):
+            raise ValueError("ChunkPool shares parameters only; a model with buffers (e.g. batch norm) "
+                             "needs workers=1")
+        self.model, self.workers = model, workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="aekit-step")
+        self._local = threading.local()
+
+    def _replica(self) -> nn.Module:
+        replica = getattr(self._local, "replica", None)
+        if replica is None:
+            replica = copy.deepcopy(self.model)
+            for mine, theirs in zip(replica.parameters(), self.model.parameters()):
+                mine.data = theirs.data       # the same memory: no copy, no syncing
+            self._local.replica = replica
+        return replica.train(self.model.training)
+
+    def gradients(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], loss: str, n: int,
+                  weight: float = 1.0):
+        """[(chunk's summed loss, chunk's gradients)] in chunk order, for (input, target)
+        chunks; ``n`` images in the batch."""
+        def one(chunk: tuple[torch.Tensor, torch.Tensor]):
+            replica = self._replica()
+            chunk_in, chunk_target = chunk
+            chunk_loss = loss_fn(replica, chunk_in, chunk_target, loss)
+            grads = torch.autograd.grad(chunk_loss * (weight * len(chunk_target) / n), trainable(replica))
+            return chunk_loss.detach() * len(chunk_target), grads
+
+        return list(self._pool.map(one, chunks))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+class PoolOrNot:
+    """Decides, while training runs, whether steps go faster on a :class:`ChunkPool` or on
+    one thread, and follows the machine's load.
+
+    The choice does not change the result (the pool adds gradients in the order one thread
+    does), so it may follow timings: every ``period`` steps, ``probe`` steps run each way
+    and the faster way (by median step time) runs until the next probe. On 2 cores shared
+    with other work one thread often wins; on an idle machine the pool does.
+    """
+
+    def __init__(self, probe: int = 8, period: int = 400):
+        self.probe, self.period = probe, period
+        self.step, self.use_pool = 0, True
+        self.seconds: dict[bool, list[float]] = {False: [], True: []}
+
+    def pool_now(self) -> bool:
+        phase = self.step % self.period
+        return phase >= self.probe if phase < 2 * self.probe else self.use_pool
+
+    def record(self, used_pool: bool, seconds: float) -> None:
+        phase = self.step % self.period
+        if phase < 2 * self.probe:
+            self.seconds[used_pool].append(seconds)
+        if phase == 2 * self.probe - 1:
+            median = {way: sorted(times)[len(times) // 2] for way, times in self.seconds.items()}
+            self.use_pool = median[True] < median[False]
+            self.seconds = {False: [], True: []}
+        self.step += 1
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter optimiser tensor (Adam's moments) its parameter's strides.
+
+    Needed after changing the model's memory format or loading a checkpoint: PyTorch's
+    fused CPU Adam walks parameter and state memory in lockstep, so a channels_last
+    parameter with a contiguous ``exp_avg`` gets a wrong update (measured: off by 0.03 after
+    three steps at lr 1e-2), where the unfused Adam is only slower.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -328,22 +521,40 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
+def shuffled_batches(x, batch_size: int, seed: int, epoch: int, device: torch.device):
+    """Epoch ``epoch``'s batches of ``x``: a tensor on ``device`` is shuffled by
+    :func:`epoch_permutation`, a stream by its own chunked shuffle (:mod:`aekit.streaming`)."""
+    if isinstance(x, torch.Tensor):
+        shuffled = x[epoch_permutation(seed, epoch, len(x)).to(device)]  # (n, C, H, W)
+        return (shuffled[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return (xb.to(device, non_blocking=True) for xb in x.batches(batch_size, seed, epoch))
+
+
 def fit(
     model: nn.Module,
-    x_train: torch.Tensor,
-    x_val: torch.Tensor,
+    x_train,
+    x_val,
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     state: TrainState | None = None,
     on_epoch_end: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
     progress: bool = True,
+    micro_batch: int | None = None,
+    workers: int | None = None,
 ) -> TrainState:
     """Train ``model`` to reconstruct ``x_train`` (n, C, H, W) float32 in [0, 1].
+
+    ``x_train`` and ``x_val`` are tensors or image streams (:mod:`aekit.streaming`); a
+    tensor is moved to the model's device once, a stream is read batch by batch.
 
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
     ``on_epoch_end`` (e.g. to write a checkpoint). Pass ``optimizer`` and ``state`` from a
-    checkpoint to continue a run.
+    checkpoint to continue a run. ``micro_batch`` (default: :func:`default_micro_batch`)
+    sets how many images go through the network at once, ``workers`` (default:
+    :func:`default_workers`, and then :class:`PoolOrNot` picks between them and one thread
+    as the machine's load changes) how many threads run chunks side by side
+    (:class:`ChunkPool`); they change the speed, not the step.
     """
     from tqdm.auto import tqdm
 
@@ -354,68 +565,102 @@ def fit(
     n = len(x_train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    if micro_batch is None:
+        micro_batch = default_micro_batch(device, config.batch_size)
+    elif isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
+        raise ValueError(f"micro_batch must be a positive number of images, got {micro_batch!r}; "
+                         "leave it None for the device's default")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0):
+        raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
+                         "leave it None for one per core")
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(memory_format=memory_format)
-    # The whole data set lives on the device as one tensor when it is not already there.
-    x_train = x_train.to(device)
-    x_val = x_val.to(device)
+    match_state_layout(optimizer)
+    # Data in memory lives on the device as one tensor when it is not already there.
+    if isinstance(x_train, torch.Tensor):
+        x_train = x_train.to(device)
+    if isinstance(x_val, torch.Tensor):
+        x_val = x_val.to(device)
     ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
     train_model = ranks.wrap(model)
     progress = progress and ranks.is_main
+    if ranks.size > 1:
+        # DDP all-reduces in every backward(): one pass per rank and step, no chunk threads.
+        micro_batch, workers = config.batch_size, 1
 
-    while state.epoch < config.epochs and not state.stopped_early:
-        epoch = state.epoch
-        model.train()
-        shuffled = x_train[epoch_permutation(config.seed, epoch, n).to(device)]  # (n, C, H, W)
-        bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
-                   desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=device)
-        noise = parse_noise(config.noise)
-        generator = noise_generator(config.seed, epoch, device) if noise is not None else None
-        started = time.perf_counter()
-        for step in range(steps_per_epoch):
-            xb = shuffled[step * config.batch_size:(step + 1) * config.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-            x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
-            rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
-            inputs, _ = ranks.share(x_in)
-            loss = loss_fn(train_model, inputs, rows, config.loss) * weight
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(xb)
-            if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
-                bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
-        loss_sum = ranks.mean(loss_sum)
-        seconds = time.perf_counter() - started
-        result = evaluate(model, x_val, config.loss)
-        record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,
-                             val_mse=result.mse, seconds=seconds, images_per_second=n / seconds)
-        if progress:
-            bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
-                            img_s=f"{record.images_per_second:,.0f}")
-        bar.close()
-        state.history.append(record)
-        state.epoch = epoch + 1
-        if result.collapsed:
-            log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
-        if record.val_loss < state.best_val_loss:
-            state.best_val_loss, state.epochs_since_best = record.val_loss, 0
-        else:
-            state.epochs_since_best += 1
-            if config.patience is not None and state.epochs_since_best >= config.patience:
-                state.stopped_early = True
-                log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
-                            epoch + 1, config.patience)
-        if on_epoch_end is not None:
-            on_epoch_end(model, optimizer, state)
+    choose = workers is None  # by default, let PoolOrNot pick pool or one thread as load changes
+    if workers is None:
+        workers = default_workers(device, config.batch_size, micro_batch, model)
+    pool = ChunkPool(model, workers) if workers > 1 else None
+    chooser = PoolOrNot() if pool is not None and choose else None
+    threads = torch.get_num_threads()
+    if pool is not None:
+        torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
+    noise = parse_noise(config.noise)
+    try:
+        while state.epoch < config.epochs and not state.stopped_early:
+            epoch = state.epoch
+            model.train()
+            batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
+            bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+            loss_sum = torch.zeros((), device=device)
+            generator = noise_generator(config.seed, epoch, device) if noise is not None else None
+            started = time.perf_counter()
+            for step, xb in enumerate(batches):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+                x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
+                rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+                inputs, _ = ranks.share(x_in)
+                use_pool = chooser.pool_now() if chooser is not None else pool is not None
+                step_started = time.perf_counter()
+                step_loss = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
+                                       pool if use_pool else None, weight=weight)
+                if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
+                    loss_sum += step_loss
+                if chooser is not None:
+                    chooser.record(use_pool, time.perf_counter() - step_started)
+                if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
+                    bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+            loss_sum = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+            seconds = time.perf_counter() - started
+            result = evaluate(model, x_val, config.loss)
+            record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,
+                                 val_mse=result.mse, seconds=seconds, images_per_second=n / seconds)
+            if progress:
+                bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
+                                img_s=f"{record.images_per_second:,.0f}")
+            bar.close()
+            state.history.append(record)
+            state.epoch = epoch + 1
+            if result.collapsed:
+                log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
+            if record.val_loss < state.best_val_loss:
+                state.best_val_loss, state.epochs_since_best = record.val_loss, 0
+            else:
+                state.epochs_since_best += 1
+                if config.patience is not None and state.epochs_since_best >= config.patience:
+                    state.stopped_early = True
+                    log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
+                                epoch + 1, config.patience)
+            if on_epoch_end is not None:
+                on_epoch_end(model, optimizer, state)
+    finally:
+        if pool is not None:
+            pool.close()
+            torch.set_num_threads(threads)
     model.to(memory_format=torch.contiguous_format)
+    match_state_layout(optimizer)
     return state
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "evaluate", "reconstruction_errors", "outlier_threshold", "learning_rate", "loss_fn", "resolve_device", "make_optimizer",
+           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
+           "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
+           "make_optimizer", "match_state_layout", "shuffled_batches",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     for ref_name in ("Keras 3, torch backend", "plain PyTorch loop"):
         ref = rates.get(f"{ref_name}, batch 128, {stock_t} thr")
         if best and ref:
-            print(f"best aekit (batch 128: {best.rsplit(', ', 1)[1]}) vs {ref_name} at torch's default "
+            print(f"best aekit (batch 128, {best.split('batch 128, ', 1)[1]}) vs {ref_name} at torch's default "
                   f"{stock_t} threads: {rates[best] / ref:.2f}x")
 
     print("\n## Encoding (aekit encoder, CPU)\n")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from aekit.models import (SeedAutoencoder, build_model, count_parameters, encode_images, init_he_,
-                          init_keras_, map_chunks, summary)
+from aekit.models import (ConvToOne, SeedAutoencoder, build_model, count_parameters, encode_images,
+                          init_he_, init_keras_, map_chunks, summary)
 
 # The blog's model.summary(), row by row: (name, output shape NHWC, params).
 BLOG_TABLE = [
@@ -190,3 +190,22 @@ def test_encode_images_is_the_encoder_and_leaves_the_model_as_it_was(workers):
 def test_map_chunks_keeps_the_order():
     x = torch.arange(10.0).reshape(10, 1)
     assert torch.equal(map_chunks(lambda c: c * 2, x, chunk=3, workers=3), x * 2)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_to_one_matches_torch_conv2d_forward_and_backward(channels_last):
+    """The output layer's matrix-product convolution against F.conv2d, values and gradients."""
+    torch.manual_seed(0)
+    conv = ConvToOne(16)
+    x = torch.randn(5, 16, 12, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad_y = torch.randn(5, 1, 12, 8)
+    ours = conv(x)
+    reference = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_y),
+                    torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad_y)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert isinstance(SeedAutoencoder().g_s.layers[-1], ConvToOne)

@@ -27,15 +27,21 @@ $(VENV)/.bench: $(VENV)/.base
 venv: $(VENV)/.base
 dev: $(VENV)/.dev
 
-# Debian's Fashion-MNIST is the offline source for `--data fashion-mnist`.
-system-deps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+# $(call apt-need,CHECK,PACKAGE,WHO): unless the shell test CHECK passes, install Debian's
+# PACKAGE when root (quietly; `apt-get update` only if the first try fails), else say how.
+apt-need = if ! $(1); then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || \
-	    echo "note: could not install dataset-fashion-mnist; its tests will say so"; \
-	  else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the Fashion-MNIST tests"; fi; \
+	    (apt-get install -y -q $(2) >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q $(2) >/dev/null)) || \
+	    echo "note: could not install $(2); $(3) will say so"; \
+	  else echo "note: run 'sudo apt-get install $(2)' for $(3)"; fi; \
 	fi
+
+# Debian's Fashion-MNIST is the offline source for `--data fashion-mnist`; Debian's
+# Chromium renders `aekit report` pages in the browser tests.
+system-deps:
+	@$(call apt-need,[ -d /usr/share/datasets/fashion-mnist ],dataset-fashion-mnist,the Fashion-MNIST tests)
+	@$(call apt-need,command -v chromium >/dev/null,chromium,the report's browser tests)
 
 # The seed experiment: MNIST, the seed network, the default recipe, into a new runs/ folder.
 demo: venv
@@ -45,8 +51,9 @@ demo: venv
 test: dev system-deps
 	$(PY) -m pytest
 
+# The slow runs, and the fuzz tests again with 5,000 examples each instead of 100.
 test-slow: dev system-deps
-	$(PY) -m pytest -m slow
+	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -m "slow or fuzz"
 
 # Training and encoding speed against stock Keras and a plain PyTorch loop (bench/RESULTS.md).
 bench: $(VENV)/.bench

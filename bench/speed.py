@@ -200,7 +200,7 @@ def _quality(target: float, check_every: int) -> dict:
             started = time.perf_counter()
             model.train()
             optimizer.param_groups[0]["lr"] = learning_rate(config, step, total)
-            train_step(model, xb, config.loss, optimizer, micro)
+            train_step(model, xb, xb, config.loss, optimizer, micro)
             seconds += time.perf_counter() - started
             step += 1
             if step % check_every == 0:
@@ -227,7 +227,7 @@ def _stream(path: str, train_batches: int) -> dict:
         images += len(xb)
         if index < train_batches:
             step_started = time.perf_counter()
-            train_step(model, xb, config.loss, optimizer, micro)
+            train_step(model, xb, xb, config.loss, optimizer, micro)
             trained += time.perf_counter() - step_started
     read_seconds = time.perf_counter() - started - trained
     return {"images": images, "trained_images": train_batches * config.batch_size,

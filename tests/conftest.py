@@ -3,10 +3,20 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from aekit import data as data_lib
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Fuzz budgets: small for `make test`, large for `make test-slow` (HYPOTHESIS_PROFILE=slow).
+# No deadline: a hang is caught by the fuzz tests' own alarm, and timing on a shared
+# machine says nothing. Fixtures such as tmp_path are reused across examples on purpose.
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+             derandomize=False, print_blob=True)
+settings.register_profile("default", max_examples=100, **_FUZZ)
+settings.register_profile("slow", max_examples=5000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def need(condition: bool, reason: str) -> None:
@@ -15,6 +25,14 @@ def need(condition: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(f"missing in CI: {reason}")
         pytest.skip(reason)
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr after a user error: exactly one line, ``aekit: error: ...``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: error: ")
+    return err[0]
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +63,15 @@ def _deterministic_threads():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, mnist):
+    """A trained run folder: the seed network, one epoch on 300 MNIST images. Shared by
+    the report and export tests; a test that changes the folder works on a copy."""
+    from aekit.cli import main
+
+    out = tmp_path_factory.mktemp("small-run") / "seed"
+    if main(["train", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
+        pytest.fail("training the small run failed")
+    return out

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from aekit.cli import main
 from aekit.runs import load_model
+from conftest import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +19,6 @@ def trained_run(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("runs") / "r"
     assert main(["train", "--limit", "1500", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
     return out
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("aekit: error: ")
-    return err[0]
 
 
 def test_summary_prints_the_blog_table(capsys):

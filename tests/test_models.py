@@ -74,8 +74,8 @@ def test_keras_init_is_glorot_uniform_with_zero_bias():
         fan_in = conv.in_channels * 9
         fan_out = conv.out_channels * 9
         limit = np.sqrt(6 / (fan_in + fan_out))
-        assert float(conv.weight.abs().max()) <= limit
-        assert float(conv.weight.abs().max()) > 0.8 * limit  # fills the range, not a tiny init
+        assert float(conv.weight.detach().abs().max()) <= limit
+        assert float(conv.weight.detach().abs().max()) > 0.8 * limit  # fills the range, not a tiny init
         assert torch.count_nonzero(conv.bias) == 0
 
 
@@ -84,7 +84,7 @@ def test_he_init_scales_by_fan_in():
     model = SeedAutoencoder()
     init_he_(model)
     first = model.g_a.layers[0]
-    assert float(first.weight.abs().max()) <= np.sqrt(6 / 9) + 1e-6
+    assert float(first.weight.detach().abs().max()) <= np.sqrt(6 / 9) + 1e-6
 
 
 # --- a NumPy reference of the Keras layers, to check the PyTorch network against ---
@@ -138,6 +138,37 @@ def test_forward_matches_numpy_reference():
         z_ref, out_ref = np_forward(model, x[i].numpy())
         np.testing.assert_allclose(z[i].numpy(), z_ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(out[i].numpy(), out_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, widths", [((1, 28, 28), (16, 32)), ((3, 64, 64), (8, 16, 32)),
+                                           ((3, 30, 45), (8, 16)), ((1, 7, 9), (4,))])
+def test_conv_autoencoder_any_size_and_latent(shape, widths):
+    model = build_model("conv", shape, latent_dim=5, widths=widths).eval()
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        z = model.encode(x)
+        out = model(x)
+    assert z.shape == (3, 5) and model.latent_shape == (5,)
+    assert out.shape == x.shape
+    assert torch.equal(out, model.decode(z))
+
+
+def test_conv_autoencoder_parameter_count():
+    # 28x28x1, widths (16, 32), latent 30: convs 1->16, 16->32 | dense 1568->30, 30->1568 |
+    # convs 32->16, 16->16, 16->1 (3x3 kernels, with biases).
+    conv = lambda i, o: 9 * i * o + o  # noqa: E731
+    expected = (conv(1, 16) + conv(16, 32) + (32 * 7 * 7 * 30 + 30) + (30 * 32 * 7 * 7 + 32 * 7 * 7)
+                + conv(32, 16) + conv(16, 16) + conv(16, 1))
+    assert count_parameters(build_model("conv", (1, 28, 28), latent_dim=30)) == expected
+
+
+def test_conv_autoencoder_bad_params():
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer"):
+        build_model("conv", (1, 28, 28), latent_dim=0)
+    with pytest.raises(ValueError, match="widths must be positive integers"):
+        build_model("conv", (1, 28, 28), latent_dim=2, widths=(8, -1))
+    with pytest.raises(ValueError, match="latent is fixed"):
+        build_model("seed", (1, 28, 28), latent_dim=2)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

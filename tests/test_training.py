@@ -204,7 +204,7 @@ def plain_fit(model: nn.Module, x_train: torch.Tensor, config: TrainConfig) -> l
         for step in range(steps):
             xb = shuffled[step * batch:(step + 1) * batch]
             optimizer.param_groups[0]["lr"] = learning_rate(config, epoch * steps + step, config.epochs * steps)
-            loss = loss_fn(model, xb, config.loss)
+            loss = loss_fn(model, xb, xb, config.loss)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -244,7 +244,7 @@ def test_chunked_step_equals_one_pass_up_to_rounding(mnist_small):
     for micro_batch in (64, 7):
         model = seeded_model(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the grads
-        total = train_step(model, x, "bce", optimizer, micro_batch)
+        total = train_step(model, x, x, "bce", optimizer, micro_batch)
         grads.append(([p.grad.clone() for p in model.parameters()], total))
     for a, b in zip(grads[0][0], grads[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -1,3 +1,12 @@
 """aekit: convolutional autoencoders for images, from the blog's seed network onwards."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The estimators pull in torch and scikit-learn; import them only when asked for.
+    if name in ("ConvAutoencoder", "PCAReconstructor"):
+        from aekit import estimator
+
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'aekit' has no attribute {name!r}")

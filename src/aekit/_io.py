@@ -7,33 +7,102 @@ place, so a crash never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+TMP_SUFFIX = ".tmp"
+
+
+# The errors that say "this folder cannot take this file": a full disk or quota, a
+# read-only file system, no permission, a file too large for the file system, a failing disk.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG, errno.EIO})
+_WRITE_FIXES = {
+    errno.ENOSPC: "free some disk space or write somewhere else",
+    errno.EDQUOT: "free some of your disk quota or write somewhere else",
+    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.EACCES: "you may not write there; write somewhere else or fix the permissions",
+    errno.EPERM: "you may not write there; write somewhere else or fix the permissions",
+}
+
+
+class WriteError(OSError):
+    """A file aekit could not write (full disk, read-only folder...); the old file is intact."""
+
+    def __init__(self, path: Path, cause: OSError):
+        reason = cause.strerror or str(cause)
+        fix = _WRITE_FIXES.get(cause.errno, "check the disk and write somewhere else")
+        super().__init__(cause.errno, f"cannot write {path} ({reason}); {fix}. "
+                                      f"Nothing was written under that name: any earlier {path.name} is intact")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in WRITE_ERRNOS
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    On any error the temporary file is removed and ``path`` is left as it was. A full disk,
+    a read-only folder or a missing permission raises :class:`WriteError`, which says so.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise
     try:
         yield tmp
+        # mkstemp makes 0600, and writers that recreate the file (safetensors) keep that:
+        # give the file the usual permissions just before it takes the real name.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
         raise
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """``mkdir -p path``, with :class:`WriteError` when the disk or folder refuses."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteError(Path(path), exc) from None
+        raise
+
+
+def remove_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete what an interrupted :func:`atomic_path` left of ``names`` in ``folder``.
+
+    Only a process killed outright (``kill -9``, a power cut) leaves these behind.
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:
@@ -65,3 +134,38 @@ def sha256_array(array: np.ndarray) -> str:
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
+
+    An existing ``path`` is replaced only once the new folder is complete (callers check
+    for --overwrite first). On any error the temporary folder is removed.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise
+    try:
+        yield staging
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise

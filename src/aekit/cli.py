@@ -9,10 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from aekit._io import WriteError
+
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -24,6 +30,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {text!r}")
     return value
 
 
@@ -40,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="print the network's layers, Keras style")
-    p.add_argument("--model", default="seed", help="model name (default: seed)")
+    p.add_argument("--model", default="seed", choices=("seed", "conv"), help="model name (default: seed)")
+    p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv")
+    p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv")
+    p.add_argument("--image-shape", type=_int_list, default=(28, 28, 1), metavar="H,W,C",
+                   help="input size (default: 28,28,1)")
 
     p = sub.add_parser("data", help="fetch built-in data sets, describe data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -52,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an autoencoder into a run folder")
     p.add_argument("--data", default="mnist", help="built-in name or path (default: mnist)")
-    p.add_argument("--model", default="seed", help="model name (default: seed)")
+    p.add_argument("--model", default="seed", choices=("seed", "conv"),
+                   help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
+    p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
+    p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
+    p.add_argument("--noise", help="train a denoiser: gaussian:STD, salt_pepper:P or mask:P")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
@@ -87,6 +121,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=10, help="number of images (default: 10)")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
+    p.add_argument("run", type=Path)
+    p.add_argument("input", type=Path, help="image folder, image file, .npy/.npz or IDX file")
+    p.add_argument("--out", type=Path, required=True,
+                   help="a folder of PNGs, one image file, or a .npy/.npz file")
+    _add_resize(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("score", help="anomaly scores: reconstruction error per image")
+    p.add_argument("run", type=Path)
+    p.add_argument("input", type=Path, help="image folder, image file, .npy/.npz or IDX file")
+    p.add_argument("--out", type=Path, required=True, help="the CSV file to write")
+    p.add_argument("--heatmaps", type=Path, help="also write a per-pixel error map per image into this folder")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--contamination", type=_fraction,
+                       help="threshold flagging this fraction of the run's training images")
+    group.add_argument("--fpr", type=_fraction,
+                       help="threshold with this false-positive rate on the run's test images")
+    _add_resize(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out/--heatmaps if they exist")
+
+    p = sub.add_parser("compare", help="autoencoder against PCA at several latent sizes")
+    p.add_argument("--data", default="mnist", help="built-in name or path (default: mnist)")
+    p.add_argument("--latent-dims", type=_int_list, default=(2, 8, 16, 32, 64),
+                   help="comma-separated latent sizes (default: 2,8,16,32,64)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="autoencoder epochs (default: 10)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    _add_resize(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+
+    p = sub.add_parser("report", help="write DIR/report.html: figures, metrics and config in one file")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", help="data for the figures (default: the run's test split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
+
+    p = sub.add_parser("export", help="export a run's encoder, decoder and model for other runtimes")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", required=True, help="export format: onnx")
+    p.add_argument("--out", type=Path, help="folder for the files (default: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     return parser
 
 
@@ -101,7 +179,10 @@ def _version() -> str:
 def cmd_summary(args) -> int:
     from aekit.models import build_model, summary
 
-    print(summary(build_model(args.model, (1, 28, 28))))
+    if len(args.image_shape) != 3:
+        raise ValueError(f"--image-shape needs H,W,C, got {','.join(map(str, args.image_shape))}")
+    height, width, channels = args.image_shape
+    print(summary(build_model(args.model, (channels, height, width), args.latent_dim, args.widths)))
     return 0
 
 
@@ -127,18 +208,54 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{args.model}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
-        data=args.data, model=args.model, recipe=args.recipe, epochs=args.epochs,
+        data=args.data, model=args.model, latent_dim=args.latent_dim, widths=args.widths,
+        noise=args.noise, recipe=args.recipe, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, loss=args.loss, init=args.init,
         schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
         device=args.device, resize=tuple(args.resize) if args.resize else None, stream=args.stream,
     )
-    result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.quiet)
+    try:
+        result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
+                                    progress=not args.quiet)
+    except KeyboardInterrupt:
+        if _is_main_rank():
+            print(_interrupted(out), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        from aekit import distributed
+
+        if not distributed.lost_peer(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"aekit: error (rank {os.environ.get('RANK')}): lost contact with the other ranks "
+              f"({first}); the rank that failed first says why", file=sys.stderr)
+        return EXIT_FAILED
+    if not _is_main_rank():
+        return 0  # under torchrun, rank 0 reports for the run
     m = result.metrics
     print(f"test_mse {m['test_mse']:.5f}  test_psnr {m['test_psnr']:.2f} dB  "
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
+
+
+def _interrupted(out: Path) -> str:
+    """What Ctrl-C left in the run folder, and how to go on."""
+    from aekit.runs import CHECKPOINT, CONFIG, saved_epoch
+
+    resume = f"resume with: aekit train --out {out} --resume"
+    epoch = saved_epoch(out)
+    if epoch is not None:
+        return (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
+                f"{out / CHECKPOINT}; {resume}")
+    if (out / CONFIG).is_file():
+        return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
+    return "aekit: interrupted before training started; nothing was saved"
+
+
+def _is_main_rank() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: rank 0 prints for the run."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def cmd_evaluate(args) -> int:
@@ -150,22 +267,98 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, first_images, load_model, load_split
+    from aekit.runs import RunError, check_image_shape, first_images, load_model, load_split
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
-    if tuple(x_test.shape[1:]) != tuple(config.image_shape):
-        raise RunError(f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run "
-                       f"was trained on {tuple(config.image_shape)}; pass data of the same size")
+    check_image_shape(x_test, config)
     save_reconstructions(model, first_images(x_test, args.n), args.out)
     print(args.out)
     return 0
 
 
+def _refuse_existing(*paths: Path | None, overwrite: bool) -> None:
+    for path in paths:
+        if path is not None and path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another name")
+
+
+def cmd_denoise(args) -> int:
+    from aekit.data import read_images, write_images
+    from aekit.estimator import ConvAutoencoder
+
+    _refuse_existing(args.out, overwrite=args.overwrite)
+    estimator = ConvAutoencoder.load(args.run)
+    x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
+    cleaned = estimator.denoise(x)
+    if x.dtype == np.uint8 and args.out.suffix.lower() in (".npy", ".npz"):
+        cleaned = np.round(cleaned * 255).astype(np.uint8)  # give back what came in
+    print(write_images(cleaned, names, args.out))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from aekit.anomaly import score_images, write_heatmaps, write_scores
+    from aekit.data import read_images
+    from aekit.estimator import ConvAutoencoder
+    from aekit.runs import load_split, read_config
+
+    _refuse_existing(args.out, args.heatmaps, overwrite=args.overwrite)
+    estimator = ConvAutoencoder.load(args.run)
+    if args.contamination is not None or args.fpr is not None:
+        x_train, x_test, _ = load_split(read_config(args.run))
+        if args.contamination is not None:
+            estimator.set_threshold(x_train.numpy(), contamination=args.contamination)
+        else:
+            estimator.set_threshold(x_test.numpy(), false_positive_rate=args.fpr)
+    x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
+    rows = score_images(estimator, x, names)
+    write_scores(rows, args.out)
+    if args.heatmaps is not None:
+        write_heatmaps(estimator, x, names, args.heatmaps)
+    flagged = sum(r["is_outlier"] for r in rows)
+    print(f"{len(rows)} images scored, {flagged} outliers (threshold {estimator.threshold_:.6g} on "
+          f"per-image MSE): {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from aekit.compare import CompareConfig, compare, write_comparison
+
+    names = ("compare.csv", "compare.md", "compare.png")
+    _refuse_existing(*(args.out / n for n in names), overwrite=args.overwrite)
+    config = CompareConfig(data=args.data, latent_dims=tuple(args.latent_dims), epochs=args.epochs,
+                           limit=args.limit, seed=args.seed, device=args.device,
+                           resize=tuple(args.resize) if args.resize else None)
+    rows = compare(config)
+    paths = write_comparison(rows, args.out, title=f"{args.data}: autoencoder vs PCA")
+    print(paths["md"].read_text(), end="")
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from aekit.report import write_report
+
+    print(write_report(args.run, data=args.data, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from aekit.export import FORMATS
+
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown --format {args.format!r}; expected one of {', '.join(FORMATS)}")
+    for path in FORMATS[args.format](args.run, args.out, overwrite=args.overwrite).values():
+        print(path)
+    return 0
+
+
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
-            "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct}
+            "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
+            "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        print(f"aekit: error: {exc}", file=sys.stderr)
+    except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
+        where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
+        print(f"aekit: error{where}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

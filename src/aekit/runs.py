@@ -17,30 +17,36 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
+import re
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import aekit
 from aekit import data as data_lib
-from aekit._io import atomic_path, write_text_atomic
+from aekit import distributed
+from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
+                       write_text_atomic)
 from aekit.models import INITS, build_model
 from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                            resolve_device)
+                            outlier_threshold, reconstruction_errors, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
+DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
 
 
@@ -88,34 +94,144 @@ def first_images(x: torch.Tensor | ImageStream, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- save / load
 
+FORMATS = {"weights": "aekit-weights-1", "checkpoint": "aekit-checkpoint-1"}
+# The config fields a run may change while keeping its weights: --epochs extends a run on
+# --resume, and the device is only where it ran. Every other field must match the config
+# recorded inside the weights and the checkpoint.
+RUNTIME_FIELDS = ("epochs", "device")
+
+
+def check_version(made_by: object, source: str | Path) -> None:
+    """Refuse what a newer aekit wrote: it may hold what this version cannot read correctly."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", made_by) if isinstance(made_by, str) else None
+    if found is None:
+        raise RunError(f"{source}: no aekit version recorded (got {reprlib.repr(made_by)}); "
+                       "it was not written by aekit, or it was edited: train again")
+    if tuple(map(int, found.groups())) > _installed_version():
+        raise RunError(f"{source} was made by aekit {made_by}, this is aekit {aekit.__version__}; "
+                       "upgrade aekit (pip install -U aekit) to use it")
+
+
+def _installed_version() -> tuple[int, int, int]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.(\d+)", aekit.__version__).groups())
+
+
 def save_config(config: TrainConfig, workdir: Path) -> None:
     payload = {"aekit_version": aekit.__version__, **dataclasses.asdict(config)}
     write_text_atomic(workdir / CONFIG, json.dumps(payload, indent=2) + "\n")
 
 
 def read_config(workdir: Path) -> TrainConfig:
+    """The run's TrainConfig, checked: made by this aekit or an older one, every field valid."""
     path = Path(workdir) / CONFIG
     if not path.is_file():
         raise RunError(f"{workdir}: not a run folder (no {CONFIG}); pass the --out folder of `aekit train`")
     try:
-        payload = json.loads(path.read_text())
-        payload.pop("aekit_version", None)
-        return TrainConfig.from_dict(payload)
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        payload = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise RunError(f"{path}: unreadable run config ({exc}); restore it or train again") from None
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"aekit_version": aekit.__version__})
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
+    if not isinstance(payload, dict):
+        raise RunError(f"{path}: expected a JSON object of config fields, got {type(payload).__name__}; "
+                       "restore it or train again")
+    check_version(payload.pop("aekit_version", None), path)
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise RunError(f"{path}: cannot read the weights ({exc}); the file is damaged, train again") from None
+        config = TrainConfig.from_dict(payload)
+        resolved = config.resolved()
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{path}: invalid run config ({exc}); restore it or train again") from None
+    if resolved != config:  # a run records every choice its recipe made
+        missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
+        raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
+    return config
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of named tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(sha256_array(tensor.reshape(-1).view(torch.uint8).numpy()).encode())
+    return digest.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, kind: str, config: TrainConfig | None,
+                  **metadata: str) -> None:
+    """Write an aekit safetensors file atomically, with the metadata that lets it be checked."""
+    metadata = {"format": FORMATS[kind], "aekit_version": aekit.__version__,
+                "tensors_sha256": tensors_sha256(tensors), **metadata}
+    if config is not None:
+        metadata["config"] = json.dumps(dataclasses.asdict(config))
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports a full disk this way, not as OSError
+            raise _as_os_error(exc) from None
+
+
+def _as_os_error(exc: SafetensorError) -> OSError:
+    found = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(found.group(1)), str(exc)) if found else OSError(str(exc))
+
+
+def _load_tensors(path: Path, kind: str, config: TrainConfig | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and check an aekit safetensors file: version, format, checksum, and ``config``.
+
+    Any damage (truncation, a flipped bit, another program's file, a config.json edited
+    since) raises :class:`RunError` naming the file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise RunError(f"{path}: cannot read the {kind} ({_first_line(exc)}); the file is damaged or "
+                       f"truncated{_REMEDY[kind]}") from None
+    check_version(metadata.get("aekit_version"), path)
+    if metadata.get("format") != FORMATS[kind]:
+        raise RunError(f"{path}: not an aekit {kind} file (format {reprlib.repr(metadata.get('format'))}, "
+                       f"expected {FORMATS[kind]!r}){_REMEDY[kind]}")
+    if metadata.get("tensors_sha256") != tensors_sha256(tensors):
+        raise RunError(f"{path}: checksum mismatch: the {kind} file is damaged{_REMEDY[kind]}")
+    if config is not None:
+        _check_same_config(metadata.get("config"), config, path, kind)
+    return tensors, metadata
+
+
+_REMEDY = {"weights": "; finish or repeat the run (`aekit train --out DIR --resume`, or --overwrite)",
+           "checkpoint": "; start the run again with --overwrite"}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_same_config(recorded_json: str | None, config: TrainConfig, path: Path, kind: str) -> None:
+    try:
+        recorded = json.loads(recorded_json or "")
+    except (ValueError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise RunError(f"{path}: no readable config recorded in the {kind}; the file is damaged{_REMEDY[kind]}")
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as recorded
+    for name in sorted(set(recorded) | set(current)):
+        if name not in RUNTIME_FIELDS and recorded.get(name) != current.get(name):
+            raise RunError(
+                f"{path}: the {kind} was made with {name}={reprlib.repr(recorded.get(name))}, but the run's "
+                f"{CONFIG} now says {name}={reprlib.repr(current.get(name))}; {CONFIG} was edited or "
+                f"the data changed: restore {CONFIG}, or start a new run"
+            )
+
+
+def save_weights(model: nn.Module, path: Path, config: TrainConfig | None = None) -> None:
+    """The model's weights, with its config inside so that a later load can check it."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _save_tensors(state, path, "weights", config)
+
+
+def load_weights(model: nn.Module, path: Path, config: TrainConfig | None = None) -> None:
+    state, _ = _load_tensors(path, "weights", config)
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
         raise RunError(f"{path}: the weights do not match the model in {CONFIG}; the run folder is inconsistent")
@@ -123,61 +239,80 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_model(workdir: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The trained model of a run folder, in eval mode, and its config."""
+    """The trained model of a run folder, in eval mode, and its config.
+
+    Checks the folder first: a config.json from a newer aekit or no longer matching the
+    weights, damaged weights, or weights other than those the run recorded in metrics.json
+    each raise :class:`RunError`.
+    """
     workdir = Path(workdir)
     config = read_config(workdir)
     if config.image_shape is None:
         raise RunError(f"{workdir / CONFIG}: no image_shape recorded; the run never started training")
     if not (workdir / WEIGHTS).is_file():
         raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run with `aekit train --out {workdir} --resume`")
-    model = build_model(config.model, config.image_shape)
-    load_weights(model, workdir / WEIGHTS)
+    _check_recorded_checksum(workdir)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
+    load_weights(model, workdir / WEIGHTS, config)
     return model.to(resolve_device(device)).eval(), config
 
 
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, path: Path) -> None:
+def _check_recorded_checksum(workdir: Path) -> None:
+    """model.safetensors must be the file whose sha256 the run recorded in metrics.json."""
+    if not (workdir / METRICS).is_file():
+        return  # the run stopped before its metrics; the weights' own checksum still holds
+    try:
+        recorded = json.loads((workdir / METRICS).read_bytes()).get("weights_sha256")
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        raise RunError(f"{workdir / METRICS}: unreadable ({_first_line(exc)}); repeat the run") from None
+    if recorded is not None and recorded != sha256_file(workdir / WEIGHTS):
+        raise RunError(f"{workdir / WEIGHTS} is not the file this run wrote (its sha256 differs from "
+                       f"weights_sha256 in {METRICS}); it was replaced or damaged: restore it or repeat the run")
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, path: Path,
+                    config: TrainConfig | None = None) -> None:
     """Weights, Adam's moments and the loop's progress in one safetensors file."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, param_state in optim["state"].items():
         for key, value in param_state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    metadata = {
-        "format": "aekit-checkpoint-1",
-        "state": json.dumps({**dataclasses.asdict(state), "best_val_loss": _finite_or_none(state.best_val_loss)}),
-        "param_groups": json.dumps(optim["param_groups"]),
-    }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    state_json = json.dumps({**dataclasses.asdict(state), "best_val_loss": _finite_or_none(state.best_val_loss)})
+    _save_tensors(tensors, path, "checkpoint", config, state=state_json,
+                  param_groups=json.dumps(optim["param_groups"]))
 
 
-def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> TrainState:
-    from safetensors import safe_open
-
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+                    config: TrainConfig | None = None) -> TrainState:
+    """Restore ``model`` and ``optimizer`` from a checkpoint; return the loop's progress."""
+    tensors, metadata = _load_tensors(path, "checkpoint", config)
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if metadata.get("format") != "aekit-checkpoint-1":
-            raise ValueError(f"unknown checkpoint format {metadata.get('format')!r}")
+        model.load_state_dict(model_state)
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(metadata["param_groups"])})
         raw = json.loads(metadata["state"])
-        param_groups = json.loads(metadata["param_groups"])
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise RunError(f"{path}: cannot read the checkpoint ({exc}); start the run again with --overwrite") from None
-    load_weights_from = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        if isinstance(raw, dict) and raw.get("best_val_loss", 0.0) is None:
+            raw["best_val_loss"] = math.inf
+        return TrainState.from_dict(raw)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        raise RunError(f"{path}: the checkpoint does not fit this run ({_first_line(exc)}); "
+                       "start the run again with --overwrite") from None
+
+
+def saved_epoch(workdir: str | Path) -> int | None:
+    """The epochs completed in the run's checkpoint, or None without a readable one."""
     try:
-        model.load_state_dict(load_weights_from)
-    except RuntimeError as exc:
-        raise RunError(f"{path}: checkpoint does not match the model ({exc})") from None
-    optim_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": optim_state, "param_groups": param_groups})
-    raw["history"] = [EpochRecord(**row) for row in raw["history"]]
-    raw["best_val_loss"] = math.inf if raw["best_val_loss"] is None else raw["best_val_loss"]
-    return TrainState(**raw)
+        with safe_open(str(Path(workdir) / CHECKPOINT), framework="pt") as f:
+            epoch = json.loads((f.metadata() or {}).get("state", "{}")).get("epoch")
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -193,6 +328,40 @@ def write_history(history: list[EpochRecord], path: Path) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
                          for k, v in dataclasses.asdict(record).items()})
     write_text_atomic(path, buffer.getvalue())
+
+
+def read_history(workdir: str | Path) -> list[EpochRecord]:
+    """The epochs of a run folder's history.csv, as written by :func:`write_history`."""
+    path = Path(workdir) / HISTORY
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {HISTORY}; the run has not finished an epoch, train it first")
+    try:
+        with open(path, newline="") as f:  # every column is a float but the epoch number
+            return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+                    for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable history ({exc}); restore it or train again") from None
+
+
+def read_metrics(workdir: str | Path) -> dict:
+    """A run folder's metrics.json, as written at the end of :func:`train_and_evaluate`."""
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
+                       f"complete it with `aekit train --out {workdir} --resume`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: unreadable metrics ({exc}); evaluate the run again") from None
+
+
+def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
+    """Refuse images (n, C, H, W) whose (C, H, W) differ from those the run was trained on."""
+    if tuple(x.shape[1:]) != tuple(config.image_shape):
+        raise RunError(
+            f"the data's images are {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
+            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
+        )
 
 
 # ------------------------------------------------------------------ the experiment
@@ -250,33 +419,37 @@ def train_and_evaluate(
         config = saved
     config = config.resolved()
 
-    x_train, x_test, _ = load_split(config)
+    # Under torchrun every rank runs this function; only rank 0 writes (see aekit.distributed).
+    device = distributed.setup(resolve_device(config.device))
+    main = distributed.current().is_main
+    with distributed.main_first():  # rank 0 fills the data cache; all ranks have checked workdir
+        x_train, x_test, _ = load_split(config)
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]))
-    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.image_shape)
+    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     INITS[config.init](model)
     model.to(device)
     optimizer = make_optimizer(model, config)
     state = None
     if resume and (workdir / CHECKPOINT).exists():
-        state = load_checkpoint(model, optimizer, workdir / CHECKPOINT)
+        state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config)
         state.stopped_early = False  # a longer --epochs may give early stopping another go
-    for name in replaced:
-        (workdir / name).unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    if main:
+        for name in replaced:
+            (workdir / name).unlink()
+        make_folder(workdir)
+        remove_temporaries(workdir, RUN_FILES)  # what a killed run left half-written
+        save_config(config, workdir)
 
     def checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-        save_checkpoint(model, optimizer, state, workdir / CHECKPOINT)
-        write_history(state.history, workdir / HISTORY)
+        if main:
+            save_checkpoint(model, optimizer, state, workdir / CHECKPOINT, config)
+            write_history(state.history, workdir / HISTORY)
 
     state = fit(model, x_train, x_test, config, optimizer=optimizer, state=state,
                 on_epoch_end=checkpoint, progress=progress)
-    save_weights(model, workdir / WEIGHTS)
-    write_history(state.history, workdir / HISTORY)
-
-    result = evaluate(model, x_test, config.loss)
+    result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
+    threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
     seconds = sum(r.seconds for r in state.history)
     metrics = {
         "test_mse": result.mse,
@@ -290,11 +463,17 @@ def train_and_evaluate(
         "images_per_second": (len(x_train) * len(state.history) / seconds) if seconds else None,
         "n_train": len(x_train),
         "n_test": len(x_test),
+        "contamination": DEFAULT_CONTAMINATION,
+        "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
-    write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
-    from aekit.plots import save_reconstructions
+    if main:
+        save_weights(model, workdir / WEIGHTS, config)
+        write_history(state.history, workdir / HISTORY)
+        metrics["weights_sha256"] = sha256_file(workdir / WEIGHTS)
+        write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
+        from aekit.plots import save_reconstructions
 
-    save_reconstructions(model, first_images(x_test, 10), workdir / RECONSTRUCTIONS)
+        save_reconstructions(model, first_images(x_test, 10), workdir / RECONSTRUCTIONS)
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 
@@ -302,11 +481,7 @@ def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "cp
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
     _, x_test, _ = load_split(config, data)
-    if tuple(x_test.shape[1:]) != tuple(config.image_shape):
-        raise RunError(
-            f"the data's images are {tuple(x_test.shape[1:])} (C, H, W) but the run was trained on "
-            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
-        )
+    check_image_shape(x_test, config)
     started = time.perf_counter()
     result = evaluate(model, x_test, config.loss)
     return {"test_mse": result.mse, "test_psnr": psnr(result.mse), "test_loss": result.loss,

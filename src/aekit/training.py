@@ -22,8 +22,11 @@ import dataclasses
 import json
 import logging
 import math
+import reprlib
 import threading
 import time
+import types
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aekit import distributed
 from aekit.models import cpu_cores, keep_freed_memory, map_chunks
+from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
 
@@ -68,6 +73,9 @@ class TrainConfig:
 
     data: str = "mnist"
     model: str = "seed"
+    latent_dim: int | None = None          # model "conv" only; the seed's latent is 8 x H/4 x W/4
+    widths: tuple[int, ...] | None = None  # model "conv" only: encoder channels per level
+    noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
     recipe: str = "default"
     epochs: int | None = None
     batch_size: int | None = None
@@ -101,7 +109,18 @@ class TrainConfig:
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
+        if self.model == "seed" and (self.latent_dim is not None or self.widths is not None):
+            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
+                             "use --model conv to choose --latent-dim or --widths")
         positive("epochs", self.epochs)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
+            if shape is not None and (len(shape) != size or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+                raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
+        positive("latent_dim", self.latent_dim)
+        parse_noise(self.noise)
         positive("batch_size", self.batch_size)
         positive("limit", self.limit)
         positive("patience", self.patience)
@@ -121,15 +140,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; was this run made by a newer aekit?")
-        data = dict(data)
-        for key in ("resize", "image_shape"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        """From JSON-decoded ``data``, each field checked against its type (lists -> tuples)."""
+        return from_plain(cls, data, "config")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -160,11 +172,14 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean per-pixel loss of reconstructing ``x`` (n, C, H, W) in [0, 1]."""
+def loss_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean per-pixel loss of reconstructing ``target`` from ``x``, both (n, C, H, W) in [0, 1].
+
+    ``x`` is ``target`` itself, or a corrupted copy of it when training a denoiser.
+    """
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(model.logits(x), x)
-    return F.mse_loss(model(x), x)
+        return F.binary_cross_entropy_with_logits(model.logits(x), target)
+    return F.mse_loss(model(x), target)
 
 
 @dataclass
@@ -185,16 +200,26 @@ def _in_order(x, batch_size: int):
 def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
     """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
 
-    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`).
+    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). Under DDP each rank
+    evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
+    (it is a collective) and every rank gets the same result; a stream is read whole by
+    every rank.
     """
     model.eval()
     device = next(model.parameters()).device
+    ranks = distributed.current()
+    split = ranks.size > 1 and isinstance(x, torch.Tensor)
     sq_err = total_loss = 0.0
     recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
     recon_sq = torch.zeros_like(recon_sum)
     data_sum = torch.zeros_like(recon_sum)
     data_sq = torch.zeros_like(recon_sum)
-    for xb in _in_order(x, batch_size):
+    if split:
+        first, stop = ranks.span(len(x))  # this rank's rows of x
+        batches = (x[start:min(start + batch_size, stop)] for start in range(first, stop, batch_size))
+    else:
+        batches = _in_order(x, batch_size)
+    for xb in batches:
         xb = xb.to(device, non_blocking=True)
         logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
         recon = torch.sigmoid(logits)
@@ -206,6 +231,12 @@ def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> 
         recon_sq += (recon64 ** 2).sum(0)
         data_sum += data64.sum(0)
         data_sq += (data64 ** 2).sum(0)
+    if split:
+        sums = ranks.sum(torch.cat([torch.tensor([sq_err, total_loss], dtype=torch.float64),
+                                    recon_sum.flatten(), recon_sq.flatten(), data_sum.flatten(),
+                                    data_sq.flatten()]))
+        sq_err, total_loss = sums[:2].tolist()
+        recon_sum, recon_sq, data_sum, data_sq = sums[2:].view(4, *recon_sum.shape).unbind(0)
     n = len(x)
     n_values = n * math.prod(x.shape[1:])
     mse = sq_err / n_values
@@ -217,6 +248,26 @@ def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> 
     data_spread = data_var.mean().sqrt().item() if n > 1 else 0.0
     collapsed = n > 1 and recon_spread < 0.05 * data_spread
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
+
+
+@torch.inference_mode()
+def reconstruction_errors(model: nn.Module, x, batch_size: int = 1000) -> np.ndarray:
+    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1], a tensor or an image
+    stream -> float64 (n,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    errors = []
+    for xb in _in_order(x, batch_size):
+        xb = xb.to(device)
+        errors.append(((model(xb) - xb) ** 2).flatten(1).mean(1).double().cpu())
+    return torch.cat(errors).numpy() if errors else np.zeros(0)
+
+
+def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
+    """The error above which a fraction ``contamination`` of ``errors`` lies."""
+    if not 0 <= contamination < 0.5:
+        raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
+    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
 
 
 @dataclass
@@ -238,6 +289,57 @@ class TrainState:
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
     stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        state = from_plain(cls, data, "state")
+        if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
+            raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
+        return state
+
+
+def from_plain(cls, data: object, where: str):
+    """``cls(**data)`` for JSON-decoded ``data``, every field checked against its type hint.
+
+    Lists become tuples where the field is a tuple, nested dataclasses are built the same
+    way; a missing, unknown or mistyped field raises ValueError naming it.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {reprlib.repr(unknown)}; was it made by a newer aekit?")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing fields {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
+
+
+def _conform(value: object, hint, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
+        return _conform(value, hint, where)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
+        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list and isinstance(value, list):
+        return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    name = ("a list" if Ellipsis in args else f"a list of {len(args)} values") if origin is tuple \
+        else getattr(hint, "__name__", str(hint))
+    raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
 COLLAPSE_HINT = (
@@ -278,27 +380,31 @@ def default_workers(device: torch.device, batch_size: int, micro_batch: int, mod
     return max(1, min(cpu_cores(), math.ceil(batch_size / micro_batch)))
 
 
-def train_step(model: nn.Module, xb: torch.Tensor, loss: str, optimizer: torch.optim.Optimizer,
-               micro_batch: int, pool: ChunkPool | None = None) -> torch.Tensor:
-    """One optimiser step on the batch ``xb`` (n, C, H, W); returns the summed loss, detached.
+def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
+               optimizer: torch.optim.Optimizer, micro_batch: int, pool: ChunkPool | None = None,
+               weight: float = 1.0) -> torch.Tensor:
+    """One optimiser step: reconstruct ``target`` (n, C, H, W) from ``x_in`` (``target``
+    itself, or a corrupted copy when training a denoiser); returns the summed loss, detached.
 
     The batch is processed in chunks of ``micro_batch`` images, their gradients summed in
     a fixed order. The batch's mean loss is the sum over chunks k of (n_k / n) times chunk
     k's mean loss, so the gradient is the one of a single pass over the whole batch, up to
     float rounding: the same step, computed in a cache-friendly order. With a ``pool`` the
-    chunks run side by side and the sum is the same, bit for bit.
+    chunks run side by side and the sum is the same, bit for bit. ``weight`` scales the
+    gradient (DDP: this rank's share of the global batch, see aekit.distributed).
     """
-    n = len(xb)
-    chunks = xb.split(micro_batch)
+    n = len(target)
+    chunks = list(zip(x_in.split(micro_batch), target.split(micro_batch)))
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=xb.device)
+    total = torch.zeros((), device=target.device)
     if pool is None or len(chunks) == 1:
-        for chunk in chunks:
-            chunk_loss = loss_fn(model, chunk, loss)
-            (chunk_loss if len(chunk) == n else chunk_loss * (len(chunk) / n)).backward()
-            total += chunk_loss.detach() * len(chunk)
+        for chunk_in, chunk_target in chunks:
+            chunk_loss = loss_fn(model, chunk_in, chunk_target, loss)
+            scale = weight * len(chunk_target) / n
+            (chunk_loss if scale == 1 else chunk_loss * scale).backward()
+            total += chunk_loss.detach() * len(chunk_target)
     else:
-        results = pool.gradients(chunks, loss, n)
+        results = pool.gradients(chunks, loss, n, weight)
         grads = list(results[0][1])
         for _, chunk_grads in results[1:]:
             for grad, more in zip(grads, chunk_grads):
@@ -347,13 +453,16 @@ class ChunkPool:
             self._local.replica = replica
         return replica.train(self.model.training)
 
-    def gradients(self, chunks: tuple[torch.Tensor, ...], loss: str, n: int):
-        """[(chunk's summed loss, chunk's gradients)] in chunk order; ``n`` images in the batch."""
-        def one(chunk: torch.Tensor):
+    def gradients(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], loss: str, n: int,
+                  weight: float = 1.0):
+        """[(chunk's summed loss, chunk's gradients)] in chunk order, for (input, target)
+        chunks; ``n`` images in the batch."""
+        def one(chunk: tuple[torch.Tensor, torch.Tensor]):
             replica = self._replica()
-            chunk_loss = loss_fn(replica, chunk, loss)
-            grads = torch.autograd.grad(chunk_loss * (len(chunk) / n), trainable(replica))
-            return chunk_loss.detach() * len(chunk), grads
+            chunk_in, chunk_target = chunk
+            chunk_loss = loss_fn(replica, chunk_in, chunk_target, loss)
+            grads = torch.autograd.grad(chunk_loss * (weight * len(chunk_target) / n), trainable(replica))
+            return chunk_loss.detach() * len(chunk_target), grads
 
         return list(self._pool.map(one, chunks))
 
@@ -474,6 +583,12 @@ def fit(
         x_train = x_train.to(device)
     if isinstance(x_val, torch.Tensor):
         x_val = x_val.to(device)
+    ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
+    train_model = ranks.wrap(model)
+    progress = progress and ranks.is_main
+    if ranks.size > 1:
+        # DDP all-reduces in every backward(): one pass per rank and step, no chunk threads.
+        micro_batch, workers = config.batch_size, 1
 
     choose = workers is None  # by default, let PoolOrNot pick pool or one thread as load changes
     if workers is None:
@@ -483,6 +598,7 @@ def fit(
     threads = torch.get_num_threads()
     if pool is not None:
         torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
+    noise = parse_noise(config.noise)
     try:
         while state.epoch < config.epochs and not state.stopped_early:
             epoch = state.epoch
@@ -491,19 +607,27 @@ def fit(
             bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
                        desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
             loss_sum = torch.zeros((), device=device)
+            generator = noise_generator(config.seed, epoch, device) if noise is not None else None
             started = time.perf_counter()
             for step, xb in enumerate(batches):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+                x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
+                rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+                inputs, _ = ranks.share(x_in)
                 use_pool = chooser.pool_now() if chooser is not None else pool is not None
                 step_started = time.perf_counter()
-                loss_sum += train_step(model, xb, config.loss, optimizer, micro_batch, pool if use_pool else None)
+                step_loss = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
+                                       pool if use_pool else None, weight=weight)
+                if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
+                    loss_sum += step_loss
                 if chooser is not None:
                     chooser.record(use_pool, time.perf_counter() - step_started)
                 if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                     bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                     elapsed = time.perf_counter() - started
                     bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+            loss_sum = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
             seconds = time.perf_counter() - started
             result = evaluate(model, x_val, config.loss)
             record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,
@@ -536,6 +660,7 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "learning_rate", "loss_fn", "default_micro_batch",
-           "resolve_device", "make_optimizer", "match_state_layout", "shuffled_batches",
+           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
+           "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
+           "make_optimizer", "match_state_layout", "shuffled_batches",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -1,0 +1,67 @@
+"""Anomaly scoring with a fitted reconstructor: per-image scores and per-pixel error maps."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from aekit._io import atomic_folder, write_text_atomic
+
+
+def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
+    """One row per image: its reconstruction error, score (higher = more normal) and verdict."""
+    errors = estimator.reconstruction_error(x)
+    return [{"name": name, "reconstruction_error": float(err), "score": float(-err),
+             "is_outlier": bool(err > estimator.threshold_)} for name, err in zip(names, errors)]
+
+
+def write_scores(rows: list[dict], path: str | Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["name", "reconstruction_error", "score", "is_outlier"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "reconstruction_error": f"{row['reconstruction_error']:.6g}",
+                         "score": f"{row['score']:.6g}", "is_outlier": int(row["is_outlier"])})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float) -> np.ndarray:
+    """One picture per image: original | reconstruction | squared error (inferno colours).
+
+    ``original`` and ``reconstruction`` are (H, W) or (H, W, C) floats in [0, 1]; ``scale``
+    is the squared error shown at full brightness, shared by all images so that maps
+    compare. Small images are enlarged (nearest neighbour) to at least 112 pixels high.
+    Returns uint8 (zH, z(3W + 4), 3) for a zoom z.
+    """
+    from matplotlib import colormaps
+
+    def rgb(a):
+        return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+
+    err = (rgb(original) - rgb(reconstruction)) ** 2
+    heat = colormaps["inferno"](np.clip(err.mean(axis=2) / scale, 0, 1))[..., :3]
+    gap = np.ones((original.shape[0], 2, 3))
+    row = np.concatenate([rgb(original), gap, rgb(reconstruction), gap, heat], axis=1)
+    zoom = max(1, 112 // original.shape[0])
+    row = row.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return np.round(row * 255).astype(np.uint8)
+
+
+def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Path) -> Path:
+    """A heatmap PNG per image into ``folder`` (built under a temporary name, then renamed)."""
+    from PIL import Image
+
+    x_nchw = estimator._to_nchw(x)                        # (n, C, H, W) in [0, 1]
+    originals = x_nchw.transpose(0, 2, 3, 1)              # (n, H, W, C)
+    recon = estimator._reconstruct(x_nchw).transpose(0, 2, 3, 1)
+    if originals.shape[-1] == 1:
+        originals, recon = originals[..., 0], recon[..., 0]
+    scale = max(float(np.quantile((originals - recon) ** 2, 0.999)), 1e-6)
+    with atomic_folder(folder) as staging:
+        for name, a, b in zip(names, originals, recon):
+            Image.fromarray(error_heatmap(a, b, scale)).save(staging / f"{Path(name).stem}.png")
+    return Path(folder)

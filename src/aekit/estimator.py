@@ -1,0 +1,391 @@
+"""scikit-learn estimators for images: the autoencoder and its PCA baseline.
+
+Both answer the same verbs, so a comparison loops over them with no special cases::
+
+    fit(X) -> self
+    transform(X) -> Z (n, latent_dim) float32
+    inverse_transform(Z) -> images in [0, 1], in the layout fitted on
+    reconstruct(X), reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
+    decision_function(X) (< 0 = outlier), predict(X) -> +1 inlier / -1 outlier
+
+``X`` may be ``(n, H, W)``, ``(n, H, W, C)`` (the seed's Keras layout), ``(n, C, H, W)``
+with C in {1, 3}, or flat ``(n, H*W*C)`` with ``image_shape=(H, W)`` or ``(H, W, C)``
+(flat rows are read in H, W, C order, as ``x.reshape(n, -1)`` makes them from Keras layout);
+uint8 (divided by 255) or float in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import check_random_state
+
+from aekit import data as data_lib
+from aekit._io import write_text_atomic
+
+LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
+
+
+def _image_shape_chw(image_shape) -> tuple[int, int, int]:
+    """(H, W) or (H, W, C), Keras order -> (C, H, W)."""
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return (shape[2], shape[0], shape[1])
+    raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {image_shape!r}")
+
+
+class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
+    """Input handling, layouts and the outlier verbs shared by every reconstructor.
+
+    Subclasses implement ``_fit(x)``, ``_encode(x) -> (n, d)`` and ``_decode(z) -> x``
+    on float32 arrays ``x`` shaped (n, C, H, W).
+    """
+
+    # ---- input and output layouts
+
+    def _to_nchw(self, X) -> np.ndarray:
+        """Images for a fitted estimator -> float32 (n, C, H, W) in [0, 1]."""
+        self._check_is_fitted()
+        x, _ = self._parse(X)
+        if tuple(x.shape[1:]) != self.image_shape_:
+            c, h, w = self.image_shape_
+            raise ValueError(f"X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
+                             f"but the estimator was fitted on {h}x{w}x{c}")
+        return x
+
+    def _parse(self, X) -> tuple[np.ndarray, str]:
+        """Any accepted input -> (float32 (n, C, H, W) in [0, 1], its layout name)."""
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+            raise TypeError("sparse input is not supported: images must be a dense array; "
+                            "call X.toarray() first")
+        X = np.asarray(X)
+        if np.iscomplexobj(X):
+            raise ValueError("Complex data not supported: images must be uint8 or real floats in [0, 1]")
+        if X.dtype == bool:
+            X = X.astype(np.float32)
+        elif np.issubdtype(X.dtype, np.integer) and X.dtype != np.uint8:
+            # Integer pixels (np.array of a list, say) are fine when they fit in 8 bits.
+            if X.size and (X.min() < 0 or X.max() > 255):
+                raise ValueError(f"integer images must hold values in [0, 255], got [{X.min()}, {X.max()}]; "
+                                 "rescale them or pass floats in [0, 1]")
+            X = X.astype(np.uint8)
+        if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):
+            raise ValueError(f"X must be uint8 images or floats in [0, 1], got dtype {X.dtype}; "
+                             "convert it first (e.g. x.astype('float32') / 255)")
+        if X.ndim == 2:
+            if self.image_shape is None:
+                raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
+                                 "rows can be read as images")
+            c, h, w = _image_shape_chw(self.image_shape)
+            if X.shape[1] != c * h * w:
+                raise ValueError(f"X has {X.shape[1]} features per row but image_shape "
+                                 f"{tuple(self.image_shape)} needs {h * w * c}")
+            layout, x = "flat", X.reshape(len(X), h, w, c).transpose(0, 3, 1, 2)
+        elif X.ndim == 3:
+            layout, x = "nhw", X[:, None]
+        elif X.ndim == 4:
+            if X.shape[-1] in (1, 3):
+                layout, x = "nhwc", X.transpose(0, 3, 1, 2)
+            elif X.shape[1] in (1, 3):
+                layout, x = "nchw", X
+            else:
+                raise ValueError(f"X of shape {X.shape} has no channel axis of size 1 or 3 first or "
+                                 "last; expected (n, H, W, C) or (n, C, H, W)")
+        else:
+            raise ValueError(f"X must be (n, H, W), (n, H, W, C), (n, C, H, W) or flat (n, features) "
+                             f"with image_shape; got shape {X.shape}")
+        if len(x) == 0:
+            raise ValueError("X holds no images (n = 0); pass at least one")
+        try:
+            x = data_lib.to_float(np.ascontiguousarray(x))
+        except data_lib.DataError as exc:
+            raise ValueError(f"X: {exc}") from None
+        return np.ascontiguousarray(x, dtype=np.float32), layout
+
+    def _from_nchw(self, x: np.ndarray) -> np.ndarray:
+        """(n, C, H, W) -> the layout the estimator was fitted on."""
+        if self.layout_ == "nhw":
+            return x[:, 0]
+        if self.layout_ == "nhwc":
+            return x.transpose(0, 2, 3, 1)
+        if self.layout_ == "flat":
+            return x.transpose(0, 2, 3, 1).reshape(len(x), -1)
+        return x
+
+    def _check_is_fitted(self) -> None:
+        if not hasattr(self, "image_shape_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
+
+    # ---- the shared verbs
+
+    def fit(self, X, y=None):
+        """Learn to reconstruct the images ``X``; ``y`` is ignored (unsupervised)."""
+        self._validate_contamination()
+        x, layout = self._parse(X)
+        self._fit(x)
+        # Set only once fitting succeeded, so a failed fit never looks fitted.
+        self.layout_, self.image_shape_ = layout, tuple(int(s) for s in x.shape[1:])
+        self.n_features_in_ = int(np.prod(self.image_shape_))
+        self.threshold_ = self._threshold(self._errors(x))
+        self.offset_ = -self.threshold_
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Images -> latents, float32 (n, latent_dim)."""
+        return self._encode(self._to_nchw(X)).astype(np.float32, copy=False)
+
+    def inverse_transform(self, Z) -> np.ndarray:
+        """Latents (n, latent_dim) -> images in [0, 1], in the layout fitted on."""
+        self._check_is_fitted()
+        Z = np.asarray(Z, dtype=np.float32)
+        if Z.ndim != 2 or Z.shape[1] != self._latent_size():
+            raise ValueError(f"Z must be (n, {self._latent_size()}), got shape {Z.shape}")
+        if not np.isfinite(Z).all():
+            raise ValueError("Z contains NaN or infinite values")
+        return self._from_nchw(np.clip(self._decode(Z), 0.0, 1.0).astype(np.float32, copy=False))
+
+    def reconstruct(self, X) -> np.ndarray:
+        """Images -> their reconstructions, same layout, float32 in [0, 1]."""
+        return self._from_nchw(self._reconstruct(self._to_nchw(X)))
+
+    def reconstruction_error(self, X) -> np.ndarray:
+        """Mean squared error per image, float64 (n,)."""
+        return self._errors(self._to_nchw(X))
+
+    def score_samples(self, X) -> np.ndarray:
+        """Higher is more normal: the negative reconstruction error."""
+        return -self.reconstruction_error(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Negative for outliers: ``score_samples(X) - offset_``."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for inliers, -1 for outliers (error above ``threshold_``)."""
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def score(self, X, y=None) -> float:
+        """Mean of ``score_samples``: the negative mean reconstruction error (for model selection)."""
+        return float(self.score_samples(X).mean())
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        return self.fit(X).predict(X)
+
+    def set_threshold(self, X=None, contamination: float | None = None, false_positive_rate: float | None = None):
+        """Re-derive ``threshold_``: from images ``X`` (e.g. held-out normal data) at a target
+        false-positive rate, or from ``X`` at a ``contamination`` fraction."""
+        from aekit.training import outlier_threshold
+
+        rate = false_positive_rate if false_positive_rate is not None else contamination
+        if rate is None or (false_positive_rate is not None and contamination is not None):
+            raise ValueError("pass exactly one of contamination or false_positive_rate")
+        self.threshold_ = outlier_threshold(self.reconstruction_error(X), rate)
+        self.offset_ = -self.threshold_
+        return self
+
+    def _reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(self._decode(self._encode(x)), 0.0, 1.0)
+
+    def _errors(self, x: np.ndarray) -> np.ndarray:
+        recon = self._reconstruct(x)
+        return ((recon.astype(np.float64) - x) ** 2).reshape(len(x), -1).mean(1)
+
+    def _threshold(self, errors: np.ndarray) -> float:
+        from aekit.training import outlier_threshold
+
+        return outlier_threshold(errors, self.contamination)
+
+    def _validate_contamination(self) -> None:
+        if not isinstance(self.contamination, (int, float)) or not 0 <= self.contamination < 0.5:
+            raise ValueError(f"contamination must be a fraction in [0, 0.5), got {self.contamination!r}")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = True
+        tags.requires_fit = True
+        return tags
+
+
+class ConvAutoencoder(_ImageReconstructor):
+    """A convolutional autoencoder as a scikit-learn estimator.
+
+    Parameters are stored as given (scikit-learn's contract); everything learned ends in
+    ``_``: ``model_`` (the PyTorch module), ``history_`` (one dict per epoch), ``threshold_``
+    (outlier threshold on per-image MSE), ``image_shape_`` (C, H, W), ``layout_``.
+
+    ``model="conv"`` has a dense latent of ``latent_dim`` numbers; ``model="seed"`` is the
+    blog's network, whose latent is its 8 x H/4 x W/4 bottleneck (392 numbers on MNIST).
+    ``noise`` (e.g. ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a
+    denoiser: corrupted inputs, clean targets. ``recipe`` supplies every training choice
+    left ``None`` (see ``aekit.training.RECIPES``).
+    """
+
+    def __init__(self, model="conv", latent_dim=32, widths=None, epochs=10, batch_size=None, lr=None,
+                 loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
+                 random_state=None, device="cpu", verbose=False):
+        self.model = model
+        self.latent_dim = latent_dim
+        self.widths = widths
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.loss = loss
+        self.recipe = recipe
+        self.noise = noise
+        self.contamination = contamination
+        self.image_shape = image_shape
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def _config(self, image_shape=None, seed=0):
+        from aekit.training import TrainConfig
+
+        return TrainConfig(
+            data="<array>", model=self.model,
+            latent_dim=None if self.model == "seed" else self.latent_dim,
+            widths=None if self.model == "seed" or self.widths is None else tuple(self.widths),
+            noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
+            lr=self.lr, loss=self.loss, seed=seed, device=self.device, image_shape=image_shape,
+        ).resolved()
+
+    def _fit(self, x: np.ndarray) -> None:
+        from aekit.models import INITS, build_model
+        from aekit.training import fit, resolve_device
+
+        seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
+            if not isinstance(self.random_state, int) else self.random_state
+        config = self._config(image_shape=tuple(x.shape[1:]), seed=seed)
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
+        INITS[config.init](model)
+        model.to(device)
+        x_train = torch.from_numpy(x)
+        # Monitoring only: val_loss on a fixed sample of the training images.
+        state = fit(model, x_train, x_train[:2048], config, progress=bool(self.verbose))
+        self.model_ = model.eval()
+        self.config_ = config
+        self.history_ = [dataclasses.asdict(r) for r in state.history]
+
+    def _latent_size(self) -> int:
+        return int(np.prod(self.model_.latent_shape))
+
+    def _batches(self, x: np.ndarray, fn, batch_size: int = 1024) -> np.ndarray:
+        self._check_is_fitted()
+        device = next(self.model_.parameters()).device
+        self.model_.eval()
+        with torch.inference_mode():
+            out = [fn(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)).cpu().numpy()
+                   for i in range(0, len(x), batch_size)]
+        return np.concatenate(out)
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        return self._batches(x, lambda t: self.model_.encode(t).flatten(1))
+
+    def _decode(self, z: np.ndarray) -> np.ndarray:
+        latent_shape = self.model_.latent_shape
+        return self._batches(z, lambda t: self.model_.decode(t.view(-1, *latent_shape)))
+
+    def _reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self._batches(x, self.model_)
+
+    def denoise(self, X) -> np.ndarray:
+        """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""
+        return self.reconstruct(X)
+
+    # ---- persistence: the same run folder as `aekit train`
+
+    def save(self, path) -> Path:
+        """Write config.json, model.safetensors and estimator.json into the folder ``path``."""
+        from aekit.runs import save_config, save_weights
+
+        self._check_is_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(self.config_, path)
+        save_weights(self.model_, path / "model.safetensors", self.config_)
+        state = {"params": self.get_params(), "threshold": self.threshold_, "layout": self.layout_,
+                 "image_shape": list(self.image_shape_), "history": self.history_}
+        write_text_atomic(path / "estimator.json", json.dumps(state, indent=2, default=list) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> ConvAutoencoder:
+        """Load a folder written by :meth:`save` or by ``aekit train``."""
+        from aekit.runs import METRICS, load_model
+
+        path = Path(path)
+        model, config = load_model(path, device)
+        state_file = path / "estimator.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            params = {k: v for k, v in state["params"].items() if k in cls().get_params()}
+            if isinstance(params.get("image_shape"), list):
+                params["image_shape"] = tuple(params["image_shape"])
+            if isinstance(params.get("widths"), list):
+                params["widths"] = tuple(params["widths"])
+            est = cls(**{**params, "device": device})
+            threshold, layout, history = state["threshold"], state["layout"], state["history"]
+        else:  # a run folder from `aekit train`
+            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths,
+                      epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
+                      recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
+            metrics = json.loads((path / METRICS).read_text()) if (path / METRICS).is_file() else {}
+            threshold = metrics.get("threshold", float("inf"))
+            if "contamination" in metrics:
+                est.contamination = metrics["contamination"]
+            layout = "nhw" if config.image_shape[0] == 1 else "nhwc"
+            history = []
+        est.model_, est.config_, est.history_ = model, config, history
+        est.image_shape_ = tuple(config.image_shape)
+        est.n_features_in_ = int(np.prod(est.image_shape_))
+        est.layout_, est.threshold_ = layout, float(threshold)
+        est.offset_ = -est.threshold_
+        return est
+
+
+class PCAReconstructor(_ImageReconstructor):
+    """PCA (scikit-learn) with the autoencoder's verbs: the linear baseline.
+
+    ``transform`` gives the ``n_components`` principal-component scores; ``inverse_transform``
+    maps them back to images (clipped to [0, 1]).
+    """
+
+    def __init__(self, n_components=32, contamination=0.01, image_shape=None, random_state=None):
+        self.n_components = n_components
+        self.contamination = contamination
+        self.image_shape = image_shape
+        self.random_state = random_state
+
+    def _fit(self, x: np.ndarray) -> None:
+        from sklearn.decomposition import PCA
+
+        n, features = len(x), int(np.prod(x.shape[1:]))
+        if not isinstance(self.n_components, int) or not 1 <= self.n_components <= min(n, features):
+            raise ValueError(f"n_components must be an integer in [1, min(n_samples, n_features)] = "
+                             f"[1, {min(n, features)}], got {self.n_components!r}")
+        self.pca_ = PCA(n_components=self.n_components, random_state=self.random_state).fit(x.reshape(n, -1))
+
+    def _latent_size(self) -> int:
+        return self.pca_.n_components_
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        self._check_is_fitted()
+        return self.pca_.transform(x.reshape(len(x), -1))
+
+    def _decode(self, z: np.ndarray) -> np.ndarray:
+        return self.pca_.inverse_transform(z).reshape(len(z), *self.image_shape_).astype(np.float32)
+
+
+__all__ = ["ConvAutoencoder", "PCAReconstructor", "LAYOUTS"]

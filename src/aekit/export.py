@@ -1,0 +1,106 @@
+"""Export a trained run for other runtimes: ONNX files of the encoder, decoder and model.
+
+::
+
+    encoder.onnx   image (batch, C, H, W) in [0, 1] -> latent (batch, *latent_shape)
+    decoder.onnx   latent (batch, *latent_shape)    -> image (batch, C, H, W) in [0, 1]
+    model.onnx     image (batch, C, H, W)           -> reconstruction (batch, C, H, W)
+
+The batch dimension is dynamic. The files come from PyTorch's ``torch.export``-based ONNX
+exporter (the default since PyTorch 2.9; the TorchScript-based one is deprecated), which
+needs the ``onnx`` and ``onnxscript`` packages: ``pip install 'aekit[onnx]'`` (that extra
+also brings ``onnxruntime`` to run the files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aekit._io import atomic_path
+from aekit.runs import RunError, load_model, read_config
+
+ONNX_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "model": "model.onnx"}
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1, so trace with 2
+
+
+def _require_onnx() -> None:
+    missing = []
+    for name in ("onnx", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise RunError(f"ONNX export needs the package(s) {', '.join(missing)}, which are not installed; "
+                       "install them with: pip install 'aekit[onnx]'")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's notes that say nothing about the user's model (e.g. that
+    torchvision, which aekit does not use, is not installed) and its internal deprecations."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_module(module: nn.Module, example: torch.Tensor, path: str | Path,
+                  input_name: str, output_name: str) -> Path:
+    """Write ``module`` (one tensor in, one out) to ``path`` as ONNX, batch dimension dynamic."""
+    _require_onnx()
+    path = Path(path)
+    module.eval()
+    batch = torch.export.Dim("batch")
+    with _quiet_exporter():
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[input_name],
+                                    output_names=[output_name], dynamic_shapes=({0: batch},),
+                                    external_data=False, verbose=False)
+    with atomic_path(path) as tmp:
+        program.save(tmp)
+    return path
+
+
+def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """Export a run's encoder, decoder and full model as ONNX into ``out_dir`` (default:
+    the run folder). Returns ``{"encoder": path, "decoder": path, "model": path}``.
+
+    Existing files are replaced only with ``overwrite``; the model runs on the CPU.
+    """
+    run_dir = Path(run_dir)
+    read_config(run_dir)  # "not a run folder" before anything else
+    out_dir = run_dir if out_dir is None else Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir} is a file, not a folder; choose another --out")
+    paths = {part: out_dir / name for part, name in ONNX_FILES.items()}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise RunError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace "
+                       "them or choose another --out")
+    _require_onnx()
+    model, config = load_model(run_dir, device="cpu")
+    x = torch.zeros(EXAMPLE_BATCH, *config.image_shape)  # (2, C, H, W); values do not matter
+    with torch.no_grad():
+        z = model.encode(x)                              # (2, *latent_shape)
+    export_module(model.g_a, x, paths["encoder"], "image", "latent")
+    export_module(model.g_s, z, paths["decoder"], "latent", "image")
+    export_module(model, x, paths["model"], "image", "reconstruction")
+    return paths
+
+
+# The CLI's --format names; the library calls the functions directly.
+FORMATS = {"onnx": export_onnx}
+
+__all__ = ["export_onnx", "export_module", "ONNX_FILES", "FORMATS"]

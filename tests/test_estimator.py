@@ -1,0 +1,252 @@
+"""The scikit-learn estimators: layouts, verbs, errors, sklearn interop, PCA reference."""
+
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import check_estimator
+
+import aekit
+from aekit import ConvAutoencoder, PCAReconstructor
+
+SMALL = dict(latent_dim=8, widths=(8, 16), epochs=2, batch_size=32, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    (x_train, y_train), (x_test, y_test) = mnist
+    return x_train[:1500], y_train[:1500], x_test[:300], y_test[:300]
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    return ConvAutoencoder(**SMALL).fit(digits[0])
+
+
+def test_estimators_are_exported_lazily():
+    assert aekit.ConvAutoencoder is ConvAutoencoder
+    with pytest.raises(AttributeError):
+        aekit.NoSuchThing  # noqa: B018
+
+
+def test_constructor_only_stores_params():
+    est = ConvAutoencoder(latent_dim=5, noise="mask:0.3")
+    assert est.get_params()["latent_dim"] == 5 and est.get_params()["noise"] == "mask:0.3"
+    assert not [k for k in vars(est) if k.endswith("_")]
+    assert clone(est).get_params() == est.get_params()
+
+
+def test_verbs_shapes_and_range(fitted, digits):
+    x_test = digits[2]
+    z = fitted.transform(x_test)
+    assert z.shape == (300, 8) and z.dtype == np.float32
+    images = fitted.inverse_transform(z)
+    assert images.shape == (300, 28, 28) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+    np.testing.assert_allclose(fitted.reconstruct(x_test), images, atol=1e-6)
+    errors = fitted.reconstruction_error(x_test)
+    assert errors.shape == (300,)
+    expected = ((images.astype(np.float64) - x_test / 255.0) ** 2).reshape(300, -1).mean(1)
+    np.testing.assert_allclose(errors, expected, rtol=1e-5)
+    np.testing.assert_array_equal(fitted.score_samples(x_test), -errors)
+    assert set(np.unique(fitted.predict(x_test))) <= {-1, 1}
+    assert fitted.score(x_test) == pytest.approx(-errors.mean())
+    assert len(fitted.history_) == 2 and fitted.history_[1]["loss"] < fitted.history_[0]["loss"]
+
+
+def test_transform_is_deterministic_and_batch_independent(fitted, digits):
+    x = digits[2][:50]
+    z = fitted.transform(x)
+    np.testing.assert_array_equal(z, fitted.transform(x))
+    singles = np.concatenate([fitted.transform(x[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(singles, z[:5], rtol=1e-5, atol=1e-6)
+    order = np.arange(50)[::-1]
+    np.testing.assert_allclose(fitted.transform(x[order]), z[order], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_is_repeatable_and_returns_self(digits):
+    x = digits[0][:300]
+    a = ConvAutoencoder(**{**SMALL, "epochs": 1})
+    assert a.fit(x) is a
+    b = clone(a).fit(x)
+    np.testing.assert_array_equal(a.transform(digits[2]), b.transform(digits[2]))
+    params = a.get_params()
+    a.fit(x)
+    assert a.get_params() == params  # fit never rewrites the constructor's params
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw", "flat"])
+def test_every_input_layout_round_trips(layout, digits):
+    x = digits[0][:200]
+    shaped = {"nhw": x, "nhwc": x[..., None], "nchw": x[:, None], "flat": x.reshape(200, -1)}[layout]
+    est = ConvAutoencoder(**{**SMALL, "epochs": 1}, image_shape=(28, 28) if layout == "flat" else None)
+    out = est.fit(shaped).reconstruct(shaped[:3])
+    assert out.shape == shaped[:3].shape
+    assert est.inverse_transform(est.transform(shaped[:3])).shape == shaped[:3].shape
+    assert est.layout_ == layout and est.image_shape_ == (1, 28, 28)
+
+
+def test_colour_images_and_float_input(rng):
+    x = rng.random((64, 12, 10, 3)).astype(np.float32)
+    est = ConvAutoencoder(**{**SMALL, "epochs": 1}).fit(x)
+    assert est.image_shape_ == (3, 12, 10)
+    assert est.reconstruct(x[:2]).shape == (2, 12, 10, 3)
+
+
+def test_seed_model_latent_is_the_bottleneck(digits):
+    est = ConvAutoencoder(model="seed", epochs=1, random_state=0).fit(digits[0][:300])
+    assert est.transform(digits[2][:4]).shape == (4, 392)
+    assert est.inverse_transform(est.transform(digits[2][:4])).shape == (4, 28, 28)
+
+
+@pytest.mark.parametrize("X, message", [
+    (np.zeros((4, 5)), r"X is flat \(4, 5\); pass image_shape"),
+    (np.zeros((4, 5, 6, 7)), "no channel axis of size 1 or 3"),
+    (np.zeros((4,)), "got shape"),
+    (np.full((4, 8, 8), 2.0), r"must lie in \[0, 1\]"),
+    (np.full((4, 8, 8), np.nan), "NaN"),
+    (np.full((4, 8, 8), -3, dtype=np.int64), r"integer images must hold values in \[0, 255\]"),
+    (np.array([[["a"]]], dtype=object), "got dtype object"),
+    (np.zeros((0, 8, 8)), "holds no images"),
+])
+def test_bad_input_errors(X, message):
+    with pytest.raises(ValueError, match=message):
+        ConvAutoencoder(**SMALL).fit(X)
+
+
+def test_bad_params_and_unfitted_use():
+    with pytest.raises(NotFittedError, match="call fit"):
+        ConvAutoencoder().transform(np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match="contamination must be a fraction"):
+        ConvAutoencoder(contamination=0.7).fit(np.zeros((4, 8, 8)))
+    with pytest.raises(ValueError, match="latent_dim must be a positive int"):
+        ConvAutoencoder(latent_dim=0).fit(np.zeros((4, 8, 8)))
+    with pytest.raises(ValueError, match="noise must look like KIND:AMOUNT"):
+        ConvAutoencoder(noise="blur:3").fit(np.zeros((4, 8, 8)))
+    failed = ConvAutoencoder(latent_dim=-1)
+    with pytest.raises(ValueError):
+        failed.fit(np.zeros((4, 8, 8)))
+    with pytest.raises(NotFittedError):  # a failed fit does not look fitted
+        failed.transform(np.zeros((2, 8, 8)))
+
+
+def test_wrong_image_size_after_fit(fitted):
+    with pytest.raises(ValueError, match="fitted on 28x28x1"):
+        fitted.transform(np.zeros((2, 14, 14), np.uint8))
+    with pytest.raises(ValueError, match=r"Z must be \(n, 8\)"):
+        fitted.inverse_transform(np.zeros((2, 3)))
+
+
+def test_threshold_follows_contamination(digits):
+    est = ConvAutoencoder(**{**SMALL, "epochs": 1}, contamination=0.1).fit(digits[0][:500])
+    flagged = (est.predict(digits[0][:500]) == -1).mean()
+    assert flagged == pytest.approx(0.1, abs=0.01)
+    est.set_threshold(digits[2], false_positive_rate=0.05)
+    assert (est.predict(digits[2]) == -1).mean() == pytest.approx(0.05, abs=0.01)
+
+
+def test_anomalies_score_lower(fitted, digits, rng):
+    normal = digits[2]
+    odd = rng.integers(0, 256, normal.shape, dtype=np.uint8)  # noise, not digits
+    scores = np.concatenate([fitted.score_samples(normal), fitted.score_samples(odd)])
+    labels = np.r_[np.ones(len(normal)), np.zeros(len(odd))]
+    assert roc_auc_score(labels, scores) > 0.99
+
+
+def test_denoising_cleans(digits):
+    import torch
+
+    from aekit.noise import add_noise
+
+    est = ConvAutoencoder(model="seed", epochs=3, batch_size=32, random_state=0,
+                          noise="gaussian:0.3").fit(digits[0])
+    clean = digits[2] / np.float32(255)
+    noisy = add_noise(torch.from_numpy(clean), "gaussian:0.3", torch.Generator().manual_seed(1)).numpy()
+    denoised = est.denoise(noisy)
+    assert ((denoised - clean) ** 2).mean() < 0.75 * ((noisy - clean) ** 2).mean()
+
+
+def test_pipeline_clone_and_grid_search(digits):
+    x_train, y_train, x_test, y_test = digits
+    flat = x_train.reshape(len(x_train), -1)
+    pipe = Pipeline([("ae", ConvAutoencoder(**SMALL, image_shape=(28, 28))),
+                     ("knn", KNeighborsClassifier(5))])
+    pipe.fit(flat, y_train)
+    assert pipe.score(x_test.reshape(len(x_test), -1), y_test) > 0.6  # chance is 0.1
+    search = GridSearchCV(ConvAutoencoder(**{**SMALL, "epochs": 1}), {"latent_dim": [2, 8]}, cv=2)
+    search.fit(x_train[:400])
+    assert search.best_params_["latent_dim"] == 8  # more latent numbers reconstruct better
+    assert pickle.loads(pickle.dumps(search.best_estimator_)).transform(x_test[:2]).shape == (2, 8)
+
+
+def test_save_and_load_round_trip(fitted, digits, tmp_path):
+    fitted.save(tmp_path / "est")
+    loaded = ConvAutoencoder.load(tmp_path / "est")
+    np.testing.assert_array_equal(loaded.transform(digits[2]), fitted.transform(digits[2]))
+    assert loaded.threshold_ == fitted.threshold_ and loaded.layout_ == fitted.layout_
+    assert loaded.get_params()["latent_dim"] == 8
+
+
+def test_pca_matches_scikit_learn(digits):
+    x_train, _, x_test, _ = digits
+    ours = PCAReconstructor(10, random_state=0).fit(x_train)
+    ref = PCA(10, random_state=0).fit(x_train.reshape(len(x_train), -1) / 255.0)
+    z = ours.transform(x_test)
+    np.testing.assert_allclose(z, ref.transform(x_test.reshape(len(x_test), -1) / 255.0), atol=1e-4)
+    recon = np.clip(ref.inverse_transform(ref.transform(x_test.reshape(len(x_test), -1) / 255.0)), 0, 1)
+    np.testing.assert_allclose(ours.reconstruct(x_test).reshape(len(x_test), -1), recon, atol=1e-4)
+    with pytest.raises(ValueError, match="n_components must be an integer"):
+        PCAReconstructor(5000).fit(x_train)
+
+
+def test_one_verb_set_for_both(digits):
+    """The comparison loop: the same calls on both estimators, no special cases."""
+    x_train, _, x_test, _ = digits
+    for est in (ConvAutoencoder(**{**SMALL, "epochs": 1}), PCAReconstructor(8)):
+        est.fit(x_train[:500])
+        assert est.transform(x_test).shape == (300, 8)
+        assert est.inverse_transform(est.transform(x_test)).shape == x_test.shape
+        assert est.reconstruction_error(x_test).shape == (300,)
+        assert est.predict(x_test).shape == (300,)
+
+
+# scikit-learn's own checks. Those below do not apply to an image estimator and are
+# expected to fail; everything else must pass. The properties they test that do apply
+# (fit returns self, repeatable fit, batch and order invariance, no param rewriting,
+# pickling, pipelines) are tested above on real images.
+_TABULAR = ("fits on 2-D tabular data with no image_shape; an image estimator must be told the "
+            "image size (with image_shape it takes flat rows, tested above)")
+_NOT_IMAGES = "passes values outside [0, 1] or non-numeric objects, which are not images"
+EXPECTED_FAILED_CHECKS = {name: _TABULAR for name in (
+    "check_classifier_data_not_an_array", "check_dict_unchanged", "check_dont_overwrite_parameters",
+    "check_estimators_dtypes", "check_estimators_empty_data_messages", "check_estimators_fit_returns_self",
+    "check_estimators_overwrite_params", "check_estimators_pickle", "check_f_contiguous_array_estimator",
+    "check_fit2d_1feature", "check_fit2d_1sample", "check_fit2d_predict1d", "check_fit_check_is_fitted",
+    "check_fit_idempotent", "check_fit_score_takes_y", "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance", "check_n_features_in", "check_n_features_in_after_fitting",
+    "check_outliers_fit_predict", "check_outliers_train", "check_pipeline_consistency",
+    "check_readonly_memmap_input", "check_transformer_data_not_an_array", "check_transformer_general",
+    "check_transformer_preserve_dtypes", "check_estimators_nan_inf",
+)}
+EXPECTED_FAILED_CHECKS.update({name: _NOT_IMAGES for name in (
+    "check_positive_only_tag_during_fit", "check_dtype_object")})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_scikit_learn_estimator_checks():
+    est = ConvAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0)
+    results = check_estimator(est, expected_failed_checks=EXPECTED_FAILED_CHECKS, on_fail=None)
+    unexpected = [(r["check_name"], str(r["exception"])[:200]) for r in results
+                  if r["status"] == "failed" and r["check_name"] not in EXPECTED_FAILED_CHECKS]
+    assert not unexpected
+    passed = {r["check_name"] for r in results if r["status"] == "passed"}
+    assert {"check_estimators_unfitted", "check_get_params_invariance", "check_set_params",
+            "check_no_attributes_set_in_init", "check_parameters_default_constructible",
+            "check_complex_data", "check_estimator_sparse_array"} <= passed

@@ -1,0 +1,367 @@
+"""The run folder under attack: damaged or edited files, full and read-only disks, kill -9, Ctrl-C.
+
+Each refusal is checked through the CLI (one stderr line, exit 2) and leaves the last good
+checkpoint as it was.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+import aekit
+from aekit import runs
+from aekit._io import TMP_SUFFIX, sha256_file
+from aekit.cli import main
+from aekit.models import SeedAutoencoder
+from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_epoch
+from aekit.training import TrainConfig, make_optimizer
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: error: ")
+    return err[0]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # One thread here (conftest's default is two): these tests start training processes
+    # beside in-process runs and compare weights bitwise; on a busy two-core machine two
+    # threads per process slow OpenMP down many times over.
+    torch.set_num_threads(1)
+    yield
+
+
+def train(out, *flags: str) -> int:
+    return main(["train", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet", *flags])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("runs") / "done"
+    torch.set_num_threads(1)
+    assert train(out) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A private copy of the finished run, for a test to damage."""
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def weights_of(path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(path))
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()
+            if not k.startswith("optim.")}
+
+
+def no_temporaries(folder) -> bool:
+    return not [p.name for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX)]
+
+
+# ---------------------------------------------------------------- checksums and metadata
+
+def test_run_records_the_weights_checksum_and_config(finished_run):
+    metrics = json.loads((finished_run / METRICS).read_text())
+    assert metrics["weights_sha256"] == sha256_file(finished_run / WEIGHTS)
+    with safe_open(str(finished_run / WEIGHTS), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "aekit-weights-1" and meta["aekit_version"] == aekit.__version__
+    assert meta["tensors_sha256"] == runs.tensors_sha256(tensors)
+    recorded = json.loads(meta["config"])
+    config = json.loads((finished_run / CONFIG).read_text())
+    assert recorded == {k: v for k, v in config.items() if k != "aekit_version"}
+
+
+def test_tensors_checksum_sees_every_byte_name_and_shape():
+    a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    digest = runs.tensors_sha256(a)
+    assert digest == runs.tensors_sha256({"w": a["w"].clone()})
+    flipped = a["w"].clone()
+    flipped.view(torch.int32)[1, 2] ^= 1  # one bit of one float
+    for other in ({"w": flipped}, {"v": a["w"]}, {"w": a["w"].reshape(3, 2)}, {"w": a["w"].double()}):
+        assert runs.tensors_sha256(other) != digest
+
+
+def flip_last_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (flip_last_byte, "checksum mismatch: the weights file is damaged"),
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "cannot read the weights"),
+    (lambda p: p.write_bytes(b""), "cannot read the weights"),
+    (lambda p: p.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "), "no aekit version recorded"),
+])
+def test_damaged_weights_give_one_line(run_copy, capsys, damage, message):
+    damage(run_copy / WEIGHTS)
+    (run_copy / METRICS).unlink()  # so the weights' own checks speak, not metrics.json's checksum
+    for argv in (["evaluate", str(run_copy)],
+                 ["reconstruct", str(run_copy), "--out", str(run_copy / "r.png")]):
+        assert main(argv) == 2
+        assert message in one_error_line(capsys)
+    assert not (run_copy / "r.png").exists()
+
+
+def test_damaged_weights_are_caught_by_the_recorded_checksum_too(run_copy, capsys):
+    flip_last_byte(run_copy / WEIGHTS)
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert "is not the file this run wrote" in one_error_line(capsys)
+
+
+def test_weights_from_another_run_are_noticed(run_copy, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert train(other, "--seed", "1") == 0
+    shutil.copy(other / WEIGHTS, run_copy / WEIGHTS)
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert "model.safetensors is not the file this run wrote" in one_error_line(capsys)
+    # without metrics.json the weights' own record of their config still tells
+    (run_copy / METRICS).unlink()
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert "the weights was made with seed=1, but the run's config.json now says seed=0" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"image_shape": [1, 32, 32]}, "made with image_shape=[1, 28, 28], but the run's config.json now says image_shape=[1, 32, 32]"),
+    ({"lr": 0.01}, "now says lr=0.01"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"seed": "zero"}, "config.seed must be int, got 'zero'"),
+    ({"image_shape": [1, -28, 28]}, "image_shape must be 3 positive ints"),
+    ({"colour": "blue"}, "unknown fields ['colour']; was it made by a newer aekit?"),
+    ({"aekit_version": "99.1.0"}, "was made by aekit 99.1.0, this is aekit"),
+    ({"aekit_version": None}, "no aekit version recorded"),
+])
+def test_edited_config_gives_one_line(run_copy, capsys, edit, message):
+    config = json.loads((run_copy / CONFIG).read_text())
+    (run_copy / CONFIG).write_text(json.dumps({**config, **edit}))
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b"\xff\xfe", b"[" * 100_000, b"{}"])
+def test_unreadable_config_gives_one_line(run_copy, capsys, raw):
+    (run_copy / CONFIG).write_bytes(raw)
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert "config.json" in one_error_line(capsys)
+
+
+def test_run_made_by_a_newer_aekit(run_copy, capsys, monkeypatch):
+    model, config = load_model(run_copy)
+    optimizer = make_optimizer(model, config)
+    state = load_checkpoint(model, optimizer, run_copy / CHECKPOINT, config)
+    monkeypatch.setattr(aekit, "__version__", "0.9.0")  # as a newer aekit would write them:
+    runs.save_weights(model, run_copy / WEIGHTS, config)
+    runs.save_checkpoint(model, optimizer, state, run_copy / CHECKPOINT, config)
+    monkeypatch.undo()
+    (run_copy / METRICS).unlink()
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert f"was made by aekit 0.9.0, this is aekit {aekit.__version__}; upgrade aekit" in one_error_line(capsys)
+    before = (run_copy / WEIGHTS).read_bytes()
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2
+    assert f"{CHECKPOINT} was made by aekit 0.9.0" in one_error_line(capsys)
+    assert (run_copy / WEIGHTS).read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_that_no_longer_matches(run_copy, capsys):
+    config = json.loads((run_copy / CONFIG).read_text())
+    (run_copy / CONFIG).write_text(json.dumps({**config, "lr": 0.01}))
+    before = (run_copy / CHECKPOINT).read_bytes()
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2
+    assert "the checkpoint was made with lr=0.003, but the run's config.json now says lr=0.01" in one_error_line(capsys)
+    flip_last_byte(run_copy / CHECKPOINT)
+    (run_copy / CONFIG).write_text(json.dumps(config))
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2
+    assert "checksum mismatch: the checkpoint file is damaged" in one_error_line(capsys)
+    assert (run_copy / CHECKPOINT).read_bytes() != before and no_temporaries(run_copy)
+
+
+# ------------------------------------------------------------------ full and read-only disks
+
+ENOSPC_FROM_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, mnist, capsys, monkeypatch):
+    """Simulated: the second checkpoint write fills the disk half-way, as safetensors reports it.
+
+    (A real full disk is tested below where tmpfs can be mounted.)
+    """
+    out = tmp_path / "run"
+    real_save = runs.save_file
+    saved = {}
+
+    def save_file(tensors, filename, metadata=None):
+        if metadata["format"] == "aekit-checkpoint-1" and (out / CHECKPOINT).exists():
+            saved["epoch 1"] = (out / CHECKPOINT).read_bytes()
+            with open(filename, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise SafetensorError(ENOSPC_FROM_SAFETENSORS)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(runs, "save_file", save_file)
+    assert train(out) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {out / CHECKPOINT} (" in line and "No space left on device" in line
+    assert "free some disk space" in line and "any earlier checkpoint.safetensors is intact" in line
+    assert (out / CHECKPOINT).read_bytes() == saved["epoch 1"]
+    assert no_temporaries(out) and not (out / WEIGHTS).exists()
+    monkeypatch.setattr(runs, "save_file", real_save)
+    assert saved_epoch(out) == 1
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # space freed: go on
+    assert saved_epoch(out) == 2
+
+
+@pytest.mark.parametrize("errno_name, fix", [("EROFS", "the file system is read-only"),
+                                              ("EACCES", "you may not write there")])
+def test_read_only_folder_gives_one_line(tmp_path, mnist, capsys, monkeypatch, errno_name, fix):
+    """Simulated with a failing mkstemp: these tests run as root, whom chmod does not stop."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    out = tmp_path / "run"
+    assert train(out) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {out / CONFIG}" in line and fix in line
+    assert list(out.iterdir()) == []
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A real small file system at ``path``; skips where mounting is not allowed."""
+    path.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root in a system that allows mounts); "
+                    "the simulated full-disk and read-only tests above still ran")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_real_full_then_read_only_disk(tmp_path, mnist, capsys):
+    with tmpfs(tmp_path / "disk", "100k") as disk:
+        out = disk / "run"
+        # A checkpoint is ~58 kB: the first fits, writing the second beside it does not.
+        assert train(out) == 2
+        line = one_error_line(capsys)
+        assert "No space left on device" in line and CHECKPOINT in line
+        assert saved_epoch(out) == 1 and no_temporaries(out)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        before = (out / CHECKPOINT).read_bytes()
+        assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+        assert "the file system is read-only" in one_error_line(capsys)
+        assert (out / CHECKPOINT).read_bytes() == before
+
+
+# --------------------------------------------------------------------- kill -9 and Ctrl-C
+
+def start_training(out, *flags: str) -> subprocess.Popen:
+    # The same thread count as the in-process runs, so that sums agree bitwise.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "aekit", "train", "--out", str(out), "--quiet", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(out, n: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until the run's history.csv has ``n`` rows, i.e. epoch n's checkpoint is written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = out / "history.csv"
+        if history.exists() and len(history.read_text().splitlines()) > n:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended early: {process.communicate()}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no epoch {n} after {timeout} s")
+
+
+KILL_FLAGS = ("--limit", "3000", "--epochs", "3")
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(tmp_path, mnist):
+    straight = tmp_path / "straight"
+    assert main(["train", "--out", str(straight), "--quiet", *KILL_FLAGS]) == 0
+
+    killed = tmp_path / "killed"
+    process = start_training(killed, *KILL_FLAGS)
+    wait_for_epochs(killed, 1, process)
+    time.sleep(0.3)  # into epoch 2 (an epoch takes seconds here)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert saved_epoch(killed) == 1, "the kill should land in epoch 2, before its checkpoint"
+    assert not (killed / WEIGHTS).exists()
+
+    assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
+    a, b = weights_of(straight / WEIGHTS), weights_of(killed / WEIGHTS)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # exact, not approximate
+    assert json.loads((killed / METRICS).read_text())["epochs"] == 3
+
+
+def test_resume_clears_what_a_killed_write_left(run_copy, mnist):
+    leftovers = [run_copy / f".{CHECKPOINT}.k3j9x{TMP_SUFFIX}", run_copy / f".{WEIGHTS}.a1b2c{TMP_SUFFIX}"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    (run_copy / "notes.txt.tmp").write_text("the user's own")  # not aekit's: kept
+    assert main(["train", "--out", str(run_copy), "--resume", "--quiet"]) == 0
+    assert not any(p.exists() for p in leftovers)
+    assert (run_copy / "notes.txt.tmp").exists()
+
+
+def test_ctrl_c_keeps_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, mnist):
+    out = tmp_path / "run"
+    process = start_training(out, "--limit", "2000", "--epochs", "40")
+    wait_for_epochs(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    epoch = saved_epoch(out)
+    assert epoch is not None and epoch >= 1
+    assert lines[0] == (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
+                        f"{out / CHECKPOINT}; resume with: aekit train --out {out} --resume")
+    assert no_temporaries(out)
+    model = SeedAutoencoder()
+    config = runs.read_config(out)
+    assert load_checkpoint(model, make_optimizer(model, config), out / CHECKPOINT, config).epoch == epoch
+    assert main(["train", "--out", str(out), "--resume", "--epochs", str(epoch + 1), "--quiet"]) == 0
+    assert json.loads((out / METRICS).read_text())["epochs"] == epoch + 1
+
+
+def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "fit", interrupt)
+    out = tmp_path / "run"
+    assert train(out) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"aekit: interrupted before the first epoch ended; resume with: aekit train --out {out} "
+        "--resume (it starts from the beginning)")
+
+
+def test_config_round_trip_through_from_dict():
+    config = TrainConfig(image_shape=(1, 28, 28), resize=(28, 28)).resolved()
+    assert TrainConfig.from_dict(json.loads(config.to_json())) == config

@@ -1,0 +1,121 @@
+"""The jobs on top of the estimator, through the CLI: denoise, score, compare."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aekit.anomaly import error_heatmap
+from aekit.cli import main
+from aekit.compare import CompareConfig, compare, to_markdown
+
+
+@pytest.fixture(scope="module")
+def denoiser(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("runs") / "dn"
+    assert main(["train", "--noise", "gaussian:0.3", "--limit", "1500", "--epochs", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    return mnist[1][0][:12]
+
+
+def test_denoise_arrays_and_folders(denoiser, digits, tmp_path, rng):
+    clean = digits / np.float32(255)
+    noisy = np.clip(clean + rng.normal(0, 0.3, clean.shape), 0, 1).astype(np.float32)
+    np.save(tmp_path / "noisy.npy", noisy)
+    assert main(["denoise", str(denoiser), str(tmp_path / "noisy.npy"), "--out", str(tmp_path / "clean.npy")]) == 0
+    cleaned = np.load(tmp_path / "clean.npy")
+    assert cleaned.shape == noisy.shape and cleaned.dtype == np.float32
+    assert ((cleaned - clean) ** 2).mean() < ((noisy - clean) ** 2).mean()
+
+    (tmp_path / "imgs").mkdir()
+    for i, img in enumerate(digits[:3]):
+        Image.fromarray(img).save(tmp_path / "imgs" / f"d{i}.png")
+    assert main(["denoise", str(denoiser), str(tmp_path / "imgs"), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d0.png", "d1.png", "d2.png"]
+    with Image.open(tmp_path / "out" / "d0.png") as img:
+        assert img.size == (28, 28)
+
+
+def test_denoise_refuses_to_overwrite_and_wrong_sizes(denoiser, tmp_path, capsys):
+    np.save(tmp_path / "in.npy", np.zeros((2, 28, 28), np.uint8))
+    (tmp_path / "out.npy").write_bytes(b"mine")
+    assert main(["denoise", str(denoiser), str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out.npy").read_bytes() == b"mine"
+    np.save(tmp_path / "small.npy", np.zeros((2, 14, 14), np.uint8))
+    assert main(["denoise", str(denoiser), str(tmp_path / "small.npy"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fitted on 28x28x1" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_score_flags_what_does_not_belong(denoiser, digits, tmp_path, capsys):
+    odd = 255 - digits  # inverted digits: bright backgrounds the model never saw
+    np.save(tmp_path / "mixed.npy", np.concatenate([digits, odd]))
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(denoiser), str(tmp_path / "mixed.npy"), "--out", str(out),
+                 "--heatmaps", str(tmp_path / "heat")]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 24 and set(rows[0]) == {"name", "reconstruction_error", "score", "is_outlier"}
+    flags = [int(r["is_outlier"]) for r in rows]
+    assert flags[12:] == [1] * 12 and sum(flags[:12]) <= 2
+    errors = np.array([float(r["reconstruction_error"]) for r in rows])
+    np.testing.assert_allclose([float(r["score"]) for r in rows], -errors, rtol=1e-5)
+    assert len(list((tmp_path / "heat").iterdir())) == 24
+    assert "24 images scored" in capsys.readouterr().out
+
+
+def test_score_thresholds_from_contamination_or_fpr(denoiser, digits, tmp_path):
+    np.save(tmp_path / "d.npy", digits)
+    metrics = json.loads((denoiser / "metrics.json").read_text())
+    assert metrics["contamination"] == 0.01 and metrics["threshold"] > 0
+    assert main(["score", str(denoiser), str(tmp_path / "d.npy"), "--out", str(tmp_path / "a.csv"),
+                 "--contamination", "0.4"]) == 0
+    strict = sum(int(r["is_outlier"]) for r in csv.DictReader(open(tmp_path / "a.csv")))
+    assert main(["score", str(denoiser), str(tmp_path / "d.npy"), "--out", str(tmp_path / "b.csv")]) == 0
+    default = sum(int(r["is_outlier"]) for r in csv.DictReader(open(tmp_path / "b.csv")))
+    assert strict > default  # flagging 40% of training images is a lower threshold than 1%
+
+
+def test_score_rejects_two_thresholds(denoiser, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", str(denoiser), "x.npy", "--out", "s.csv", "--fpr", "0.1", "--contamination", "0.1"])
+    assert exc.value.code == 2
+
+
+def test_heatmap_is_zero_where_reconstruction_is_perfect():
+    a = np.zeros((28, 28))
+    b = a.copy()
+    b[5, 5] = 1.0
+    picture = error_heatmap(a, b, scale=1.0)
+    assert picture.shape == (112, 4 * (3 * 28 + 4), 3)
+    heat = picture[:, 4 * (2 * 28 + 4):]
+    assert heat[20:24, 20:24].max() > 200 and heat[60:, 60:].max() < 20  # only the wrong pixel glows
+
+
+def test_compare_both_methods_every_size(mnist, tmp_path, capsys):
+    config = CompareConfig(latent_dims=(2, 8), epochs=1, limit=600)
+    rows = compare(config, log=lambda *a: None)
+    assert [(r["method"], r["latent_dim"]) for r in rows] == [
+        ("raw pixels", 784), ("autoencoder", 2), ("pca", 2), ("autoencoder", 8), ("pca", 8)]
+    for r in rows[1:]:
+        assert 0 < r["test_mse"] < 0.12 and r["test_sse_per_image"] == pytest.approx(784 * r["test_mse"])
+        assert 0.1 <= r["knn_accuracy"] <= 1
+    pca = {r["latent_dim"]: r["test_mse"] for r in rows if r["method"] == "pca"}
+    assert pca[8] < pca[2]
+    assert "| pca | 8 |" in to_markdown(rows)
+
+    assert main(["compare", "--limit", "300", "--latent-dims", "2", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"compare.csv", "compare.md", "compare.png"}
+    capsys.readouterr()
+    assert main(["compare", "--limit", "300", "--latent-dims", "2", "--out", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--latent-dims", "2,x", "--out", str(tmp_path)])

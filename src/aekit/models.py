@@ -82,9 +82,15 @@ class ConvToOne(nn.Conv2d):
         super().__init__(in_channels, 1, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _tracing():  # exported graphs (ONNX) keep a plain Conv
             return super().forward(x)
         return _ConvToOneFunction.apply(x, self.weight, self.bias)
+
+
+def _tracing() -> bool:
+    """Whether torch.export or TorchScript is tracing the model."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class SeedEncoder(nn.Module):
@@ -468,6 +474,7 @@ def summary(model: nn.Module) -> str:
 
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
-    "ConvDecoder", "ConvToOne", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_",
-    "summary", "encode_images", "map_chunks", "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
+    "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
+    "encode_images", "map_chunks", "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
+    "ConvToOne",
 ]

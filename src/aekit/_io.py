@@ -52,6 +52,24 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in WRITE_ERRNOS
 
 
+def _beside(path: Path, make):
+    """Create ``path``'s folder and a temporary beside it with ``make()``; a full disk, a
+    read-only folder or a missing permission becomes :class:`WriteError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return make()
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteError(path, exc) from None
+        raise
+
+
+def _new_file(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -60,15 +78,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     a read-only folder or a missing permission raises :class:`WriteError`, which says so.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp)
-    except OSError as exc:
-        if is_write_failure(exc):
-            raise WriteError(path, exc) from None
-        raise
+    tmp = _beside(path, lambda: _new_file(path))
     try:
         yield tmp
         # mkstemp makes 0600, and writers that recreate the file (safetensors) keep that:
@@ -144,13 +154,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     for --overwrite first). On any error the temporary folder is removed.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as exc:
-        if is_write_failure(exc):
-            raise WriteError(path, exc) from None
-        raise
+    staging = _beside(path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))
     try:
         yield staging
         if path.exists():

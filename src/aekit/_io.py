@@ -1,7 +1,10 @@
-"""Small file helpers: atomic writes and checksums.
+"""Small file helpers: atomic, durable writes and checksums.
 
-Every file aekit writes goes to a temporary name in the same folder and is renamed into
-place, so a crash never leaves a half-written file under the real name.
+Every file aekit writes goes to a temporary name in the same folder, is flushed to the disk
+(``fsync``) and then renamed into place, and the folder's entry is flushed after the rename.
+So a crash, ``kill -9`` or a power cut leaves the old file or the new one under the real
+name, never a half-written or empty one (a rename alone is not enough after a power cut:
+the rename can reach the disk before the file's data does).
 """
 
 from __future__ import annotations
@@ -64,6 +67,32 @@ def _beside(path: Path, make):
         raise
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries, from the kernel's cache to the disk."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else os.O_RDONLY
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a folder (EINVAL); the file's own fsync still holds.
+        if not (Path(path).is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(source: Path, target: Path) -> None:
+    """``os.replace(source, target)`` after ``source`` reached the disk, then flush the folder."""
+    if source.is_dir():
+        for file in sorted(p for p in source.rglob("*") if p.is_file()):
+            fsync_path(file)
+        for folder in sorted((p for p in source.rglob("*") if p.is_dir()), reverse=True):
+            fsync_path(folder)
+    fsync_path(source)
+    os.replace(source, target)
+    fsync_path(target.parent)
+
+
 def _new_file(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
@@ -84,7 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes 0600, and writers that recreate the file (safetensors) keep that:
         # give the file the usual permissions just before it takes the real name.
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        _durable_replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if is_write_failure(exc):
@@ -95,7 +124,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def make_folder(path: str | os.PathLike) -> None:
     """``mkdir -p path``, with :class:`WriteError` when the disk or folder refuses."""
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            fsync_path(path.parent)  # the new folder's entry survives a power cut too
     except OSError as exc:
         if is_write_failure(exc):
             raise WriteError(Path(path), exc) from None
@@ -161,13 +193,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
             try:
-                os.replace(staging, path)
+                _durable_replace(staging, path)
             except BaseException:
                 os.replace(old / path.name, path)  # put the previous folder back
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(staging, path)
+            _durable_replace(staging, path)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if is_write_failure(exc):

@@ -362,6 +362,19 @@ def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
         "--resume (it starts from the beginning)")
 
 
+def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch):
+    """glibc's mallopt is the command's process-wide choice (the library never makes it)."""
+    import ctypes
+
+    from aekit import models
+
+    loaded = []
+    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
+    assert main(["train", "--limit", "100", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert loaded == ["libc.so.6"]
+
+
 def test_config_round_trip_through_from_dict():
     config = TrainConfig(image_shape=(1, 28, 28), resize=(28, 28)).resolved()
     assert TrainConfig.from_dict(json.loads(config.to_json())) == config

@@ -307,3 +307,73 @@ def test_workers_is_validated(mnist_small):
     config = tiny_config(epochs=1)
     with pytest.raises(ValueError, match="workers must be a positive number of threads, got -1"):
         fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, workers=-1)
+
+
+# ------------------------------------------------- a library call leaves the process as it was
+
+class TinyConvAutoencoder(nn.Module):
+    """A user's own model, nothing of aekit's: forward in [0, 1] and logits, as fit asks."""
+
+    def __init__(self, fail_at_call: int | None = None):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)           # (n, 4, 14, 14)
+        self.mix = nn.Conv2d(4, 4, 3, padding=1)                      # (n, 4, 14, 14)
+        self.up = nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1)    # (n, 1, 28, 28)
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def logits(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("the user's model failed")
+        return self.up(torch.relu(self.mix(torch.relu(self.down(x)))))
+
+    def forward(self, x):
+        return torch.sigmoid(self.logits(x))
+
+
+def test_fit_that_fails_mid_training_gives_the_model_back_contiguous(mnist_small):
+    """fit trains channels_last on the CPU; whatever happens, the caller's model (and the
+    optimiser's moments) come back in the layout they had."""
+    config = tiny_config(epochs=1, batch_size=32)
+    torch.manual_seed(0)
+    model = TinyConvAutoencoder(fail_at_call=3)
+    optimizer = make_optimizer(model, config)
+    with pytest.raises(RuntimeError, match="the user's model failed"):
+        fit(model, mnist_small[0][:256], mnist_small[1][:8], config, optimizer=optimizer, progress=False,
+            workers=1)
+    assert model.calls == 3 and all(p.is_contiguous() for p in model.parameters())
+    for param in model.parameters():
+        for value in optimizer.state[param].values():
+            if value.shape == param.shape:
+                assert value.stride() == param.stride()
+
+
+def test_evaluate_on_the_cpu_runs_with_the_callers_threads_and_leaves_them(mnist_small):
+    seen = []
+
+    class Recording(TinyConvAutoencoder):
+        def logits(self, x):
+            seen.append(torch.get_num_threads())
+            return super().logits(x)
+
+    torch.set_num_threads(2)
+    evaluate(Recording(), mnist_small[1][:200], "bce", batch_size=100)
+    evaluate(Recording(), mnist_small[1][:200], "mse", batch_size=100)
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == 2
+
+
+def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
+    """glibc's mallopt is a process-wide choice: the CLI makes it, a library call never does."""
+    import ctypes
+
+    from aekit import models
+
+    loaded = []
+    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
+    config = tiny_config(epochs=1)
+    model = seeded_model(config)
+    fit(model, mnist_small[0][:128], mnist_small[1][:64], config, progress=False)
+    evaluate(model, mnist_small[1][:64])
+    assert loaded == []

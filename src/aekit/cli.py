@@ -356,6 +356,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _tune_process(command: str) -> None:
+    """The CLI's process-wide choice, which no library call makes: for the commands that run
+    a network, glibc keeps freed memory for the next pass (aekit.models.keep_freed_memory)."""
+    if command not in ("summary", "data"):  # "data" does not even import torch
+        from aekit.models import keep_freed_memory
+
+        keep_freed_memory()
+
+
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
             "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
@@ -370,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    _tune_process(args.command)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

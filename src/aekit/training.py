@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
-from aekit.models import cpu_cores, keep_freed_memory, map_chunks
+from aekit.models import cpu_cores, map_chunks
 from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
@@ -574,9 +574,7 @@ def fit(
         raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
                          "leave it None for one per core")
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    if device.type == "cpu":
-        keep_freed_memory()
-    model.to(memory_format=memory_format)
+    model.to(memory_format=memory_format)  # back to contiguous in the finally below
     match_state_layout(optimizer)
     # Data in memory lives on the device as one tensor when it is not already there.
     if isinstance(x_train, torch.Tensor):
@@ -654,8 +652,8 @@ def fit(
         if pool is not None:
             pool.close()
             torch.set_num_threads(threads)
-    model.to(memory_format=torch.contiguous_format)
-    match_state_layout(optimizer)
+        model.to(memory_format=torch.contiguous_format)
+        match_state_layout(optimizer)
     return state
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -377,3 +378,71 @@ def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
     fit(model, mnist_small[0][:128], mnist_small[1][:64], config, progress=False)
     evaluate(model, mnist_small[1][:64])
     assert loaded == []
+
+
+# ------------------------------------------------------------- fit for the user's own model
+
+def test_the_readme_library_example_runs_as_written(mnist):
+    """README: fit(model, x_train, x_val, TrainConfig(epochs=5)) with load_dataset's uint8
+    (n, 28, 28) arrays: the recipe fills in the rest; numpy images are converted as the
+    run's data are, so the result is the one of prepare_images' tensors, bit for bit."""
+    (x_train, _), (x_test, _) = mnist
+    x_train, x_test = x_train[:256], x_test[:64]
+    weights = []
+    for train, val in ((x_train, x_test), (prepare_images(x_train), prepare_images(x_test))):
+        torch.manual_seed(0)
+        model = SeedAutoencoder()
+        state = fit(model, train, val, TrainConfig(epochs=1), progress=False)
+        assert state.epoch == 1 and math.isfinite(state.history[0].val_mse)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_fit_trains_a_users_own_module(mnist):
+    (x_train, _), (x_test, _) = mnist
+    torch.manual_seed(0)
+    model = TinyConvAutoencoder()
+    before = evaluate(model, prepare_images(x_test[:200])).mse
+    state = fit(model, x_train[:2000], x_test[:200], TrainConfig(epochs=2), progress=False)
+    assert state.history[-1].val_mse < 0.5 * before
+
+
+class ForwardOnly(nn.Module):
+    """Reconstructions in [0, 1] but no logits: enough for loss="mse", not for "bce"."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (x * self.scale).clamp(0, 1)
+
+
+def test_fit_says_what_a_model_must_provide(mnist_small):
+    x_train, x_val = mnist_small[0][:64], mnist_small[1][:8]
+    with pytest.raises(TypeError, match=r"^fit: loss='bce' needs model.logits\(x\)"):
+        fit(ForwardOnly(), x_train, x_val, TrainConfig(epochs=1), progress=False)
+    assert fit(ForwardOnly(), x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False).epoch == 1
+    with pytest.raises(TypeError, match=r"^fit: model must be a torch.nn.Module, got function"):
+        fit(lambda x: x, x_train, x_val, TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"^fit: the model has no parameters to train"):
+        fit(nn.Identity(), x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False)
+    split = ForwardOnly()
+    split.other = nn.Parameter(torch.ones(1, device="meta"))
+    with pytest.raises(ValueError, match=r"^fit: the model's parameters are on 2 devices \(cpu, meta\)"):
+        fit(split, x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False)
+    with pytest.raises(TypeError, match=r"^fit: config must be a TrainConfig"):
+        fit(ForwardOnly(), x_train, x_val, {"epochs": 1}, progress=False)
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.zeros((4, 1, 28, 28), np.uint8), r"^fit: x_train is a numpy array of shape \(4, 1, 28, 28\)"),
+    (np.zeros((4, 28, 28), np.int64), r"^fit: x_train: images must be uint8 or float"),
+    (torch.zeros(4, 28, 28), r"^fit: x_train must be a float tensor \(n, C, H, W\)"),
+    (torch.zeros(0, 1, 28, 28), r"^fit: x_train holds no images"),
+    ([[0.5]], r"^fit: x_train must be images"),
+])
+def test_fit_refuses_images_it_cannot_train_on(mnist_small, x, message):
+    error = TypeError if isinstance(x, list) else ValueError
+    with pytest.raises(error, match=message):
+        fit(seeded_model(tiny_config()), x, mnist_small[1][:8], TrainConfig(epochs=1), progress=False)

@@ -42,7 +42,7 @@ from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_arra
 from aekit.models import INITS, build_model
 from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                            outlier_threshold, reconstruction_errors, resolve_device)
+                            outlier_threshold, prepare_images, reconstruction_errors, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
@@ -58,11 +58,6 @@ class RunError(ValueError):
 
 
 # --------------------------------------------------------------------------- data
-
-def prepare_images(x: np.ndarray) -> torch.Tensor:
-    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(data_lib.to_nchw(data_lib.to_float(x))))
-
 
 def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tensor | ImageStream, torch.Tensor | ImageStream, np.ndarray | None]:
     """The run's data: (x_train, x_test, y_test), with ``config.limit`` applied.

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
+from aekit.data import DataError, to_float, to_nchw
 from aekit.models import cpu_cores, map_chunks
 from aekit.noise import add_noise, noise_generator, parse_noise
 
@@ -163,6 +164,52 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# ------------------------------------------------------------------------- the data
+
+def prepare_images(x: np.ndarray) -> torch.Tensor:
+    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(to_nchw(to_float(x))))
+
+
+def _training_images(x, name: str):
+    """``fit``'s ``x_train`` or ``x_val`` as a tensor (n, C, H, W) or an image stream."""
+    if isinstance(x, np.ndarray):
+        if x.ndim == 4 and x.shape[-1] not in (1, 3):
+            raise ValueError(f"fit: {name} is a numpy array of shape {x.shape}; numpy images must be "
+                             "(n, H, W) or (n, H, W, C) with C 1 or 3, as aekit.data.load_dataset gives them: "
+                             "pass channels-first images as a float tensor (n, C, H, W)")
+        try:
+            x = prepare_images(x)
+        except DataError as exc:
+            raise ValueError(f"fit: {name}: {exc}") from None
+    elif isinstance(x, torch.Tensor):
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"fit: {name} must be a float tensor (n, C, H, W) in [0, 1], got shape "
+                             f"{tuple(x.shape)} {x.dtype}; aekit.training.prepare_images converts numpy images")
+    elif not (hasattr(x, "batches") and hasattr(x, "shape")):
+        raise TypeError(f"fit: {name} must be images: a numpy array (n, H, W) or (n, H, W, C), a float tensor "
+                        f"(n, C, H, W) or an image stream (aekit.streaming), got {type(x).__name__}")
+    if len(x) == 0:
+        raise ValueError(f"fit: {name} holds no images")
+    return x
+
+
+def _check_trainable(model: nn.Module, loss: str) -> torch.device:
+    """The device of a model ``fit`` can train (see its docstring), or a one-line error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not trainable(model):
+        raise ValueError("fit: the model has no parameters to train (none, or none with requires_grad)")
+    devices = sorted({str(t.device) for t in (*model.parameters(), *model.buffers())})
+    if len(devices) > 1:
+        raise ValueError(f"fit: the model's parameters are on {len(devices)} devices ({', '.join(devices)}); "
+                         "fit trains on one: move the model there with model.to(device)")
+    if loss == "bce" and not callable(getattr(model, "logits", None)):
+        raise TypeError("fit: loss='bce' needs model.logits(x), the outputs before the sigmoid (n, C, H, W), "
+                        "with forward(x) = sigmoid(logits(x)); add that method, or pass loss='mse'")
+    return next(model.parameters()).device
+
+
 # ------------------------------------------------------------------------- the loop
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -200,10 +247,11 @@ def _in_order(x, batch_size: int):
 def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
     """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
 
-    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). Under DDP each rank
-    evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
-    (it is a collective) and every rank gets the same result; a stream is read whole by
-    every rank.
+    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). The reconstructions are
+    ``model(x)``, or ``sigmoid(model.logits(x))`` for ``loss="bce"``, which also needs the
+    logits. Under DDP each rank evaluates its part of a tensor and the sums are
+    all-reduced, so every rank must call it (it is a collective) and every rank gets the
+    same result; a stream is read whole by every rank.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -221,11 +269,13 @@ def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> 
         batches = _in_order(x, batch_size)
     for xb in batches:
         xb = xb.to(device, non_blocking=True)
-        logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
-        recon = torch.sigmoid(logits)
-        sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         if loss == "bce":
+            logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
+            recon = torch.sigmoid(logits)
             total_loss += F.binary_cross_entropy_with_logits(logits, xb, reduction="sum").item()
+        else:
+            recon = map_chunks(model, xb) if device.type == "cpu" else model(xb)
+        sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         recon64, data64 = recon.double().cpu(), xb.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
@@ -542,10 +592,24 @@ def fit(
     micro_batch: int | None = None,
     workers: int | None = None,
 ) -> TrainState:
-    """Train ``model`` to reconstruct ``x_train`` (n, C, H, W) float32 in [0, 1].
+    """Train ``model`` to reconstruct the images ``x_train``; ``config``'s fields left None
+    take its recipe's values (``fit(model, x_train, x_val, TrainConfig(epochs=5))``).
 
-    ``x_train`` and ``x_val`` are tensors or image streams (:mod:`aekit.streaming`); a
-    tensor is moved to the model's device once, a stream is read batch by batch.
+    ``x_train`` and ``x_val`` are each a numpy array in the loaders' layout, (n, H, W) or
+    (n, H, W, C), uint8 or float in [0, 1] (converted by :func:`prepare_images`); a float
+    tensor (n, C, H, W) in [0, 1]; or an image stream (:mod:`aekit.streaming`). Images in
+    memory are moved to the model's device once, a stream is read batch by batch.
+
+    What ``model`` must provide (checked first, with a one-line error naming ``fit``):
+
+    - it is an ``nn.Module`` with parameters to train, all on one device (fit trains there
+      and leaves them there);
+    - ``forward(x)``: (n, C, H, W) -> reconstructions (n, C, H, W) in [0, 1];
+    - ``logits(x)``: the same before the sigmoid, ``forward(x) == sigmoid(logits(x))``, for
+      ``loss="bce"`` (the default recipe's).
+
+    On the CPU fit trains it channels_last and gives it back contiguous, also when
+    training fails.
 
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
@@ -558,8 +622,11 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    config.validate()
-    device = next(model.parameters()).device
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
+    config = config.resolved()
+    device = _check_trainable(model, config.loss)
+    x_train, x_val = _training_images(x_train, "x_train"), _training_images(x_val, "x_val")
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
     n = len(x_train)
@@ -660,5 +727,5 @@ def fit(
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
            "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
-           "make_optimizer", "match_state_layout", "shuffled_batches",
+           "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -11,7 +11,7 @@ from torch import nn
 from aekit.models import INITS, SeedAutoencoder
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
 from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, epoch_permutation, evaluate, fit,
-                            learning_rate, loss_fn, make_optimizer, match_state_layout, train_step,
+                            learning_rate, loss_fn, make_optimizer, train_step,
                             PoolOrNot)
 
 
@@ -260,18 +260,38 @@ def test_micro_batch_is_validated(mnist_small):
 
 def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
     """A checkpoint stores Adam's moments contiguous; fit() trains channels_last. Fused CPU
-    Adam gives wrong updates when the two layouts differ, so fit() aligns them: the moments
-    end up with their parameter's strides."""
-    config = tiny_config(epochs=1)
-    model = seeded_model(config)
-    optimizer = make_optimizer(model, config)
-    fit(model, mnist_small[0][:128], mnist_small[1][:8], config, optimizer=optimizer, progress=False)
-    model.to(memory_format=torch.channels_last)
-    match_state_layout(optimizer)
-    for param in model.parameters():
-        for value in optimizer.state[param].values():
-            if value.shape == param.shape:
-                assert value.stride() == param.stride()
+    Adam gives wrong updates when the two layouts differ, so fit() aligns them: while it
+    trains, the moments loaded from the checkpoint have their parameter's strides, and the
+    resumed run ends with the weights of a run never stopped."""
+    x_train, x_val = mnist_small[0][:128], mnist_small[1][:8]
+    config = tiny_config(epochs=2)
+    straight = seeded_model(config)
+    fit(straight, x_train, x_val, config, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def save_and_stop(model, optimizer, state):
+        save_checkpoint(model, optimizer, state, tmp_path / "ckpt.safetensors")
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit(seeded_model(config), x_train, x_val, config, on_epoch_end=save_and_stop, progress=False)
+    resumed = SeedAutoencoder()
+    optimizer = make_optimizer(resumed, config)
+    state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
+    layouts = []
+
+    def record_layouts(model, optimizer, state):  # called by fit while it trains channels_last
+        layouts.extend((value.stride(), param.stride()) for param in model.parameters()
+                       for value in optimizer.state[param].values() if value.shape == param.shape)
+
+    fit(resumed, x_train, x_val, config, optimizer=optimizer, state=state, on_epoch_end=record_layouts,
+        progress=False)
+    assert any(param != tuple(sorted(param, reverse=True)) for _, param in layouts)  # channels_last seen
+    assert all(value == param for value, param in layouts)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_the_number_of_workers_does_not_change_the_result(mnist_small):

@@ -10,9 +10,9 @@ from torch import nn
 
 from aekit.models import INITS, SeedAutoencoder
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
-from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, epoch_permutation, evaluate, fit,
-                            learning_rate, loss_fn, make_optimizer, train_step,
-                            PoolOrNot)
+from aekit.training import (ADAM_EPS, RECIPES, EpochRecord, PoolOrNot, TrainConfig, TrainState,
+                            epoch_permutation, evaluate, fit, learning_rate, loss_fn, make_optimizer,
+                            train_step)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -155,8 +155,12 @@ def test_checkpoint_round_trip_of_every_tensor(tmp_path, mnist_small):
 
 
 def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist_small):
-    """Stop after epoch 1 (as a crash would), resume from the checkpoint: on the CPU
-    the result equals an uninterrupted run exactly."""
+    """Stop after epoch 1 (as a crash would), resume from the checkpoint: on the CPU the
+    result equals an uninterrupted run exactly.
+
+    The checkpoint stores Adam's moments contiguous while fit() trains channels_last, and
+    fused CPU Adam gives wrong updates when the two layouts differ: fit() itself aligns
+    them, so while it trains each moment has its parameter's strides."""
     x_train, x_test = mnist_small[0][:512], mnist_small[1][:128]
     config = tiny_config(epochs=2)
 
@@ -178,7 +182,16 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist_small):
     optimizer = make_optimizer(resumed, config)
     state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
     assert state.epoch == 1
-    fit(resumed, x_train, x_test, config, optimizer=optimizer, state=state, progress=False)
+    layouts = []
+
+    def record_layouts(model, optimizer, state):  # called by fit while it trains channels_last
+        layouts.extend((value.stride(), param.stride()) for param in model.parameters()
+                       for value in optimizer.state[param].values() if value.shape == param.shape)
+
+    fit(resumed, x_train, x_test, config, optimizer=optimizer, state=state, on_epoch_end=record_layouts,
+        progress=False)
+    assert any(param != tuple(sorted(param, reverse=True)) for _, param in layouts)  # channels_last seen
+    assert all(value == param for value, param in layouts)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -256,42 +269,6 @@ def test_micro_batch_is_validated(mnist_small):
     config = tiny_config(epochs=1)
     with pytest.raises(ValueError, match="micro_batch must be a positive number of images, got 0"):
         fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, micro_batch=0)
-
-
-def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
-    """A checkpoint stores Adam's moments contiguous; fit() trains channels_last. Fused CPU
-    Adam gives wrong updates when the two layouts differ, so fit() aligns them: while it
-    trains, the moments loaded from the checkpoint have their parameter's strides, and the
-    resumed run ends with the weights of a run never stopped."""
-    x_train, x_val = mnist_small[0][:128], mnist_small[1][:8]
-    config = tiny_config(epochs=2)
-    straight = seeded_model(config)
-    fit(straight, x_train, x_val, config, progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def save_and_stop(model, optimizer, state):
-        save_checkpoint(model, optimizer, state, tmp_path / "ckpt.safetensors")
-        raise Stop
-
-    with pytest.raises(Stop):
-        fit(seeded_model(config), x_train, x_val, config, on_epoch_end=save_and_stop, progress=False)
-    resumed = SeedAutoencoder()
-    optimizer = make_optimizer(resumed, config)
-    state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
-    layouts = []
-
-    def record_layouts(model, optimizer, state):  # called by fit while it trains channels_last
-        layouts.extend((value.stride(), param.stride()) for param in model.parameters()
-                       for value in optimizer.state[param].values() if value.shape == param.shape)
-
-    fit(resumed, x_train, x_val, config, optimizer=optimizer, state=state, on_epoch_end=record_layouts,
-        progress=False)
-    assert any(param != tuple(sorted(param, reverse=True)) for _, param in layouts)  # channels_last seen
-    assert all(value == param for value, param in layouts)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_the_number_of_workers_does_not_change_the_result(mnist_small):
@@ -466,3 +443,91 @@ def test_fit_refuses_images_it_cannot_train_on(mnist_small, x, message):
     error = TypeError if isinstance(x, list) else ValueError
     with pytest.raises(error, match=message):
         fit(seeded_model(tiny_config()), x, mnist_small[1][:8], TrainConfig(epochs=1), progress=False)
+
+
+# ------------------------------------------------------------------ Ctrl-C between two steps
+
+def interrupt_after_step(monkeypatch, k: int, hard: bool = False) -> None:
+    """Ctrl-C (SIGINT to this process) as training step k returns; ``hard``: a
+    KeyboardInterrupt raised inside the step instead, as a second Ctrl-C would."""
+    import os
+    import signal
+
+    from aekit import training
+
+    calls = [0]
+
+    def counted(*args, **kwargs):
+        loss = train_step(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == k:
+            if hard:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(training, "train_step", counted)
+
+
+def test_ctrl_c_hands_on_interrupt_the_exact_step_and_fit_goes_on_from_it(tmp_path, mnist_small, monkeypatch):
+    import signal
+
+    x_train, x_val = mnist_small[0][:320], mnist_small[1][:64]
+    config = tiny_config(epochs=2, batch_size=32, noise="salt_pepper:0.2")  # 10 steps per epoch
+    straight = seeded_model(config)
+    expected = fit(straight, x_train, x_val, config, progress=False)
+
+    saved = []
+
+    def save(model, optimizer, state):
+        save_checkpoint(model, optimizer, state, tmp_path / "ckpt.safetensors")
+        saved.append((state.epoch, state.step))
+
+    interrupt_after_step(monkeypatch, 10 + 4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_model(config), x_train, x_val, config, on_interrupt=save, progress=False)
+    monkeypatch.undo()
+    assert saved == [(1, 4)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+    resumed = SeedAutoencoder()
+    optimizer = make_optimizer(resumed, config)
+    state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
+    assert (state.epoch, state.step, state.steps_per_epoch) == (1, 4, 10) and state.loss_sum > 0
+    state = fit(resumed, x_train, x_val, config, optimizer=optimizer, state=state, progress=False)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert [r.loss for r in state.history] == [r.loss for r in expected.history]
+    assert (state.step, state.loss_sum, state.seconds) == (0, 0.0, 0.0)
+
+
+def test_an_interrupt_that_cuts_a_step_saves_nothing(mnist_small, monkeypatch):
+    """A KeyboardInterrupt from inside a step (a second Ctrl-C, or one outside the main
+    thread) leaves the model part-way through an update: on_interrupt is not called."""
+    config = tiny_config(epochs=1, batch_size=32)
+    saved = []
+    interrupt_after_step(monkeypatch, 3, hard=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_model(config), mnist_small[0][:320], mnist_small[1][:8], config,
+            on_interrupt=lambda *args: saved.append(args), progress=False)
+    assert saved == []
+
+
+def test_a_state_part_way_through_an_epoch_must_fit_the_run(mnist_small):
+    config = tiny_config(epochs=1, batch_size=32)
+    x_train, x_val = mnist_small[0][:320], mnist_small[1][:8]
+    with pytest.raises(ValueError, match=r"^fit: state is part-way through an epoch of 12 steps, but x_train "
+                                         r"and batch_size make 10"):
+        fit(seeded_model(config), x_train, x_val, config, state=TrainState(step=3, steps_per_epoch=12))
+    with pytest.raises(ValueError, match=r"^fit: state is part-way through epoch 2, but config.epochs is 1"):
+        fit(seeded_model(config), x_train, x_val, config,
+            state=TrainState(epoch=1, history=[EpochRecord(1, 0.1, 0.1, 0.1, 1.0, 1.0)], step=3, steps_per_epoch=10))
+
+
+def test_a_checkpoint_state_from_before_steps_loads_between_epochs():
+    old = {"epoch": 1, "history": [dataclasses.asdict(EpochRecord(1, 0.1, 0.1, 0.1, 1.0, 1.0))],
+           "best_val_loss": 0.1, "epochs_since_best": 0, "stopped_early": False}
+    state = TrainState.from_dict(old)
+    assert (state.epoch, state.step, state.loss_sum) == (1, 0, 0.0)
+    with pytest.raises(ValueError, match="inconsistent progress: step 11 of 10"):
+        TrainState.from_dict({**old, "step": 11, "steps_per_epoch": 10})

@@ -241,13 +241,15 @@ def cmd_train(args) -> int:
 
 def _interrupted(out: Path) -> str:
     """What Ctrl-C left in the run folder, and how to go on."""
-    from aekit.runs import CHECKPOINT, CONFIG, saved_epoch
+    from aekit.runs import CHECKPOINT, CONFIG, saved_progress
 
     resume = f"resume with: aekit train --out {out} --resume"
-    epoch = saved_epoch(out)
-    if epoch is not None:
-        return (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
-                f"{out / CHECKPOINT}; {resume}")
+    progress = saved_progress(out)
+    if progress is not None:
+        epoch, step, steps = progress
+        saved = (f"epoch {epoch + 1}, step {step} of {steps}" if step
+                 else f"{epoch} complete epoch{'s' * (epoch != 1)}")
+        return f"aekit: interrupted; {saved} saved in {out / CHECKPOINT}; {resume}"
     if (out / CONFIG).is_file():
         return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
     return "aekit: interrupted before training started; nothing was saved"

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import reprlib
+import signal
 import threading
 import time
 import types
@@ -332,20 +333,38 @@ class EpochRecord:
 
 @dataclass
 class TrainState:
-    """What a checkpoint holds beside the weights and the optimiser."""
+    """What a checkpoint holds beside the weights and the optimiser.
+
+    Between epochs ``step``, ``loss_sum`` and ``seconds`` are 0. A state that :func:`fit`
+    hands to ``on_interrupt`` is part-way through epoch ``epoch + 1``: its first ``step``
+    batches are trained, with the summed loss ``loss_sum`` and the time ``seconds`` so far
+    (on rank 0 of a DDP run, that rank's rows); the shuffle, the noise and the learning rate
+    of the batches left follow from (seed, epoch, step), so training goes on exactly.
+    Checkpoints from before these fields load as a state between epochs.
+    """
 
     epoch: int = 0                                   # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
     stopped_early: bool = False
+    step: int = 0                                    # batches done of epoch `epoch + 1`
+    steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
+    loss_sum: float = 0.0                            # those batches' summed loss
+    seconds: float = 0.0                             # and their time
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
         state = from_plain(cls, data, "state")
         if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
             raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
+        if not 0 <= state.step <= state.steps_per_epoch:
+            raise ValueError(f"inconsistent progress: step {state.step} of {state.steps_per_epoch}")
         return state
+
+    def finish_epoch(self, record: EpochRecord) -> None:
+        self.history.append(record)
+        self.epoch, self.step, self.loss_sum, self.seconds = record.epoch, 0, 0.0, 0.0
 
 
 def from_plain(cls, data: object, where: str):
@@ -565,6 +584,49 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+class HeldInterrupts:
+    """Ctrl-C held back while the loop changes the model, the optimiser and the state
+    together (:meth:`hold` ... :meth:`release`), so that it lands between two steps.
+
+    Between :meth:`install` and :meth:`restore`, SIGINT inside such a stretch is remembered
+    and raised as KeyboardInterrupt by :meth:`release`; anywhere else, and a second Ctrl-C
+    at any time, it raises at once, as usual. It only takes over from Python's own handler,
+    in the main thread (elsewhere signals cannot be handled); where it does not, an
+    interrupt lands where it lands and ``busy`` says whether that was mid-step.
+    """
+
+    def __init__(self):
+        self.busy = self.pending = self._installed = False
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+
+    def restore(self) -> None:
+        """Python's own handler back."""
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.busy and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        self.busy = True
+
+    def release(self) -> None:
+        """End a held stretch: the model, optimiser and state agree again."""
+        self.busy = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The shuffle of epoch ``epoch``: a pure function of (seed, epoch), so resuming
     a run at an epoch boundary replays exactly the same batches."""
@@ -588,6 +650,7 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     state: TrainState | None = None,
     on_epoch_end: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
+    on_interrupt: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
     progress: bool = True,
     micro_batch: int | None = None,
     workers: int | None = None,
@@ -614,7 +677,16 @@ def fit(
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
     ``on_epoch_end`` (e.g. to write a checkpoint). Pass ``optimizer`` and ``state`` from a
-    checkpoint to continue a run. ``micro_batch`` (default: :func:`default_micro_batch`)
+    checkpoint to continue a run.
+
+    Ctrl-C (KeyboardInterrupt) lands between two steps: a step that has begun is finished
+    first (in the main thread of a single process; under DDP an interrupt mid-step saves
+    nothing). Then ``on_interrupt`` gets the model, the optimiser and the state at that
+    step (``state.step`` batches of epoch ``state.epoch + 1`` done), if training got past
+    where this call started, and the KeyboardInterrupt goes on. Continuing from them
+    (e.g. a checkpoint) trains the rest of the epoch exactly as if it had not stopped.
+
+    ``micro_batch`` (default: :func:`default_micro_batch`)
     sets how many images go through the network at once, ``workers`` (default:
     :func:`default_workers`, and then :class:`PoolOrNot` picks between them and one thread
     as the machine's load changes) how many threads run chunks side by side
@@ -664,17 +736,34 @@ def fit(
     if pool is not None:
         torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
     noise = parse_noise(config.noise)
+    if state.step and state.steps_per_epoch != steps_per_epoch:
+        raise ValueError(f"fit: state is part-way through an epoch of {state.steps_per_epoch} steps, but "
+                         f"x_train and batch_size make {steps_per_epoch}; continue with the same data and batch_size")
+    if state.step and state.epoch >= config.epochs:
+        raise ValueError(f"fit: state is part-way through epoch {state.epoch + 1}, but config.epochs is "
+                         f"{config.epochs}; pass epochs={state.epoch + 1} or more to finish it")
+    state.steps_per_epoch = steps_per_epoch
+    began = (state.epoch, state.step)
+    interrupts = HeldInterrupts()
     try:
+        if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
+            interrupts.install()
         while state.epoch < config.epochs and not state.stopped_early:
-            epoch = state.epoch
+            epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
             model.train()
             batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
-            bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
-            loss_sum = torch.zeros((), device=device)
+            bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
+                       leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+            # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
+            loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
             generator = noise_generator(config.seed, epoch, device) if noise is not None else None
-            started = time.perf_counter()
+            started = time.perf_counter() - state.seconds
             for step, xb in enumerate(batches):
+                if step < done:  # trained before: draw its noise again, so that the rest match
+                    if generator is not None:
+                        add_noise(xb, noise, generator)
+                    continue
+                interrupts.hold()  # until the step is taken and counted
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
                 x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
@@ -686,23 +775,25 @@ def fit(
                                        pool if use_pool else None, weight=weight)
                 if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
                     loss_sum += step_loss
+                state.step = step + 1
+                interrupts.release()
                 if chooser is not None:
                     chooser.record(use_pool, time.perf_counter() - step_started)
                 if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                     bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                     elapsed = time.perf_counter() - started
                     bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
-            loss_sum = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+            epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
             seconds = time.perf_counter() - started
             result = evaluate(model, x_val, config.loss)
-            record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,
+            record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
                                  val_mse=result.mse, seconds=seconds, images_per_second=n / seconds)
             if progress:
                 bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
                                 img_s=f"{record.images_per_second:,.0f}")
             bar.close()
-            state.history.append(record)
-            state.epoch = epoch + 1
+            interrupts.hold()  # the epoch's results go into the state together
+            state.finish_epoch(record)
             if result.collapsed:
                 log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
             if record.val_loss < state.best_val_loss:
@@ -713,9 +804,17 @@ def fit(
                     state.stopped_early = True
                     log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
                                 epoch + 1, config.patience)
+            interrupts.release()
             if on_epoch_end is not None:
                 on_epoch_end(model, optimizer, state)
+    except KeyboardInterrupt:
+        if on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began:
+            if state.step:  # part-way through an epoch
+                state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+            on_interrupt(model, optimizer, state)
+        raise
     finally:
+        interrupts.restore()
         if pool is not None:
             pool.close()
             torch.set_num_threads(threads)
@@ -724,8 +823,9 @@ def fit(
     return state
 
 
-__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
+__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation", "fit",
+           "train_step", "HeldInterrupts", "ChunkPool", "PoolOrNot", "default_workers", "evaluate",
+           "reconstruction_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
            "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -239,6 +239,10 @@ def worker(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
+    if kind in ("encode", "quality", "stream") or spec.get("impl") == "aekit":
+        from aekit.models import keep_freed_memory
+
+        keep_freed_memory()  # as the aekit command does: the library leaves it to its caller
     if kind == "train":
         impl, n, batch, device = spec["impl"], spec["images"], spec["batch"], spec.get("device", "cpu")
         if impl == "keras":

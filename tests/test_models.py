@@ -79,12 +79,34 @@ def test_keras_init_is_glorot_uniform_with_zero_bias():
         assert torch.count_nonzero(conv.bias) == 0
 
 
-def test_he_init_scales_by_fan_in():
+def assert_uniform(weight: torch.Tensor, bound: float, name: str) -> None:
+    """``weight`` looks drawn from U(-bound, bound): nothing beyond the bound, the largest
+    value near it, and the standard deviation bound / sqrt(3)."""
+    w = weight.detach().flatten()
+    assert float(w.abs().max()) <= bound * (1 + 1e-6), name
+    assert float(w.abs().max()) >= bound * (1 - 20 / len(w)), name  # P(fails) < 1e-9 for n >= 144
+    assert float(w.std()) == pytest.approx(bound / np.sqrt(3), rel=0.15), name
+
+
+@pytest.mark.parametrize("model", [SeedAutoencoder(), build_model("conv", (1, 28, 28), latent_dim=32)],
+                         ids=["seed", "conv"])
+def test_he_init_is_kaiming_for_relu_layers_and_glorot_for_the_output_and_the_bottleneck(model):
+    """kaiming_uniform (bound sqrt(6 / fan_in)) where a ReLU follows; glorot_uniform (bound
+    sqrt(6 / (fan_in + fan_out))) for the output convolution, which feeds a sigmoid, and the
+    conv model's dense bottleneck g_a.fc, which is linear. Zero biases everywhere."""
     torch.manual_seed(0)
-    model = SeedAutoencoder()
     init_he_(model)
-    first = model.g_a.layers[0]
-    assert float(first.weight.detach().abs().max()) <= np.sqrt(6 / 9) + 1e-6
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    glorot = {id(layers[-1]), id(getattr(model.g_a, "fc", None))}
+    assert len(glorot - {id(None)}) == (2 if hasattr(model.g_a, "fc") else 1)
+    for i, layer in enumerate(layers):
+        receptive = layer.weight[0, 0].numel()  # 9 for a 3x3 convolution, 1 for a dense layer
+        fan_in, fan_out = layer.weight.shape[1] * receptive, layer.weight.shape[0] * receptive
+        if id(layer) in glorot:
+            assert_uniform(layer.weight, np.sqrt(6 / (fan_in + fan_out)), f"layer {i} (glorot)")
+        else:
+            assert_uniform(layer.weight, np.sqrt(6 / fan_in), f"layer {i} (he)")
+        assert torch.count_nonzero(layer.bias) == 0
 
 
 # --- a NumPy reference of the Keras layers, to check the PyTorch network against ---

@@ -11,8 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,12 +26,7 @@ from aekit.models import SeedAutoencoder
 from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_epoch
 from aekit.training import TrainConfig, make_optimizer
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("aekit: error: ")
-    return err[0]
+from conftest import need, one_error_line
 
 
 @pytest.fixture(autouse=True)
@@ -245,12 +240,13 @@ def test_read_only_folder_gives_one_line(tmp_path, mnist, capsys, monkeypatch, e
 
 @contextlib.contextmanager
 def tmpfs(path, size: str):
-    """A real small file system at ``path``; skips where mounting is not allowed."""
+    """A real small file system at ``path``; skips where mounting is not allowed (fails
+    under CI=true, where it must run)."""
     path.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root in a system that allows mounts); "
-                    "the simulated full-disk and read-only tests above still ran")
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    need(mounted, "cannot mount a tmpfs here (needs root in a system that allows mounts); "
+                  "the simulated full-disk and read-only tests above still ran")
     try:
         yield path
     finally:
@@ -274,49 +270,142 @@ def test_real_full_then_read_only_disk(tmp_path, mnist, capsys):
 
 # --------------------------------------------------------------------- kill -9 and Ctrl-C
 
-def start_training(out, *flags: str) -> subprocess.Popen:
+# `python -c TRIGGER MODULE NAME K SIGNAL train ...`: the aekit command, with MODULE.NAME
+# wrapped so that the process sends itself SIGNAL as soon as the K-th call has returned.
+# The signal lands on an event of the run (a step, a write), never after a guessed sleep.
+TRIGGER = """
+import importlib, os, signal, sys
+from aekit.cli import main
+
+module_name, name, at, sig = sys.argv[1:5]
+module = importlib.import_module(module_name)
+original, calls = getattr(module, name), [0]
+
+def counted(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == int(at):
+        os.kill(os.getpid(), getattr(signal, sig))
+    return result
+
+setattr(module, name, counted)
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+def train_until(out, at: tuple[str, str, int], sig: str, *flags: str) -> tuple[int, str]:
+    """Run ``aekit train --out out flags`` in a process of its own that signals itself with
+    ``sig`` after call number k of ``at = (module, function, k)``; its exit code and stderr."""
     # The same thread count as the in-process runs, so that sums agree bitwise.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "aekit", "train", "--out", str(out), "--quiet", *flags],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    module, name, k = at
+    process = subprocess.run([sys.executable, "-c", TRIGGER, module, name, str(k), sig,
+                              "train", "--out", str(out), "--quiet", *flags],
+                             env=env, capture_output=True, text=True, timeout=600)
+    return process.returncode, process.stderr
 
 
-def wait_for_epochs(out, n: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Until the run's history.csv has ``n`` rows, i.e. epoch n's checkpoint is written."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        history = out / "history.csv"
-        if history.exists() and len(history.read_text().splitlines()) > n:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"training ended early: {process.communicate()}")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"no epoch {n} after {timeout} s")
+SMALL = ("--limit", "600", "--epochs", "2")  # 19 steps of 32 images per epoch
 
 
-KILL_FLAGS = ("--limit", "3000", "--epochs", "3")
+def step(k: int) -> tuple[str, str, int]:
+    """The moment training step k (counted from 1 over the whole run) has been taken."""
+    return ("aekit.training", "train_step", k)
 
 
-def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(tmp_path, mnist):
-    straight = tmp_path / "straight"
-    assert main(["train", "--out", str(straight), "--quiet", *KILL_FLAGS]) == 0
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, mnist):
+    """The run folder of ``aekit train FLAGS`` never interrupted, trained once per FLAGS."""
+    made = {}
 
-    killed = tmp_path / "killed"
-    process = start_training(killed, *KILL_FLAGS)
-    wait_for_epochs(killed, 1, process)
-    time.sleep(0.3)  # into epoch 2 (an epoch takes seconds here)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
-    assert saved_epoch(killed) == 1, "the kill should land in epoch 2, before its checkpoint"
-    assert not (killed / WEIGHTS).exists()
+    def run(*flags: str):
+        if flags not in made:
+            out = tmp_path_factory.mktemp("straight") / "run"
+            torch.set_num_threads(1)
+            assert main(["train", "--out", str(out), "--quiet", *flags]) == 0
+            made[flags] = out
+        return made[flags]
 
-    assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
-    a, b = weights_of(straight / WEIGHTS), weights_of(killed / WEIGHTS)
+    return run
+
+
+def assert_same_run(expected, resumed) -> None:
+    """The same weights bit for bit, and the same losses in the history."""
+    a, b = weights_of(expected / WEIGHTS), weights_of(resumed / WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # exact, not approximate
-    assert json.loads((killed / METRICS).read_text())["epochs"] == 3
+    losses = [[row.split(",")[:4] for row in (run / "history.csv").read_text().splitlines()]
+              for run in (expected, resumed)]
+    assert losses[0] == losses[1]  # epoch, loss, val_loss, val_mse
+    assert json.loads((expected / METRICS).read_text())["epochs"] == json.loads((resumed / METRICS).read_text())["epochs"]
+
+
+@pytest.fixture(scope="module")
+def npy_images(tmp_path_factory, mnist):
+    path = tmp_path_factory.mktemp("npy") / "digits.npy"
+    np.save(path, mnist[0][0][:1000])  # 900 train images after the holdout, 600 with --limit
+    return path
+
+
+@pytest.mark.parametrize("case, at, saved, where", [
+    ("first epoch", step(5), (0, 5), "epoch 1, step 5 of 19"),
+    ("late, denoising", step(19 + 17), (1, 17), "epoch 2, step 17 of 19"),
+    ("streamed", step(19 + 11), (1, 11), "epoch 2, step 11 of 19"),
+    ("between epochs", ("aekit.runs", "write_history", 1), (1, 0), "1 complete epoch"),
+], ids=["first-epoch", "late-denoising", "streamed", "between-epochs"])
+def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, straight_run, npy_images,
+                                                                   case, at, saved, where):
+    """Ctrl-C mid-epoch: the checkpoint holds that very step (weights, Adam, the epoch's
+    loss so far; the shuffle, noise and learning rate follow from the step), and resuming
+    from it ends exactly where a run never interrupted ends."""
+    flags = {"late, denoising": ("--noise", "gaussian:0.3"),
+             "streamed": ("--data", str(npy_images), "--stream")}.get(case, ()) + SMALL
+    out = tmp_path / "run"
+    code, err = train_until(out, at, "SIGINT", *flags)
+    assert code == 130, err
+    assert err.strip().splitlines() == [
+        f"aekit: interrupted; {where} saved in {out / CHECKPOINT}; resume with: aekit train --out {out} --resume"]
+    assert no_temporaries(out) and not (out / WEIGHTS).exists()
+    model, config = SeedAutoencoder(), runs.read_config(out)
+    state = load_checkpoint(model, make_optimizer(model, config), out / CHECKPOINT, config)
+    assert (state.epoch, state.step) == saved
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert_same_run(straight_run(*flags), out)
+
+
+def test_resume_refuses_to_end_before_the_epoch_a_checkpoint_is_in(tmp_path, mnist, capsys, monkeypatch):
+    from aekit import training
+
+    real_step, calls = training.train_step, [0]
+
+    def interrupted(*args, **kwargs):  # Ctrl-C as step 12 (epoch 2 of 10 steps) returns
+        calls[0] += 1
+        loss = real_step(*args, **kwargs)
+        if calls[0] == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(training, "train_step", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet"]) == 130
+    assert f"epoch 2, step 2 of 10 saved in {out / CHECKPOINT}" in capsys.readouterr().err
+    monkeypatch.undo()
+    before = (out / CHECKPOINT).read_bytes()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "1", "--quiet"]) == 2
+    assert one_error_line(capsys).endswith(f"{out / CHECKPOINT} stopped part-way through epoch 2; "
+                                           "pass --epochs 2 or more to finish it")
+    assert (out / CHECKPOINT).read_bytes() == before and not (out / WEIGHTS).exists()
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(tmp_path, straight_run):
+    killed = tmp_path / "killed"
+    code, _ = train_until(killed, step(19 + 7), "SIGKILL", *SMALL)
+    assert code == -signal.SIGKILL
+    assert saved_epoch(killed) == 1  # the end of epoch 1: a kill leaves no time to save more
+    assert not (killed / WEIGHTS).exists()
+    assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
+    assert_same_run(straight_run(*SMALL), killed)
 
 
 def test_resume_clears_what_a_killed_write_left(run_copy, mnist):
@@ -329,27 +418,6 @@ def test_resume_clears_what_a_killed_write_left(run_copy, mnist):
     assert (run_copy / "notes.txt.tmp").exists()
 
 
-def test_ctrl_c_keeps_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, mnist):
-    out = tmp_path / "run"
-    process = start_training(out, "--limit", "2000", "--epochs", "40")
-    wait_for_epochs(out, 1, process)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    epoch = saved_epoch(out)
-    assert epoch is not None and epoch >= 1
-    assert lines[0] == (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
-                        f"{out / CHECKPOINT}; resume with: aekit train --out {out} --resume")
-    assert no_temporaries(out)
-    model = SeedAutoencoder()
-    config = runs.read_config(out)
-    assert load_checkpoint(model, make_optimizer(model, config), out / CHECKPOINT, config).epoch == epoch
-    assert main(["train", "--out", str(out), "--resume", "--epochs", str(epoch + 1), "--quiet"]) == 0
-    assert json.loads((out / METRICS).read_text())["epochs"] == epoch + 1
-
-
 def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -360,6 +428,19 @@ def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         f"aekit: interrupted before the first epoch ended; resume with: aekit train --out {out} "
         "--resume (it starts from the beginning)")
+
+
+def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch):
+    """glibc's mallopt is the command's process-wide choice (the library never makes it)."""
+    import ctypes
+
+    from aekit import models
+
+    loaded = []
+    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
+    assert main(["train", "--limit", "100", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert loaded == ["libc.so.6"]
 
 
 def test_config_round_trip_through_from_dict():

@@ -3,15 +3,16 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from aekit.models import INITS, SeedAutoencoder
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
-from aekit.training import (ADAM_EPS, RECIPES, TrainConfig, epoch_permutation, evaluate, fit,
-                            learning_rate, loss_fn, make_optimizer, match_state_layout, train_step,
-                            PoolOrNot)
+from aekit.training import (ADAM_EPS, RECIPES, EpochRecord, PoolOrNot, TrainConfig, TrainState,
+                            epoch_permutation, evaluate, fit, learning_rate, loss_fn, make_optimizer,
+                            train_step)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -154,8 +155,12 @@ def test_checkpoint_round_trip_of_every_tensor(tmp_path, mnist_small):
 
 
 def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist_small):
-    """Stop after epoch 1 (as a crash would), resume from the checkpoint: on the CPU
-    the result equals an uninterrupted run exactly."""
+    """Stop after epoch 1 (as a crash would), resume from the checkpoint: on the CPU the
+    result equals an uninterrupted run exactly.
+
+    The checkpoint stores Adam's moments contiguous while fit() trains channels_last, and
+    fused CPU Adam gives wrong updates when the two layouts differ: fit() itself aligns
+    them, so while it trains each moment has its parameter's strides."""
     x_train, x_test = mnist_small[0][:512], mnist_small[1][:128]
     config = tiny_config(epochs=2)
 
@@ -177,7 +182,16 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist_small):
     optimizer = make_optimizer(resumed, config)
     state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
     assert state.epoch == 1
-    fit(resumed, x_train, x_test, config, optimizer=optimizer, state=state, progress=False)
+    layouts = []
+
+    def record_layouts(model, optimizer, state):  # called by fit while it trains channels_last
+        layouts.extend((value.stride(), param.stride()) for param in model.parameters()
+                       for value in optimizer.state[param].values() if value.shape == param.shape)
+
+    fit(resumed, x_train, x_test, config, optimizer=optimizer, state=state, on_epoch_end=record_layouts,
+        progress=False)
+    assert any(param != tuple(sorted(param, reverse=True)) for _, param in layouts)  # channels_last seen
+    assert all(value == param for value, param in layouts)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -257,22 +271,6 @@ def test_micro_batch_is_validated(mnist_small):
         fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, micro_batch=0)
 
 
-def test_resume_with_fused_adam_and_channels_last_state(tmp_path, mnist_small):
-    """A checkpoint stores Adam's moments contiguous; fit() trains channels_last. Fused CPU
-    Adam gives wrong updates when the two layouts differ, so fit() aligns them: the moments
-    end up with their parameter's strides."""
-    config = tiny_config(epochs=1)
-    model = seeded_model(config)
-    optimizer = make_optimizer(model, config)
-    fit(model, mnist_small[0][:128], mnist_small[1][:8], config, optimizer=optimizer, progress=False)
-    model.to(memory_format=torch.channels_last)
-    match_state_layout(optimizer)
-    for param in model.parameters():
-        for value in optimizer.state[param].values():
-            if value.shape == param.shape:
-                assert value.stride() == param.stride()
-
-
 def test_the_number_of_workers_does_not_change_the_result(mnist_small):
     """ChunkPool runs a batch's chunks side by side and the gradients are added in chunk
     order, so 1, 2 or 3 workers, or the default that switches between pool and one thread
@@ -307,3 +305,229 @@ def test_workers_is_validated(mnist_small):
     config = tiny_config(epochs=1)
     with pytest.raises(ValueError, match="workers must be a positive number of threads, got -1"):
         fit(seeded_model(config), mnist_small[0][:64], mnist_small[1][:8], config, progress=False, workers=-1)
+
+
+# ------------------------------------------------- a library call leaves the process as it was
+
+class TinyConvAutoencoder(nn.Module):
+    """A user's own model, nothing of aekit's: forward in [0, 1] and logits, as fit asks."""
+
+    def __init__(self, fail_at_call: int | None = None):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)           # (n, 4, 14, 14)
+        self.mix = nn.Conv2d(4, 4, 3, padding=1)                      # (n, 4, 14, 14)
+        self.up = nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1)    # (n, 1, 28, 28)
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def logits(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("the user's model failed")
+        return self.up(torch.relu(self.mix(torch.relu(self.down(x)))))
+
+    def forward(self, x):
+        return torch.sigmoid(self.logits(x))
+
+
+def test_fit_that_fails_mid_training_gives_the_model_back_contiguous(mnist_small):
+    """fit trains channels_last on the CPU; whatever happens, the caller's model (and the
+    optimiser's moments) come back in the layout they had."""
+    config = tiny_config(epochs=1, batch_size=32)
+    torch.manual_seed(0)
+    model = TinyConvAutoencoder(fail_at_call=3)
+    optimizer = make_optimizer(model, config)
+    with pytest.raises(RuntimeError, match="the user's model failed"):
+        fit(model, mnist_small[0][:256], mnist_small[1][:8], config, optimizer=optimizer, progress=False,
+            workers=1)
+    assert model.calls == 3 and all(p.is_contiguous() for p in model.parameters())
+    for param in model.parameters():
+        for value in optimizer.state[param].values():
+            if value.shape == param.shape:
+                assert value.stride() == param.stride()
+
+
+def test_evaluate_on_the_cpu_runs_with_the_callers_threads_and_leaves_them(mnist_small):
+    seen = []
+
+    class Recording(TinyConvAutoencoder):
+        def logits(self, x):
+            seen.append(torch.get_num_threads())
+            return super().logits(x)
+
+    torch.set_num_threads(2)
+    evaluate(Recording(), mnist_small[1][:200], "bce", batch_size=100)
+    evaluate(Recording(), mnist_small[1][:200], "mse", batch_size=100)
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == 2
+
+
+def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
+    """glibc's mallopt is a process-wide choice: the CLI makes it, a library call never does."""
+    import ctypes
+
+    from aekit import models
+
+    loaded = []
+    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
+    config = tiny_config(epochs=1)
+    model = seeded_model(config)
+    fit(model, mnist_small[0][:128], mnist_small[1][:64], config, progress=False)
+    evaluate(model, mnist_small[1][:64])
+    assert loaded == []
+
+
+# ------------------------------------------------------------- fit for the user's own model
+
+def test_the_readme_library_example_runs_as_written(mnist):
+    """README: fit(model, x_train, x_val, TrainConfig(epochs=5)) with load_dataset's uint8
+    (n, 28, 28) arrays: the recipe fills in the rest; numpy images are converted as the
+    run's data are, so the result is the one of prepare_images' tensors, bit for bit."""
+    (x_train, _), (x_test, _) = mnist
+    x_train, x_test = x_train[:256], x_test[:64]
+    weights = []
+    for train, val in ((x_train, x_test), (prepare_images(x_train), prepare_images(x_test))):
+        torch.manual_seed(0)
+        model = SeedAutoencoder()
+        state = fit(model, train, val, TrainConfig(epochs=1), progress=False)
+        assert state.epoch == 1 and math.isfinite(state.history[0].val_mse)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_fit_trains_a_users_own_module(mnist):
+    (x_train, _), (x_test, _) = mnist
+    torch.manual_seed(0)
+    model = TinyConvAutoencoder()
+    before = evaluate(model, prepare_images(x_test[:200])).mse
+    state = fit(model, x_train[:2000], x_test[:200], TrainConfig(epochs=2), progress=False)
+    assert state.history[-1].val_mse < 0.5 * before
+
+
+class ForwardOnly(nn.Module):
+    """Reconstructions in [0, 1] but no logits: enough for loss="mse", not for "bce"."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (x * self.scale).clamp(0, 1)
+
+
+def test_fit_says_what_a_model_must_provide(mnist_small):
+    x_train, x_val = mnist_small[0][:64], mnist_small[1][:8]
+    with pytest.raises(TypeError, match=r"^fit: loss='bce' needs model.logits\(x\)"):
+        fit(ForwardOnly(), x_train, x_val, TrainConfig(epochs=1), progress=False)
+    assert fit(ForwardOnly(), x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False).epoch == 1
+    with pytest.raises(TypeError, match=r"^fit: model must be a torch.nn.Module, got function"):
+        fit(lambda x: x, x_train, x_val, TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"^fit: the model has no parameters to train"):
+        fit(nn.Identity(), x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False)
+    split = ForwardOnly()
+    split.other = nn.Parameter(torch.ones(1, device="meta"))
+    with pytest.raises(ValueError, match=r"^fit: the model's parameters are on 2 devices \(cpu, meta\)"):
+        fit(split, x_train, x_val, TrainConfig(epochs=1, loss="mse"), progress=False)
+    with pytest.raises(TypeError, match=r"^fit: config must be a TrainConfig"):
+        fit(ForwardOnly(), x_train, x_val, {"epochs": 1}, progress=False)
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.zeros((4, 1, 28, 28), np.uint8), r"^fit: x_train is a numpy array of shape \(4, 1, 28, 28\)"),
+    (np.zeros((4, 28, 28), np.int64), r"^fit: x_train: images must be uint8 or float"),
+    (torch.zeros(4, 28, 28), r"^fit: x_train must be a float tensor \(n, C, H, W\)"),
+    (torch.zeros(0, 1, 28, 28), r"^fit: x_train holds no images"),
+    ([[0.5]], r"^fit: x_train must be images"),
+])
+def test_fit_refuses_images_it_cannot_train_on(mnist_small, x, message):
+    error = TypeError if isinstance(x, list) else ValueError
+    with pytest.raises(error, match=message):
+        fit(seeded_model(tiny_config()), x, mnist_small[1][:8], TrainConfig(epochs=1), progress=False)
+
+
+# ------------------------------------------------------------------ Ctrl-C between two steps
+
+def interrupt_after_step(monkeypatch, k: int, hard: bool = False) -> None:
+    """Ctrl-C (SIGINT to this process) as training step k returns; ``hard``: a
+    KeyboardInterrupt raised inside the step instead, as a second Ctrl-C would."""
+    import os
+    import signal
+
+    from aekit import training
+
+    calls = [0]
+
+    def counted(*args, **kwargs):
+        loss = train_step(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == k:
+            if hard:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(training, "train_step", counted)
+
+
+def test_ctrl_c_hands_on_interrupt_the_exact_step_and_fit_goes_on_from_it(tmp_path, mnist_small, monkeypatch):
+    import signal
+
+    x_train, x_val = mnist_small[0][:320], mnist_small[1][:64]
+    config = tiny_config(epochs=2, batch_size=32, noise="salt_pepper:0.2")  # 10 steps per epoch
+    straight = seeded_model(config)
+    expected = fit(straight, x_train, x_val, config, progress=False)
+
+    saved = []
+
+    def save(model, optimizer, state):
+        save_checkpoint(model, optimizer, state, tmp_path / "ckpt.safetensors")
+        saved.append((state.epoch, state.step))
+
+    interrupt_after_step(monkeypatch, 10 + 4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_model(config), x_train, x_val, config, on_interrupt=save, progress=False)
+    monkeypatch.undo()
+    assert saved == [(1, 4)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+    resumed = SeedAutoencoder()
+    optimizer = make_optimizer(resumed, config)
+    state = load_checkpoint(resumed, optimizer, tmp_path / "ckpt.safetensors")
+    assert (state.epoch, state.step, state.steps_per_epoch) == (1, 4, 10) and state.loss_sum > 0
+    state = fit(resumed, x_train, x_val, config, optimizer=optimizer, state=state, progress=False)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert [r.loss for r in state.history] == [r.loss for r in expected.history]
+    assert (state.step, state.loss_sum, state.seconds) == (0, 0.0, 0.0)
+
+
+def test_an_interrupt_that_cuts_a_step_saves_nothing(mnist_small, monkeypatch):
+    """A KeyboardInterrupt from inside a step (a second Ctrl-C, or one outside the main
+    thread) leaves the model part-way through an update: on_interrupt is not called."""
+    config = tiny_config(epochs=1, batch_size=32)
+    saved = []
+    interrupt_after_step(monkeypatch, 3, hard=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded_model(config), mnist_small[0][:320], mnist_small[1][:8], config,
+            on_interrupt=lambda *args: saved.append(args), progress=False)
+    assert saved == []
+
+
+def test_a_state_part_way_through_an_epoch_must_fit_the_run(mnist_small):
+    config = tiny_config(epochs=1, batch_size=32)
+    x_train, x_val = mnist_small[0][:320], mnist_small[1][:8]
+    with pytest.raises(ValueError, match=r"^fit: state is part-way through an epoch of 12 steps, but x_train "
+                                         r"and batch_size make 10"):
+        fit(seeded_model(config), x_train, x_val, config, state=TrainState(step=3, steps_per_epoch=12))
+    with pytest.raises(ValueError, match=r"^fit: state is part-way through epoch 2, but config.epochs is 1"):
+        fit(seeded_model(config), x_train, x_val, config,
+            state=TrainState(epoch=1, history=[EpochRecord(1, 0.1, 0.1, 0.1, 1.0, 1.0)], step=3, steps_per_epoch=10))
+
+
+def test_a_checkpoint_state_from_before_steps_loads_between_epochs():
+    old = {"epoch": 1, "history": [dataclasses.asdict(EpochRecord(1, 0.1, 0.1, 0.1, 1.0, 1.0))],
+           "best_val_loss": 0.1, "epochs_since_best": 0, "stopped_early": False}
+    state = TrainState.from_dict(old)
+    assert (state.epoch, state.step, state.loss_sum) == (1, 0, 0.0)
+    with pytest.raises(ValueError, match="inconsistent progress: step 11 of 10"):
+        TrainState.from_dict({**old, "step": 11, "steps_per_epoch": 10})

@@ -241,13 +241,15 @@ def cmd_train(args) -> int:
 
 def _interrupted(out: Path) -> str:
     """What Ctrl-C left in the run folder, and how to go on."""
-    from aekit.runs import CHECKPOINT, CONFIG, saved_epoch
+    from aekit.runs import CHECKPOINT, CONFIG, saved_progress
 
     resume = f"resume with: aekit train --out {out} --resume"
-    epoch = saved_epoch(out)
-    if epoch is not None:
-        return (f"aekit: interrupted; {epoch} complete epoch{'s' * (epoch != 1)} saved in "
-                f"{out / CHECKPOINT}; {resume}")
+    progress = saved_progress(out)
+    if progress is not None:
+        epoch, step, steps = progress
+        saved = (f"epoch {epoch + 1}, step {step} of {steps}" if step
+                 else f"{epoch} complete epoch{'s' * (epoch != 1)}")
+        return f"aekit: interrupted; {saved} saved in {out / CHECKPOINT}; {resume}"
     if (out / CONFIG).is_file():
         return f"aekit: interrupted before the first epoch ended; {resume} (it starts from the beginning)"
     return "aekit: interrupted before training started; nothing was saved"
@@ -356,6 +358,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _tune_process(command: str) -> None:
+    """The CLI's process-wide choice, which no library call makes: for the commands that run
+    a network, glibc keeps freed memory for the next pass (aekit.models.keep_freed_memory)."""
+    if command not in ("summary", "data"):  # "data" does not even import torch
+        from aekit.models import keep_freed_memory
+
+        keep_freed_memory()
+
+
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
             "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
@@ -370,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    _tune_process(args.command)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

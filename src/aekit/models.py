@@ -315,6 +315,9 @@ def keep_freed_memory() -> None:
     28,755 images per CPU-second; with both thresholds at 32 MB, 0 faults and 49,906
     (setting only one of the two made it worse: glibc then stops adapting the other).
     The cost: up to 32 MB of freed memory stays with the process.
+
+    Opt-in: it changes the whole process for good, so no library call makes it; the
+    ``aekit`` command does, and so can a program that runs many forward passes.
     """
     global _KEPT
     if _KEPT:
@@ -354,24 +357,27 @@ def channels_last_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
 @torch.inference_mode()
 def map_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CPU_CHUNK,
                workers: int = 1) -> torch.Tensor:
-    """``fn`` applied to ``x`` (n, ...) in chunks of ``chunk`` along the first axis by
-    ``workers`` threads, each with one PyTorch thread; results concatenated in order.
+    """``fn`` applied to ``x`` (n, ...) in chunks of ``chunk`` along the first axis;
+    results concatenated in order.
 
     For per-image functions (a forward pass in eval mode) this is ``fn(x)``, faster: small
-    passes stay in cache, and threads that meet once per chunk do not stall on a busy
-    machine the way PyTorch's own threads do (see training.ChunkPool).
+    passes stay in cache. With one worker the chunks run one after another with the
+    caller's PyTorch threads. With several, ``workers`` threads run them side by side,
+    each with one PyTorch thread (threads that meet once per chunk do not stall on a busy
+    machine the way PyTorch's own threads do, see training.ChunkPool); PyTorch's thread
+    count is process-wide, so it is 1 while they run and restored after, and such calls
+    must not run from several threads at once.
     """
     def in_worker(c: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # a thread-local mode: each worker sets its own
             return fn(c)
 
-    keep_freed_memory()
     chunks = x.split(chunk)
+    if workers <= 1 or len(chunks) == 1:
+        return torch.cat([fn(c) for c in chunks])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if workers <= 1 or len(chunks) == 1:
-            return torch.cat([fn(c) for c in chunks])
         with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="aekit-infer") as pool:
             return torch.cat(list(pool.map(in_worker, chunks)))
     finally:

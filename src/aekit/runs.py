@@ -4,7 +4,8 @@
 
     DIR/config.json              TrainConfig as JSON, plus the aekit version
     DIR/model.safetensors        the trained weights
-    DIR/checkpoint.safetensors   weights + optimiser + progress after the last epoch (--resume)
+    DIR/checkpoint.safetensors   weights + optimiser + progress after the last epoch, or at the
+                                 step Ctrl-C stopped (--resume)
     DIR/history.csv              epoch, loss, val_loss, val_mse, seconds, images_per_second
     DIR/metrics.json             test_mse, test_psnr, epochs, seconds, images_per_second, ...
     DIR/reconstructions.png      test originals above their reconstructions
@@ -42,7 +43,7 @@ from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_arra
 from aekit.models import INITS, build_model
 from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                            outlier_threshold, reconstruction_errors, resolve_device)
+                            outlier_threshold, prepare_images, reconstruction_errors, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
@@ -58,11 +59,6 @@ class RunError(ValueError):
 
 
 # --------------------------------------------------------------------------- data
-
-def prepare_images(x: np.ndarray) -> torch.Tensor:
-    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(data_lib.to_nchw(data_lib.to_float(x))))
-
 
 def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tensor | ImageStream, torch.Tensor | ImageStream, np.ndarray | None]:
     """The run's data: (x_train, x_test, y_test), with ``config.limit`` applied.
@@ -305,14 +301,22 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                        "start the run again with --overwrite") from None
 
 
-def saved_epoch(workdir: str | Path) -> int | None:
-    """The epochs completed in the run's checkpoint, or None without a readable one."""
+def saved_progress(workdir: str | Path) -> tuple[int, int, int] | None:
+    """(epochs completed, steps done of the next epoch, steps per epoch) in the run's
+    checkpoint, or None without a readable one. Between epochs the steps done are 0."""
     try:
         with safe_open(str(Path(workdir) / CHECKPOINT), framework="pt") as f:
-            epoch = json.loads((f.metadata() or {}).get("state", "{}")).get("epoch")
+            state = json.loads((f.metadata() or {}).get("state", "{}"))
+        progress = tuple(state.get(key, 0) for key in ("epoch", "step", "steps_per_epoch"))
     except (SafetensorError, OSError, ValueError, AttributeError):
         return None
-    return epoch if isinstance(epoch, int) else None
+    return progress if all(isinstance(v, int) for v in progress) else None
+
+
+def saved_epoch(workdir: str | Path) -> int | None:
+    """The epochs completed in the run's checkpoint, or None without a readable one."""
+    progress = saved_progress(workdir)
+    return None if progress is None else progress[0]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -434,6 +438,9 @@ def train_and_evaluate(
     if resume and (workdir / CHECKPOINT).exists():
         state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config)
         state.stopped_early = False  # a longer --epochs may give early stopping another go
+        if state.step and state.epoch >= config.epochs:
+            raise RunError(f"{workdir / CHECKPOINT} stopped part-way through epoch {state.epoch + 1}; "
+                           f"pass --epochs {state.epoch + 1} or more to finish it")
     if main:
         for name in replaced:
             (workdir / name).unlink()
@@ -446,8 +453,9 @@ def train_and_evaluate(
             save_checkpoint(model, optimizer, state, workdir / CHECKPOINT, config)
             write_history(state.history, workdir / HISTORY)
 
+    # A checkpoint after each epoch, and one at the very step where Ctrl-C stopped training.
     state = fit(model, x_train, x_test, config, optimizer=optimizer, state=state,
-                on_epoch_end=checkpoint, progress=progress)
+                on_epoch_end=checkpoint, on_interrupt=checkpoint, progress=progress)
     result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
     threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
     seconds = sum(r.seconds for r in state.history)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import reprlib
+import signal
 import threading
 import time
 import types
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
-from aekit.models import cpu_cores, keep_freed_memory, map_chunks
+from aekit.data import DataError, to_float, to_nchw
+from aekit.models import cpu_cores, map_chunks
 from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
@@ -163,6 +165,52 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# ------------------------------------------------------------------------- the data
+
+def prepare_images(x: np.ndarray) -> torch.Tensor:
+    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(to_nchw(to_float(x))))
+
+
+def _training_images(x, name: str):
+    """``fit``'s ``x_train`` or ``x_val`` as a tensor (n, C, H, W) or an image stream."""
+    if isinstance(x, np.ndarray):
+        if x.ndim == 4 and x.shape[-1] not in (1, 3):
+            raise ValueError(f"fit: {name} is a numpy array of shape {x.shape}; numpy images must be "
+                             "(n, H, W) or (n, H, W, C) with C 1 or 3, as aekit.data.load_dataset gives them: "
+                             "pass channels-first images as a float tensor (n, C, H, W)")
+        try:
+            x = prepare_images(x)
+        except DataError as exc:
+            raise ValueError(f"fit: {name}: {exc}") from None
+    elif isinstance(x, torch.Tensor):
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"fit: {name} must be a float tensor (n, C, H, W) in [0, 1], got shape "
+                             f"{tuple(x.shape)} {x.dtype}; aekit.training.prepare_images converts numpy images")
+    elif not (hasattr(x, "batches") and hasattr(x, "shape")):
+        raise TypeError(f"fit: {name} must be images: a numpy array (n, H, W) or (n, H, W, C), a float tensor "
+                        f"(n, C, H, W) or an image stream (aekit.streaming), got {type(x).__name__}")
+    if len(x) == 0:
+        raise ValueError(f"fit: {name} holds no images")
+    return x
+
+
+def _check_trainable(model: nn.Module, loss: str) -> torch.device:
+    """The device of a model ``fit`` can train (see its docstring), or a one-line error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not trainable(model):
+        raise ValueError("fit: the model has no parameters to train (none, or none with requires_grad)")
+    devices = sorted({str(t.device) for t in (*model.parameters(), *model.buffers())})
+    if len(devices) > 1:
+        raise ValueError(f"fit: the model's parameters are on {len(devices)} devices ({', '.join(devices)}); "
+                         "fit trains on one: move the model there with model.to(device)")
+    if loss == "bce" and not callable(getattr(model, "logits", None)):
+        raise TypeError("fit: loss='bce' needs model.logits(x), the outputs before the sigmoid (n, C, H, W), "
+                        "with forward(x) = sigmoid(logits(x)); add that method, or pass loss='mse'")
+    return next(model.parameters()).device
+
+
 # ------------------------------------------------------------------------- the loop
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -200,10 +248,11 @@ def _in_order(x, batch_size: int):
 def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
     """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
 
-    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). Under DDP each rank
-    evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
-    (it is a collective) and every rank gets the same result; a stream is read whole by
-    every rank.
+    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). The reconstructions are
+    ``model(x)``, or ``sigmoid(model.logits(x))`` for ``loss="bce"``, which also needs the
+    logits. Under DDP each rank evaluates its part of a tensor and the sums are
+    all-reduced, so every rank must call it (it is a collective) and every rank gets the
+    same result; a stream is read whole by every rank.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -221,11 +270,13 @@ def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> 
         batches = _in_order(x, batch_size)
     for xb in batches:
         xb = xb.to(device, non_blocking=True)
-        logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
-        recon = torch.sigmoid(logits)
-        sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         if loss == "bce":
+            logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
+            recon = torch.sigmoid(logits)
             total_loss += F.binary_cross_entropy_with_logits(logits, xb, reduction="sum").item()
+        else:
+            recon = map_chunks(model, xb) if device.type == "cpu" else model(xb)
+        sq_err += F.mse_loss(recon, xb, reduction="sum").item()
         recon64, data64 = recon.double().cpu(), xb.double().cpu()
         recon_sum += recon64.sum(0)
         recon_sq += (recon64 ** 2).sum(0)
@@ -282,20 +333,38 @@ class EpochRecord:
 
 @dataclass
 class TrainState:
-    """What a checkpoint holds beside the weights and the optimiser."""
+    """What a checkpoint holds beside the weights and the optimiser.
+
+    Between epochs ``step``, ``loss_sum`` and ``seconds`` are 0. A state that :func:`fit`
+    hands to ``on_interrupt`` is part-way through epoch ``epoch + 1``: its first ``step``
+    batches are trained, with the summed loss ``loss_sum`` and the time ``seconds`` so far
+    (on rank 0 of a DDP run, that rank's rows); the shuffle, the noise and the learning rate
+    of the batches left follow from (seed, epoch, step), so training goes on exactly.
+    Checkpoints from before these fields load as a state between epochs.
+    """
 
     epoch: int = 0                                   # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
     stopped_early: bool = False
+    step: int = 0                                    # batches done of epoch `epoch + 1`
+    steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
+    loss_sum: float = 0.0                            # those batches' summed loss
+    seconds: float = 0.0                             # and their time
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
         state = from_plain(cls, data, "state")
         if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
             raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
+        if not 0 <= state.step <= state.steps_per_epoch:
+            raise ValueError(f"inconsistent progress: step {state.step} of {state.steps_per_epoch}")
         return state
+
+    def finish_epoch(self, record: EpochRecord) -> None:
+        self.history.append(record)
+        self.epoch, self.step, self.loss_sum, self.seconds = record.epoch, 0, 0.0, 0.0
 
 
 def from_plain(cls, data: object, where: str):
@@ -515,6 +584,49 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+class HeldInterrupts:
+    """Ctrl-C held back while the loop changes the model, the optimiser and the state
+    together (:meth:`hold` ... :meth:`release`), so that it lands between two steps.
+
+    Between :meth:`install` and :meth:`restore`, SIGINT inside such a stretch is remembered
+    and raised as KeyboardInterrupt by :meth:`release`; anywhere else, and a second Ctrl-C
+    at any time, it raises at once, as usual. It only takes over from Python's own handler,
+    in the main thread (elsewhere signals cannot be handled); where it does not, an
+    interrupt lands where it lands and ``busy`` says whether that was mid-step.
+    """
+
+    def __init__(self):
+        self.busy = self.pending = self._installed = False
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+
+    def restore(self) -> None:
+        """Python's own handler back."""
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.busy and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        self.busy = True
+
+    def release(self) -> None:
+        """End a held stretch: the model, optimiser and state agree again."""
+        self.busy = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The shuffle of epoch ``epoch``: a pure function of (seed, epoch), so resuming
     a run at an epoch boundary replays exactly the same batches."""
@@ -538,19 +650,43 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     state: TrainState | None = None,
     on_epoch_end: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
+    on_interrupt: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
     progress: bool = True,
     micro_batch: int | None = None,
     workers: int | None = None,
 ) -> TrainState:
-    """Train ``model`` to reconstruct ``x_train`` (n, C, H, W) float32 in [0, 1].
+    """Train ``model`` to reconstruct the images ``x_train``; ``config``'s fields left None
+    take its recipe's values (``fit(model, x_train, x_val, TrainConfig(epochs=5))``).
 
-    ``x_train`` and ``x_val`` are tensors or image streams (:mod:`aekit.streaming`); a
-    tensor is moved to the model's device once, a stream is read batch by batch.
+    ``x_train`` and ``x_val`` are each a numpy array in the loaders' layout, (n, H, W) or
+    (n, H, W, C), uint8 or float in [0, 1] (converted by :func:`prepare_images`); a float
+    tensor (n, C, H, W) in [0, 1]; or an image stream (:mod:`aekit.streaming`). Images in
+    memory are moved to the model's device once, a stream is read batch by batch.
+
+    What ``model`` must provide (checked first, with a one-line error naming ``fit``):
+
+    - it is an ``nn.Module`` with parameters to train, all on one device (fit trains there
+      and leaves them there);
+    - ``forward(x)``: (n, C, H, W) -> reconstructions (n, C, H, W) in [0, 1];
+    - ``logits(x)``: the same before the sigmoid, ``forward(x) == sigmoid(logits(x))``, for
+      ``loss="bce"`` (the default recipe's).
+
+    On the CPU fit trains it channels_last and gives it back contiguous, also when
+    training fails.
 
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
     ``on_epoch_end`` (e.g. to write a checkpoint). Pass ``optimizer`` and ``state`` from a
-    checkpoint to continue a run. ``micro_batch`` (default: :func:`default_micro_batch`)
+    checkpoint to continue a run.
+
+    Ctrl-C (KeyboardInterrupt) lands between two steps: a step that has begun is finished
+    first (in the main thread of a single process; under DDP an interrupt mid-step saves
+    nothing). Then ``on_interrupt`` gets the model, the optimiser and the state at that
+    step (``state.step`` batches of epoch ``state.epoch + 1`` done), if training got past
+    where this call started, and the KeyboardInterrupt goes on. Continuing from them
+    (e.g. a checkpoint) trains the rest of the epoch exactly as if it had not stopped.
+
+    ``micro_batch`` (default: :func:`default_micro_batch`)
     sets how many images go through the network at once, ``workers`` (default:
     :func:`default_workers`, and then :class:`PoolOrNot` picks between them and one thread
     as the machine's load changes) how many threads run chunks side by side
@@ -558,8 +694,11 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    config.validate()
-    device = next(model.parameters()).device
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
+    config = config.resolved()
+    device = _check_trainable(model, config.loss)
+    x_train, x_val = _training_images(x_train, "x_train"), _training_images(x_val, "x_val")
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
     n = len(x_train)
@@ -574,9 +713,7 @@ def fit(
         raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
                          "leave it None for one per core")
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    if device.type == "cpu":
-        keep_freed_memory()
-    model.to(memory_format=memory_format)
+    model.to(memory_format=memory_format)  # back to contiguous in the finally below
     match_state_layout(optimizer)
     # Data in memory lives on the device as one tensor when it is not already there.
     if isinstance(x_train, torch.Tensor):
@@ -599,17 +736,34 @@ def fit(
     if pool is not None:
         torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
     noise = parse_noise(config.noise)
+    if state.step and state.steps_per_epoch != steps_per_epoch:
+        raise ValueError(f"fit: state is part-way through an epoch of {state.steps_per_epoch} steps, but "
+                         f"x_train and batch_size make {steps_per_epoch}; continue with the same data and batch_size")
+    if state.step and state.epoch >= config.epochs:
+        raise ValueError(f"fit: state is part-way through epoch {state.epoch + 1}, but config.epochs is "
+                         f"{config.epochs}; pass epochs={state.epoch + 1} or more to finish it")
+    state.steps_per_epoch = steps_per_epoch
+    began = (state.epoch, state.step)
+    interrupts = HeldInterrupts()
     try:
+        if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
+            interrupts.install()
         while state.epoch < config.epochs and not state.stopped_early:
-            epoch = state.epoch
+            epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
             model.train()
             batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
-            bar = tqdm(total=n, unit="img", disable=not progress, leave=True,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
-            loss_sum = torch.zeros((), device=device)
+            bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
+                       leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+            # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
+            loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
             generator = noise_generator(config.seed, epoch, device) if noise is not None else None
-            started = time.perf_counter()
+            started = time.perf_counter() - state.seconds
             for step, xb in enumerate(batches):
+                if step < done:  # trained before: draw its noise again, so that the rest match
+                    if generator is not None:
+                        add_noise(xb, noise, generator)
+                    continue
+                interrupts.hold()  # until the step is taken and counted
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
                 x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
@@ -621,23 +775,25 @@ def fit(
                                        pool if use_pool else None, weight=weight)
                 if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
                     loss_sum += step_loss
+                state.step = step + 1
+                interrupts.release()
                 if chooser is not None:
                     chooser.record(use_pool, time.perf_counter() - step_started)
                 if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
                     bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
                     elapsed = time.perf_counter() - started
                     bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
-            loss_sum = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+            epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
             seconds = time.perf_counter() - started
             result = evaluate(model, x_val, config.loss)
-            record = EpochRecord(epoch=epoch + 1, loss=loss_sum.item() / n, val_loss=result.loss,
+            record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
                                  val_mse=result.mse, seconds=seconds, images_per_second=n / seconds)
             if progress:
                 bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
                                 img_s=f"{record.images_per_second:,.0f}")
             bar.close()
-            state.history.append(record)
-            state.epoch = epoch + 1
+            interrupts.hold()  # the epoch's results go into the state together
+            state.finish_epoch(record)
             if result.collapsed:
                 log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
             if record.val_loss < state.best_val_loss:
@@ -648,19 +804,28 @@ def fit(
                     state.stopped_early = True
                     log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
                                 epoch + 1, config.patience)
+            interrupts.release()
             if on_epoch_end is not None:
                 on_epoch_end(model, optimizer, state)
+    except KeyboardInterrupt:
+        if on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began:
+            if state.step:  # part-way through an epoch
+                state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+            on_interrupt(model, optimizer, state)
+        raise
     finally:
+        interrupts.restore()
         if pool is not None:
             pool.close()
             torch.set_num_threads(threads)
-    model.to(memory_format=torch.contiguous_format)
-    match_state_layout(optimizer)
+        model.to(memory_format=torch.contiguous_format)
+        match_state_layout(optimizer)
     return state
 
 
-__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation",
-           "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
+__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation", "fit",
+           "train_step", "HeldInterrupts", "ChunkPool", "PoolOrNot", "default_workers", "evaluate",
+           "reconstruction_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
-           "make_optimizer", "match_state_layout", "shuffled_batches",
+           "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -233,9 +234,50 @@ def test_odd_image_modes(tmp_path, rng):
     (xtr, _), (xte, _) = load_dataset(folder)
     images = np.concatenate([xtr, xte])
     assert images.shape == (5, 6, 6) and images.dtype == np.uint8
-    # the 16-bit image is scaled, not clipped: it equals the 8-bit original
-    assert any(np.array_equal(img, gray) for img in images)
-    assert sum(np.array_equal(img, gray) for img in images) >= 3
+    for name in ("gray.png", "sixteen.png", "palette.png", "alpha.png"):
+        np.testing.assert_array_equal(data_lib.read_image(folder / name, None), gray, err_msg=name)
+    np.testing.assert_array_equal(data_lib.read_image(folder / "bilevel.png", None), (gray > 128) * 255)
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    """16-bit pixels are scaled to 8 bits (v * 255 // 65535), never clipped at 255."""
+    levels = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "sixteen.png")
+    with Image.open(tmp_path / "sixteen.png") as img:
+        assert img.mode.startswith("I")  # Pillow really reads it as 16-bit
+    np.testing.assert_array_equal(data_lib.read_image(tmp_path / "sixteen.png", None), [[0, 1, 127, 255]])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG (every CRC right) whose header claims width x height pixels; its data
+    holds one row, so only a decoder that believes the header would need the rest."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    assert raw[12:16] == b"IHDR"
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))  # the CRC of "IHDR" + its data
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("width, height", [(12_000, 12_000), (20_000, 20_000)])  # 144 and 400 MP
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, monkeypatch, width, height):
+    from PIL import ImageFile
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_claiming(width, height))
+    with monkeypatch.context() as unlimited:  # the file is a valid PNG: Pillow opens it
+        unlimited.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with Image.open(path) as img:
+            assert img.size == (width, height)
+            img.verify()  # every chunk's CRC is right
+
+    def decode(self, *args, **kwargs):
+        raise AssertionError("aekit decoded a decompression bomb")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    with pytest.raises(DataError, match=r"bomb\.png: refused before decoding as a possible decompression bomb"):
+        data_lib.read_image(path, None)
 
 
 def test_empty_folder(tmp_path):

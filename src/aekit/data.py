@@ -335,31 +335,56 @@ def read_image(path: Path, resize: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as img:
-            # Pillow warns above 89 million pixels and refuses twice that; refuse at the warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit grayscale: scale to 8 bits (PIL's convert("L") would clip instead).
-                arr = np.asarray(img, dtype=np.int64)
-                top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-                img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
-            elif img.mode == "P":
-                img = img.convert("RGBA")
-            if img.mode in ("1", "L", "LA"):
-                img = img.convert("L")
-            elif img.mode != "RGB":
-                img = img.convert("RGB")
-            if resize is not None:
-                height, width = resize
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow warns when it opens an image over Image.MAX_IMAGE_PIXELS (89 million
+            # pixels) and refuses one over twice that. aekit refuses at the limit itself,
+            # from the header, before a single pixel is decoded (below), and says so in its
+            # own words instead of Pillow's warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _refuse_bomb(path, img.size)
+                img.load()
+                if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    # 16-bit grayscale: scale to 8 bits (PIL's convert("L") would clip instead).
+                    arr = np.asarray(img, dtype=np.int64)
+                    top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+                    img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
+                elif img.mode == "P":
+                    img = img.convert("RGBA")
+                if img.mode in ("1", "L", "LA"):
+                    img = img.convert("L")
+                elif img.mode != "RGB":
+                    img = img.convert("RGB")
+                if resize is not None:
+                    height, width = resize
+                    img = img.resize((width, height), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses at open
+        raise DataError(_bomb_message(path, str(exc))) from None
     except Exception as exc:  # Pillow reports broken files as OSError, SyntaxError, struct.error...
         raise DataError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); "
                         "remove or replace the file") from None
     if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
         arr = arr[..., 0]  # an RGB file holding a gray image
     return arr
+
+
+def _refuse_bomb(path: Path, size: tuple[int, int]) -> None:
+    """Refuse an image whose header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels."""
+    from PIL import Image
+
+    width, height = size
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise DataError(_bomb_message(path, f"its header says {width}x{height} = {width * height:,} pixels"))
+
+
+def _bomb_message(path: Path, detail: str) -> str:
+    from PIL import Image
+
+    return (f"{path}: refused before decoding as a possible decompression bomb ({detail}; the limit is "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}); shrink the image or remove the file")
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -119,3 +119,16 @@ def test_compare_both_methods_every_size(mnist, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--latent-dims", "2,x", "--out", str(tmp_path)])
+
+
+def test_the_run_and_score_share_one_per_image_error(denoiser, mnist):
+    """metrics.json's threshold and `score`'s errors are one function of the same images:
+    the threshold recomputed from the estimator's errors is the recorded one, bit for bit."""
+    from aekit import ConvAutoencoder
+    from aekit.training import outlier_threshold
+
+    metrics = json.loads((denoiser / "metrics.json").read_text())
+    estimator = ConvAutoencoder.load(denoiser)
+    errors = estimator.reconstruction_error(mnist[0][0][:1500])  # the run's --limit 1500
+    assert outlier_threshold(errors, metrics["contamination"]) == metrics["threshold"]
+    assert estimator.threshold_ == metrics["threshold"]

@@ -197,8 +197,9 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return np.clip(self._decode(self._encode(x)), 0.0, 1.0)
 
     def _errors(self, x: np.ndarray) -> np.ndarray:
-        recon = self._reconstruct(x)
-        return ((recon.astype(np.float64) - x) ** 2).reshape(len(x), -1).mean(1)
+        from aekit.training import image_errors
+
+        return image_errors(self._reconstruct(x), x)
 
     def _threshold(self, errors: np.ndarray) -> float:
         from aekit.training import outlier_threshold

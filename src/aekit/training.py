@@ -301,17 +301,24 @@ def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> 
     return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
 
 
+def image_errors(reconstructions, images) -> np.ndarray:
+    """The per-image error, as aekit means it everywhere (the outlier threshold in
+    metrics.json, ``score``, the estimators' ``reconstruction_error``, the report): the
+    mean over pixels of (reconstruction - image)², in float64, reconstructions clipped to
+    [0, 1]. Both (n, C, H, W) (or any (n, ...)), tensors or arrays -> float64 (n,)."""
+    recon = torch.as_tensor(reconstructions).detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+    target = torch.as_tensor(images).detach().to("cpu", torch.float64)
+    return ((recon - target) ** 2).flatten(1).mean(1).numpy()
+
+
 @torch.inference_mode()
 def reconstruction_errors(model: nn.Module, x, batch_size: int = 1000) -> np.ndarray:
-    """Mean squared error of each image: ``x`` (n, C, H, W) in [0, 1], a tensor or an image
-    stream -> float64 (n,)."""
+    """:func:`image_errors` of ``model``'s reconstructions of ``x`` (n, C, H, W) in [0, 1], a
+    tensor or an image stream -> float64 (n,)."""
     model.eval()
     device = next(model.parameters()).device
-    errors = []
-    for xb in _in_order(x, batch_size):
-        xb = xb.to(device)
-        errors.append(((model(xb) - xb) ** 2).flatten(1).mean(1).double().cpu())
-    return torch.cat(errors).numpy() if errors else np.zeros(0)
+    errors = [image_errors(model(xb.to(device)), xb) for xb in _in_order(x, batch_size)]
+    return np.concatenate(errors) if errors else np.zeros(0)
 
 
 def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
@@ -825,7 +832,7 @@ def fit(
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation", "fit",
            "train_step", "HeldInterrupts", "ChunkPool", "PoolOrNot", "default_workers", "evaluate",
-           "reconstruction_errors",
+           "reconstruction_errors", "image_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
            "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
            "epoch_permutation", "COLLAPSE_HINT"]

@@ -146,3 +146,61 @@ def test_cli_refuses_to_stream_what_cannot_stream(capsys, tmp_path):
     assert main(["train", "--data", str(tmp_path / "x.npz"), "--stream", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only .npy files and folders" in err[0] and "drop --stream" in err[0]
+
+
+# ------------------------------------------------------------- every verb on a streamed run
+
+@pytest.fixture(scope="module")
+def streamed_run(tmp_path_factory, mnist):
+    """A run trained with --stream on MNIST digits in a .npy, and that .npy."""
+    folder = tmp_path_factory.mktemp("streamed")
+    np.save(folder / "digits.npy", mnist[0][0][:600])
+    out = folder / "run"
+    assert main(["train", "--data", str(folder / "digits.npy"), "--stream", "--epochs", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert '"stream": true' in (out / "config.json").read_text()
+    return out, folder / "digits.npy"
+
+
+@pytest.mark.parametrize("verb", [
+    ["evaluate", "{run}"],
+    ["reconstruct", "{run}", "--out", "{tmp}/r.png"],
+    ["report", "{run}", "--overwrite"],
+    ["score", "{run}", "{data}", "--out", "{tmp}/s.csv"],
+    ["score", "{run}", "{data}", "--out", "{tmp}/s.csv", "--contamination", "0.05"],
+    ["score", "{run}", "{data}", "--out", "{tmp}/s.csv", "--fpr", "0.05"],
+    ["score", "{run}", "{data}", "--out", "{tmp}/s.csv", "--heatmaps", "{tmp}/maps"],
+    ["denoise", "{run}", "{data}", "--out", "{tmp}/clean.npy"],
+    ["export", "{run}", "--format", "onnx", "--out", "{tmp}/onnx"],
+    ["compare", "--data", "{data}", "--latent-dims", "2", "--epochs", "1", "--out", "{tmp}/cmp"],
+], ids=lambda verb: " ".join(a for a in verb if not a.startswith("{")))
+def test_every_verb_works_on_a_streamed_run(streamed_run, verb, tmp_path, capsys):
+    run, data = streamed_run
+    argv = [a.format(run=run, data=data, tmp=tmp_path) for a in verb]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_score_thresholds_of_a_streamed_run_are_those_of_its_data_in_memory(streamed_run, tmp_path):
+    """--contamination and --fpr read the streamed split batch by batch and land on the
+    threshold the same images give in memory."""
+    import csv
+
+    from aekit.anomaly import run_threshold
+    from aekit.estimator import ConvAutoencoder
+    from aekit.runs import load_split, read_config
+
+    run, data = streamed_run
+    config = read_config(run)
+    x_train, x_test, _ = load_split(config)
+    assert isinstance(x_train, NpyStream)
+    in_memory = load_dataset(data)
+    estimator = ConvAutoencoder.load(run)
+    for rate, images in ((0.05, in_memory[0][0]), (0.2, in_memory[1][0])):
+        expected = estimator.set_threshold(images, contamination=rate).threshold_
+        given = run_threshold(run, **({"contamination": rate} if images is in_memory[0][0]
+                                      else {"false_positive_rate": rate}))
+        assert given == pytest.approx(expected, rel=1e-6)
+    assert main(["score", str(run), str(data), "--out", str(tmp_path / "s.csv"), "--contamination", "0.3"]) == 0
+    flagged = sum(int(r["is_outlier"]) for r in csv.DictReader(open(tmp_path / "s.csv")))
+    assert flagged == pytest.approx(0.3 * 600, abs=12)  # the training 90% flagged at 30%, the rest alike

@@ -11,6 +11,28 @@ import numpy as np
 from aekit._io import atomic_folder, write_text_atomic
 
 
+def run_threshold(run_dir: str | Path, contamination: float | None = None,
+                  false_positive_rate: float | None = None, model=None) -> float:
+    """The per-image error threshold that flags a fraction ``contamination`` of a run's
+    training images, or has a ``false_positive_rate`` on its test images.
+
+    The images are the run's own split (its data, ``limit`` and ``resize``), read in
+    batches, so a streamed run's data is never loaded whole. ``model`` is the run's
+    trained model when the caller has it already.
+    """
+    from aekit.runs import load_model, load_split, read_config
+    from aekit.training import outlier_threshold, reconstruction_errors
+
+    if (contamination is None) == (false_positive_rate is None):
+        raise ValueError("pass exactly one of contamination or false_positive_rate")
+    config = read_config(run_dir)
+    if model is None:
+        model, _ = load_model(run_dir)
+    x_train, x_test, _ = load_split(config)
+    images, rate = (x_train, contamination) if contamination is not None else (x_test, false_positive_rate)
+    return outlier_threshold(reconstruction_errors(model, images), rate)
+
+
 def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
     """One row per image: its reconstruction error, score (higher = more normal) and verdict."""
     errors = estimator.reconstruction_error(x)

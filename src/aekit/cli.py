@@ -302,19 +302,14 @@ def cmd_denoise(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from aekit.anomaly import score_images, write_heatmaps, write_scores
+    from aekit.anomaly import run_threshold, score_images, write_heatmaps, write_scores
     from aekit.data import read_images
     from aekit.estimator import ConvAutoencoder
-    from aekit.runs import load_split, read_config
 
     _refuse_existing(args.out, args.heatmaps, overwrite=args.overwrite)
     estimator = ConvAutoencoder.load(args.run)
     if args.contamination is not None or args.fpr is not None:
-        x_train, x_test, _ = load_split(read_config(args.run))
-        if args.contamination is not None:
-            estimator.set_threshold(x_train.numpy(), contamination=args.contamination)
-        else:
-            estimator.set_threshold(x_test.numpy(), false_positive_rate=args.fpr)
+        estimator.set_threshold(threshold=run_threshold(args.run, args.contamination, args.fpr, estimator.model_))
     x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
     rows = score_images(estimator, x, names)
     write_scores(rows, args.out)

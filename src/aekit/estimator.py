@@ -181,15 +181,24 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
     def fit_predict(self, X, y=None) -> np.ndarray:
         return self.fit(X).predict(X)
 
-    def set_threshold(self, X=None, contamination: float | None = None, false_positive_rate: float | None = None):
+    def set_threshold(self, X=None, contamination: float | None = None, false_positive_rate: float | None = None,
+                      *, threshold: float | None = None):
         """Re-derive ``threshold_``: from images ``X`` (e.g. held-out normal data) at a target
-        false-positive rate, or from ``X`` at a ``contamination`` fraction."""
+        false-positive rate, or from ``X`` at a ``contamination`` fraction; or set the
+        per-image error ``threshold`` itself (e.g. from :func:`aekit.anomaly.run_threshold`)."""
         from aekit.training import outlier_threshold
 
         rate = false_positive_rate if false_positive_rate is not None else contamination
-        if rate is None or (false_positive_rate is not None and contamination is not None):
+        if threshold is not None:
+            if X is not None or rate is not None:
+                raise ValueError("pass either threshold, or X with contamination or false_positive_rate")
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < np.inf:
+                raise ValueError(f"threshold must be a finite per-image error >= 0, got {threshold!r}")
+            self.threshold_ = float(threshold)
+        elif rate is None or (false_positive_rate is not None and contamination is not None):
             raise ValueError("pass exactly one of contamination or false_positive_rate")
-        self.threshold_ = outlier_threshold(self.reconstruction_error(X), rate)
+        else:
+            self.threshold_ = outlier_threshold(self.reconstruction_error(X), rate)
         self.offset_ = -self.threshold_
         return self
 

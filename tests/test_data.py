@@ -390,3 +390,40 @@ def test_fashion_mnist_from_debian(data_home):
     assert (data_home / "fashion-mnist.npz").is_file()
 
 
+
+
+# ------------------------------------------------------------- a built-in's name, and a path
+
+@pytest.fixture
+def local_mnist(tmp_path, monkeypatch, rng):
+    """A folder named `mnist` of 20 random 8x8 images in the working directory."""
+    for i in range(20):
+        save_png(tmp_path / "mnist" / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "mnist"
+
+
+def test_a_builtin_name_means_the_builtin_even_beside_a_local_folder_of_that_name(local_mnist, mnist, caplog):
+    with caplog.at_level("WARNING", logger="aekit"):
+        (x_train, _), _ = load_dataset("mnist")
+    assert x_train.shape == (60000, 28, 28)
+    assert "'mnist' means the built-in mnist data set; the local folder is not used (write ./mnist" in caplog.text
+    (x_local, _), (x_local_test, _) = load_dataset("./mnist")
+    assert x_local.shape[1:] == (8, 8) and len(x_local) + len(x_local_test) == 20
+    assert data_lib.data_source("mnist") == f"built-in mnist ({data_lib.BUILTINS['mnist'].cache_path})"
+    assert data_lib.data_source("./mnist") == str(local_mnist)
+
+
+def test_the_run_says_and_records_which_data_it_used(local_mnist, mnist, capsys):
+    import json
+
+    from aekit.cli import main
+
+    for data, source, out in (("mnist", f"built-in mnist ({data_lib.BUILTINS['mnist'].cache_path})", "builtin"),
+                              ("./mnist", str(local_mnist), "local")):
+        out = local_mnist.parent / out
+        assert main(["train", "--data", data, "--limit", "100", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+        assert f"aekit: data: {source}\n" in capsys.readouterr().err
+        config = json.loads((out / "config.json").read_text())
+        assert config["data"] == data and config["data_source"] == source
+        assert config["image_shape"] == ([1, 28, 28] if data == "mnist" else [1, 8, 8])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import math
 import os
 import pickle
@@ -39,6 +40,7 @@ Split = tuple[np.ndarray, np.ndarray | None]
 Dataset = tuple[Split, Split]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+log = logging.getLogger("aekit")
 TEST_FRACTION = 0.1
 
 
@@ -678,7 +680,7 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
     ``resize = (H, W)`` applies to image folders.
     """
     name = str(name_or_path)
-    if name in BUILTINS and not Path(name).exists():
+    if is_builtin(name):
         fetch(name)
         return _load_cached(BUILTINS[name])
     path = Path(name_or_path)
@@ -706,6 +708,31 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         raise DataError(f"{path}: folder structure too deep (a symlink loop?)") from None
     except PermissionError as exc:
         raise DataError(f"{path}: permission denied ({exc.filename})") from None
+
+
+def is_builtin(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` names a built-in data set, and so means it.
+
+    The rule: a built-in's bare name (``mnist``, ``fashion-mnist``) always means the
+    built-in data set, even where a local file or folder has that name (a note says how to
+    pick the local one: ``./mnist``); anything else is a path.
+    """
+    name = str(name_or_path)
+    if name not in BUILTINS:
+        return False
+    if Path(name).exists():
+        log.warning("'%s' means the built-in %s data set; the local %s is not used (write ./%s to use it)",
+                    name, name, "folder" if Path(name).is_dir() else "file", name)
+    return True
+
+
+def data_source(name_or_path: str | os.PathLike) -> str:
+    """Where ``name_or_path``'s images come from, in words, for the user and config.json:
+    ``built-in mnist (~/.cache/aekit/mnist.npz)`` or the absolute path of local data."""
+    name = str(name_or_path)
+    if name in BUILTINS:
+        return f"built-in {name} ({BUILTINS[name].cache_path})"
+    return str(Path(name).absolute())
 
 
 def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -765,7 +792,7 @@ def describe(name_or_path: str | os.PathLike, resize: tuple[int, int] | None = N
 
 __all__ = ["load_dataset", "read_images", "write_images", "to_float", "to_nchw", "fetch", "describe",
            "read_idx", "load_arrays_pickle", "mnist_from_pickle", "holdout_split", "holdout_indices",
-           "labelled_files", "read_image", "data_home",
+           "labelled_files", "read_image", "data_home", "is_builtin", "data_source",
            "DataError", "BUILTINS"]
 
 

@@ -68,7 +68,11 @@ def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tens
     :data:`~aekit.streaming.STREAM_ABOVE_BYTES` in memory; streams carry no labels.
     """
     source = data or config.data
-    if config.stream or (float_bytes(source, config.resize) or 0) > STREAM_ABOVE_BYTES:
+    builtin = data_lib.is_builtin(source)
+    log.info("data: %s", data_lib.data_source(source))
+    if builtin and config.stream:
+        raise RunError(f"{source} is a built-in data set, which loads in memory; drop --stream")
+    if config.stream or (not builtin and (float_bytes(source, config.resize) or 0) > STREAM_ABOVE_BYTES):
         if not config.stream:
             log.info("%s would take over %d MB in memory as float32: streaming it from disk",
                      source, STREAM_ABOVE_BYTES >> 20)
@@ -92,9 +96,10 @@ def first_images(x: torch.Tensor | ImageStream, n: int) -> torch.Tensor:
 
 FORMATS = {"weights": "aekit-weights-1", "checkpoint": "aekit-checkpoint-1"}
 # The config fields a run may change while keeping its weights: --epochs extends a run on
-# --resume, and the device is only where it ran. Every other field must match the config
-# recorded inside the weights and the checkpoint.
-RUNTIME_FIELDS = ("epochs", "device")
+# --resume, the device is only where it ran, and data_source where the data was found (a
+# resumed run may find the same data set in another cache). Every other field must match
+# the config recorded inside the weights and the checkpoint.
+RUNTIME_FIELDS = ("epochs", "device", "data_source")
 
 
 def check_version(made_by: object, source: str | Path) -> None:
@@ -428,7 +433,8 @@ def train_and_evaluate(
     main = distributed.current().is_main
     with distributed.main_first():  # rank 0 fills the data cache; all ranks have checked workdir
         x_train, x_test, _ = load_split(config)
-    config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]))
+    config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]),
+                                 data_source=data_lib.data_source(config.data))
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
     INITS[config.init](model)

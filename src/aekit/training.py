@@ -92,6 +92,7 @@ class TrainConfig:
     resize: tuple[int, int] | None = None
     stream: bool = False  # read the data from disk batch by batch (aekit.streaming)
     image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
+    data_source: str | None = None  # set by the run: where `data` was found (aekit.data.data_source)
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's values filled in and every field validated."""

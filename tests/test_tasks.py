@@ -32,7 +32,15 @@ def test_denoise_arrays_and_folders(denoiser, digits, tmp_path, rng):
     assert main(["denoise", str(denoiser), str(tmp_path / "noisy.npy"), "--out", str(tmp_path / "clean.npy")]) == 0
     cleaned = np.load(tmp_path / "clean.npy")
     assert cleaned.shape == noisy.shape and cleaned.dtype == np.float32
-    assert ((cleaned - clean) ** 2).mean() < ((noisy - clean) ** 2).mean()
+    denoised_mse = ((cleaned - clean) ** 2).mean()
+    assert denoised_mse < ((noisy - clean) ** 2).mean()
+    # The control: the same run without --noise learned to copy, noise included.
+    plain = tmp_path / "plain"
+    assert main(["train", "--limit", "1500", "--epochs", "2", "--out", str(plain), "--quiet"]) == 0
+    assert main(["denoise", str(plain), str(tmp_path / "noisy.npy"), "--out", str(tmp_path / "copied.npy")]) == 0
+    copied_mse = ((np.load(tmp_path / "copied.npy") - clean) ** 2).mean()
+    print(f"denoised {denoised_mse:.4f}, copied {copied_mse:.4f}")
+    assert denoised_mse < 0.75 * copied_mse
 
     (tmp_path / "imgs").mkdir()
     for i, img in enumerate(digits[:3]):
@@ -72,7 +80,7 @@ def test_score_flags_what_does_not_belong(denoiser, digits, tmp_path, capsys):
     assert "24 images scored" in capsys.readouterr().out
 
 
-def test_score_thresholds_from_contamination_or_fpr(denoiser, digits, tmp_path):
+def test_score_thresholds_from_contamination_or_fpr(denoiser, digits, mnist, tmp_path):
     np.save(tmp_path / "d.npy", digits)
     metrics = json.loads((denoiser / "metrics.json").read_text())
     assert metrics["contamination"] == 0.01 and metrics["threshold"] > 0
@@ -82,6 +90,14 @@ def test_score_thresholds_from_contamination_or_fpr(denoiser, digits, tmp_path):
     assert main(["score", str(denoiser), str(tmp_path / "d.npy"), "--out", str(tmp_path / "b.csv")]) == 0
     default = sum(int(r["is_outlier"]) for r in csv.DictReader(open(tmp_path / "b.csv")))
     assert strict > default  # flagging 40% of training images is a lower threshold than 1%
+    # --fpr: the threshold that flags that fraction of the run's own test images
+    test_images = mnist[1][0][:1500]  # the run's test split (--limit 1500)
+    np.save(tmp_path / "t.npy", test_images)
+    for fpr in (0.05, 0.3):
+        out = tmp_path / f"fpr{fpr}.csv"
+        assert main(["score", str(denoiser), str(tmp_path / "t.npy"), "--out", str(out), "--fpr", str(fpr)]) == 0
+        flagged = sum(int(r["is_outlier"]) for r in csv.DictReader(open(out)))
+        assert flagged == pytest.approx(fpr * 1500, abs=2)
 
 
 def test_score_rejects_two_thresholds(denoiser, tmp_path):

@@ -202,8 +202,34 @@ def test_pca_matches_scikit_learn(digits):
     np.testing.assert_allclose(z, ref.transform(x_test.reshape(len(x_test), -1) / 255.0), atol=1e-4)
     recon = np.clip(ref.inverse_transform(ref.transform(x_test.reshape(len(x_test), -1) / 255.0)), 0, 1)
     np.testing.assert_allclose(ours.reconstruct(x_test).reshape(len(x_test), -1), recon, atol=1e-4)
-    with pytest.raises(ValueError, match="n_components must be an integer"):
+    with pytest.raises(ValueError, match="latent_dim must be an integer"):
         PCAReconstructor(5000).fit(x_train)
+
+
+def test_one_grid_search_swaps_the_two_estimators(digits):
+    """One parameter name, latent_dim, for both: a grid can swap the estimators."""
+    x = digits[0][:400]
+    grid = {"est": [ConvAutoencoder(**{**SMALL, "epochs": 1}), PCAReconstructor(random_state=0)],
+            "est__latent_dim": [2, 8]}
+    search = GridSearchCV(Pipeline([("est", PCAReconstructor())]), grid, cv=2, error_score="raise").fit(x)
+    scores = {(type(p["est"]).__name__, p["est__latent_dim"]): s
+              for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])}
+    assert set(scores) == {(name, d) for name in ("ConvAutoencoder", "PCAReconstructor") for d in (2, 8)}
+    for name in ("ConvAutoencoder", "PCAReconstructor"):  # more latent numbers reconstruct better
+        assert scores[name, 8] > scores[name, 2]
+
+
+def test_every_device_default_is_auto():
+    """`aekit train` picks the device; so do the estimator, its load, compare and the run readers."""
+    import inspect
+
+    from aekit import runs
+    from aekit.compare import CompareConfig
+    from aekit.training import TrainConfig
+
+    assert ConvAutoencoder().device == "auto" == CompareConfig().device == TrainConfig().device
+    for function in (ConvAutoencoder.load, runs.load_model, runs.evaluate_run):
+        assert inspect.signature(function).parameters["device"].default == "auto", function.__name__
 
 
 def test_one_verb_set_for_both(digits):

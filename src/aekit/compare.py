@@ -32,7 +32,7 @@ class CompareConfig:
     seed: int = 0
     knn_neighbors: int = 5
     knn_train: int = 10000         # training latents the kNN classifier keeps
-    device: str = "cpu"
+    device: str = "auto"
     resize: tuple[int, int] | None = None
 
     def validate(self) -> None:
@@ -47,7 +47,7 @@ def estimators(config: CompareConfig, latent_dim: int):
     return {
         "autoencoder": ConvAutoencoder(model="conv", latent_dim=latent_dim, epochs=config.epochs,
                                        random_state=config.seed, device=config.device),
-        "pca": PCAReconstructor(n_components=latent_dim, random_state=config.seed),
+        "pca": PCAReconstructor(latent_dim=latent_dim, random_state=config.seed),
     }
 
 

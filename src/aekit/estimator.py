@@ -232,7 +232,7 @@ class ConvAutoencoder(_ImageReconstructor):
 
     def __init__(self, model="conv", latent_dim=32, widths=None, epochs=10, batch_size=None, lr=None,
                  loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
-                 random_state=None, device="cpu", verbose=False):
+                 random_state=None, device="auto", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
@@ -321,7 +321,7 @@ class ConvAutoencoder(_ImageReconstructor):
         return path
 
     @classmethod
-    def load(cls, path, device: str = "cpu") -> ConvAutoencoder:
+    def load(cls, path, device: str = "auto") -> ConvAutoencoder:
         """Load a folder written by :meth:`save` or by ``aekit train``."""
         from aekit.runs import METRICS, load_model
 
@@ -358,12 +358,13 @@ class ConvAutoencoder(_ImageReconstructor):
 class PCAReconstructor(_ImageReconstructor):
     """PCA (scikit-learn) with the autoencoder's verbs: the linear baseline.
 
-    ``transform`` gives the ``n_components`` principal-component scores; ``inverse_transform``
-    maps them back to images (clipped to [0, 1]).
+    ``latent_dim`` is the number of principal components, named as in
+    :class:`ConvAutoencoder` so that one grid search covers both. ``transform`` gives the
+    component scores; ``inverse_transform`` maps them back to images (clipped to [0, 1]).
     """
 
-    def __init__(self, n_components=32, contamination=0.01, image_shape=None, random_state=None):
-        self.n_components = n_components
+    def __init__(self, latent_dim=32, contamination=0.01, image_shape=None, random_state=None):
+        self.latent_dim = latent_dim
         self.contamination = contamination
         self.image_shape = image_shape
         self.random_state = random_state
@@ -372,10 +373,10 @@ class PCAReconstructor(_ImageReconstructor):
         from sklearn.decomposition import PCA
 
         n, features = len(x), int(np.prod(x.shape[1:]))
-        if not isinstance(self.n_components, int) or not 1 <= self.n_components <= min(n, features):
-            raise ValueError(f"n_components must be an integer in [1, min(n_samples, n_features)] = "
-                             f"[1, {min(n, features)}], got {self.n_components!r}")
-        self.pca_ = PCA(n_components=self.n_components, random_state=self.random_state).fit(x.reshape(n, -1))
+        if not isinstance(self.latent_dim, int) or not 1 <= self.latent_dim <= min(n, features):
+            raise ValueError(f"latent_dim must be an integer in [1, min(n_samples, n_features)] = "
+                             f"[1, {min(n, features)}], got {self.latent_dim!r}")
+        self.pca_ = PCA(n_components=self.latent_dim, random_state=self.random_state).fit(x.reshape(n, -1))
 
     def _latent_size(self) -> int:
         return self.pca_.n_components_

@@ -238,7 +238,7 @@ def load_weights(model: nn.Module, path: Path, config: TrainConfig | None = None
     model.load_state_dict(state)
 
 
-def load_model(workdir: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
+def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run folder, in eval mode, and its config.
 
     Checks the folder first: a config.json from a newer aekit or no longer matching the
@@ -477,7 +477,7 @@ def train_and_evaluate(
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 
-def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "cpu") -> dict:
+def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto") -> dict:
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
     _, x_test, _ = load_split(config, data)

@@ -1,6 +1,8 @@
 """The scikit-learn estimators: layouts, verbs, errors, sklearn interop, PCA reference."""
 
+import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from sklearn.utils.estimator_checks import check_estimator
 
 import aekit
 from aekit import ConvAutoencoder, PCAReconstructor
+from aekit.runs import RunError
 
 SMALL = dict(latent_dim=8, widths=(8, 16), epochs=2, batch_size=32, random_state=0)
 
@@ -191,7 +194,113 @@ def test_save_and_load_round_trip(fitted, digits, tmp_path):
     loaded = ConvAutoencoder.load(tmp_path / "est")
     np.testing.assert_array_equal(loaded.transform(digits[2]), fitted.transform(digits[2]))
     assert loaded.threshold_ == fitted.threshold_ and loaded.layout_ == fitted.layout_
-    assert loaded.get_params()["latent_dim"] == 8
+    assert loaded.get_params() == {**fitted.get_params(), "device": "auto"}
+    assert loaded.history_ == fitted.history_
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(folder.iterdir())}
+
+
+def test_save_refuses_an_existing_folder_without_overwrite(fitted, tmp_path):
+    (tmp_path / "est" / "mine").mkdir(parents=True)
+    (tmp_path / "est" / "notes.txt").write_text("the user's")
+    before = folder_bytes(tmp_path / "est")
+    with pytest.raises(ValueError, match=r"already exists and is not empty; pass overwrite=True") as caught:
+        fitted.save(tmp_path / "est")
+    assert "\n" not in str(caught.value)
+    assert folder_bytes(tmp_path / "est") == before
+    (tmp_path / "empty").mkdir()
+    fitted.save(tmp_path / "empty")  # an empty folder holds nothing to lose
+
+
+def test_save_over_a_train_run_replaces_the_whole_run(fitted, small_run, digits, tmp_path):
+    """No mix of two models' files: the run's metrics and checkpoint described other weights."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = folder_bytes(run)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        fitted.save(run)
+    assert folder_bytes(run) == before
+    fitted.save(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "estimator.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder left beside it
+    loaded = ConvAutoencoder.load(run)
+    np.testing.assert_array_equal(loaded.transform(digits[2]), fitted.transform(digits[2]))
+    assert loaded.threshold_ == fitted.threshold_
+
+
+def edit_state(folder, edit):
+    state = json.loads((folder / "estimator.json").read_text())
+    edit(state)
+    (folder / "estimator.json").write_text(json.dumps(state))
+
+
+BAD_STATES = {
+    "not JSON": (b"{", "unreadable"),
+    "not UTF-8": (b"\xff\xfe", "unreadable"),
+    "nested 10^5 deep": (b"[" * 100_000 + b"]" * 100_000, "unreadable"),
+    "a list": (b"[]", "expected an object with keys"),
+    "a key missing": (lambda s: s.pop("layout"), "expected an object with keys"),
+    "an unknown key": (lambda s: s.update(colour="red"), "expected an object with keys"),
+    "params a list": (lambda s: s.update(params=[]), "params must hold exactly"),
+    "a param missing": (lambda s: s["params"].pop("noise"), "params must hold exactly"),
+    "an unknown param": (lambda s: s["params"].update(n_components=8), "params must hold exactly"),
+    "a param of the wrong type": (lambda s: s["params"].update(latent_dim="eight"), "latent_dim must be"),
+    "a param that does not construct": (lambda s: s["params"].update(contamination=2), "contamination must"),
+    "an image_shape param that does not construct": (lambda s: s["params"].update(image_shape=5), "invalid"),
+    "params of another model": (lambda s: s["params"].update(latent_dim=16), "disagree with"),
+    "a threshold that is text": (lambda s: s.update(threshold="0.1"), "threshold must be a finite number"),
+    "a threshold that is null": (lambda s: s.update(threshold=None), "threshold must be a finite number"),
+    "an infinite threshold": (lambda s: s.update(threshold=float("inf")), "threshold must be a finite number"),
+    "a negative threshold": (lambda s: s.update(threshold=-1.0), "threshold must be a finite number"),
+    "an unknown layout": (lambda s: s.update(layout="nwh"), "layout 'nwh' does not fit"),
+    "a flat layout without image_shape": (lambda s: s.update(layout="flat"), "layout 'flat' does not fit"),
+    "another image_shape": (lambda s: s.update(image_shape=[1, 14, 14]), "disagrees with"),
+    "history not a list": (lambda s: s.update(history={}), "history must be a list"),
+    "history with a bad epoch": (lambda s: s["history"][0].update(loss="low"), "history"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATES))
+def test_load_refuses_a_damaged_estimator_json(fitted, tmp_path, name):
+    """Every problem is one RunError line naming the file, never a KeyError or TypeError."""
+    damage, message = BAD_STATES[name]
+    fitted.save(tmp_path / "est")
+    if isinstance(damage, bytes):
+        (tmp_path / "est" / "estimator.json").write_bytes(damage)
+    else:
+        edit_state(tmp_path / "est", damage)
+    with pytest.raises(RunError, match=message) as caught:
+        ConvAutoencoder.load(tmp_path / "est")
+    assert str(caught.value).startswith(str(tmp_path / "est" / "estimator.json"))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["no metrics.json", "no threshold in it"])
+def test_a_run_without_a_threshold_refuses_to_predict(small_run, digits, tmp_path, damage):
+    """Not an infinite threshold that flags nothing: predict asks for set_threshold."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    if damage == "no metrics.json":
+        (run / "metrics.json").unlink()
+    else:
+        metrics = json.loads((run / "metrics.json").read_text())
+        del metrics["threshold"]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    est = ConvAutoencoder.load(run)
+    x = digits[2][:100]
+    assert est.threshold_ is None and est.reconstruct(x).shape == x.shape  # the rest works
+    for verb in (est.predict, est.decision_function):
+        with pytest.raises(ValueError, match=r"no outlier threshold .* call set_threshold\(X, contamination="):
+            verb(x)
+    assert (est.set_threshold(x, contamination=0.1).predict(x) == -1).mean() == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_train_run_loads_with_its_threshold_and_history(small_run, digits):
+    est = ConvAutoencoder.load(small_run)
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    assert est.threshold_ == metrics["threshold"] and est.contamination == metrics["contamination"]
+    assert [r["epoch"] for r in est.history_] == [1]
+    assert (est.predict(digits[0][:300]) == -1).mean() <= 0.05
 
 
 def test_pca_matches_scikit_learn(digits):

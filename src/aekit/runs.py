@@ -339,8 +339,8 @@ def read_history(workdir: str | Path) -> list[EpochRecord]:
         with open(path, newline="") as f:  # every column is a float but the epoch number
             return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
                     for row in csv.DictReader(f)]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RunError(f"{path}: unreadable history ({exc}); restore it or train again") from None
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:  # a short row gives None
+        raise RunError(f"{path}: unreadable history ({_first_line(exc)}); restore it or train again") from None
 
 
 def read_metrics(workdir: str | Path) -> dict:
@@ -350,9 +350,13 @@ def read_metrics(workdir: str | Path) -> dict:
         raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
                        f"complete it with `aekit train --out {workdir} --resume`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path}: unreadable metrics ({exc}); evaluate the run again") from None
+        metrics = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise RunError(f"{path}: unreadable metrics ({_first_line(exc)}); restore it or train the run again") from None
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}; "
+                       "restore it or train the run again")
+    return metrics
 
 
 def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:

@@ -61,7 +61,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         x, _ = self._parse(X)
         if tuple(x.shape[1:]) != self.image_shape_:
             c, h, w = self.image_shape_
-            raise ValueError(f"X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
+            features = int(np.prod(x.shape[1:]))
+            count = (f"X has {features} features, but {type(self).__name__} is expecting "
+                     f"{self.n_features_in_} features as input: " if features != self.n_features_in_ else "")
+            raise ValueError(f"{count}X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
                              f"but the estimator was fitted on {h}x{w}x{c}")
         return x
 
@@ -87,10 +90,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
             raise ValueError(f"X must be uint8 images or floats in [0, 1], got dtype {X.dtype}; "
                              "convert it first (e.g. x.astype('float32') / 255)")
         if X.ndim == 2:
-            if self.image_shape is None:
-                raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
-                                 "rows can be read as images")
-            c, h, w = _image_shape_chw(self.image_shape)
+            c, h, w = self._flat_image_shape(X)
             if X.shape[1] != c * h * w:
                 raise ValueError(f"X has {X.shape[1]} features per row but image_shape "
                                  f"{tuple(self.image_shape)} needs {h * w * c}")
@@ -107,14 +107,25 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                                  "last; expected (n, H, W, C) or (n, C, H, W)")
         else:
             raise ValueError(f"X must be (n, H, W), (n, H, W, C), (n, C, H, W) or flat (n, features) "
-                             f"with image_shape; got shape {X.shape}")
+                             f"with image_shape; got shape {X.shape}. Reshape your data: one flat image "
+                             "x is x.reshape(1, -1)")
         if len(x) == 0:
             raise ValueError("X holds no images (n = 0); pass at least one")
+        if x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"X has 0 feature(s) (shape={X.shape}) while a minimum of 1 is required: "
+                             "images need at least one pixel")
         try:
             x = data_lib.to_float(np.ascontiguousarray(x))
         except data_lib.DataError as exc:
             raise ValueError(f"X: {exc}") from None
         return np.ascontiguousarray(x, dtype=np.float32), layout
+
+    def _flat_image_shape(self, X: np.ndarray) -> tuple[int, int, int]:
+        """The (C, H, W) that the flat rows of ``X`` (n, features) are read as."""
+        if self.image_shape is None:
+            raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
+                             "rows can be read as images")
+        return _image_shape_chw(self.image_shape)
 
     def _from_nchw(self, x: np.ndarray) -> np.ndarray:
         """(n, C, H, W) -> the layout the estimator was fitted on."""
@@ -222,6 +233,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = True
         tags.requires_fit = True
+        tags.transformer_tags.preserves_dtype = ["float32"]  # transform gives float32 for any input
         return tags
 
 
@@ -482,7 +494,9 @@ class PCAReconstructor(_ImageReconstructor):
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         self._check_is_fitted()
-        return self.pca_.transform(x.reshape(len(x), -1))
+        # In float64: a float32 product rounds differently with the rows around it, so an
+        # image's latent would depend on the batch it came in (scikit-learn's order check).
+        return self.pca_.transform(x.reshape(len(x), -1).astype(np.float64))
 
     def _decode(self, z: np.ndarray) -> np.ndarray:
         return self.pca_.inverse_transform(z).reshape(len(z), *self.image_shape_).astype(np.float32)

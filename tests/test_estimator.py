@@ -155,25 +155,42 @@ def test_threshold_follows_contamination(digits):
     assert (est.predict(digits[2]) == -1).mean() == pytest.approx(0.05, abs=0.01)
 
 
-def test_anomalies_score_lower(fitted, digits, rng):
-    normal = digits[2]
-    odd = rng.integers(0, 256, normal.shape, dtype=np.uint8)  # noise, not digits
-    scores = np.concatenate([fitted.score_samples(normal), fitted.score_samples(odd)])
+def test_a_digit_never_trained_on_scores_lower(mnist):
+    """A real anomaly: trained on every digit but 0, the 0s must look odder to the trained
+    model than to an untrained one (raw per-image error also tracks ink, so an untrained
+    model is not at chance). Measured on seeds 0-4: trained AUC 0.83-0.86, untrained
+    0.44-0.69, margin 0.15 or more (seed 0: 0.86 against 0.67)."""
+    (x_train, y_train), (x_test, y_test) = mnist
+    normal_train = x_train[y_train != 0][:600]
+    normal, odd = x_test[y_test != 0][:300], x_test[y_test == 0][:300]
     labels = np.r_[np.ones(len(normal)), np.zeros(len(odd))]
-    assert roc_auc_score(labels, scores) > 0.99
+
+    def auc(est):
+        return roc_auc_score(labels, np.r_[est.score_samples(normal), est.score_samples(odd)])
+
+    trained = ConvAutoencoder(**SMALL).fit(normal_train)
+    # The same build and initial weights; Adam's steps of about lr = 1e-12 leave them as they were.
+    untrained = ConvAutoencoder(**{**SMALL, "epochs": 1, "lr": 1e-12}).fit(normal_train)
+    assert auc(trained) > 0.75
+    assert auc(trained) > auc(untrained) + 0.1
 
 
 def test_denoising_cleans(digits):
+    """The denoiser beats the noisy input, and an autoencoder trained the same way without
+    noise (the control: measured 0.097 against the denoiser's 0.031 on seed 0, ratio at most
+    0.67 on seeds 0-2), so a denoiser that ignored ``noise`` would fail."""
     import torch
 
     from aekit.noise import add_noise
 
-    est = ConvAutoencoder(model="seed", epochs=3, batch_size=32, random_state=0,
-                          noise="gaussian:0.3").fit(digits[0])
     clean = digits[2] / np.float32(255)
     noisy = add_noise(torch.from_numpy(clean), "gaussian:0.3", torch.Generator().manual_seed(1)).numpy()
-    denoised = est.denoise(noisy)
-    assert ((denoised - clean) ** 2).mean() < 0.75 * ((noisy - clean) ** 2).mean()
+    mse = {}
+    for noise in ("gaussian:0.3", None):
+        est = ConvAutoencoder(model="seed", epochs=3, batch_size=32, random_state=0, noise=noise).fit(digits[0])
+        mse[noise] = float(((est.denoise(noisy) - clean) ** 2).mean())
+    assert mse["gaussian:0.3"] < 0.75 * ((noisy - clean) ** 2).mean()
+    assert mse["gaussian:0.3"] < 0.8 * mse[None]
 
 
 def test_pipeline_clone_and_grid_search(digits):

@@ -1,6 +1,8 @@
 """The scikit-learn estimators: layouts, verbs, errors, sklearn interop, PCA reference."""
 
+import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from sklearn.utils.estimator_checks import check_estimator
 
 import aekit
 from aekit import ConvAutoencoder, PCAReconstructor
+from aekit.runs import RunError
 
 SMALL = dict(latent_dim=8, widths=(8, 16), epochs=2, batch_size=32, random_state=0)
 
@@ -152,25 +155,42 @@ def test_threshold_follows_contamination(digits):
     assert (est.predict(digits[2]) == -1).mean() == pytest.approx(0.05, abs=0.01)
 
 
-def test_anomalies_score_lower(fitted, digits, rng):
-    normal = digits[2]
-    odd = rng.integers(0, 256, normal.shape, dtype=np.uint8)  # noise, not digits
-    scores = np.concatenate([fitted.score_samples(normal), fitted.score_samples(odd)])
+def test_a_digit_never_trained_on_scores_lower(mnist):
+    """A real anomaly: trained on every digit but 0, the 0s must look odder to the trained
+    model than to an untrained one (raw per-image error also tracks ink, so an untrained
+    model is not at chance). Measured on seeds 0-4: trained AUC 0.83-0.86, untrained
+    0.44-0.69, margin 0.15 or more (seed 0: 0.86 against 0.67)."""
+    (x_train, y_train), (x_test, y_test) = mnist
+    normal_train = x_train[y_train != 0][:600]
+    normal, odd = x_test[y_test != 0][:300], x_test[y_test == 0][:300]
     labels = np.r_[np.ones(len(normal)), np.zeros(len(odd))]
-    assert roc_auc_score(labels, scores) > 0.99
+
+    def auc(est):
+        return roc_auc_score(labels, np.r_[est.score_samples(normal), est.score_samples(odd)])
+
+    trained = ConvAutoencoder(**SMALL).fit(normal_train)
+    # The same build and initial weights; Adam's steps of about lr = 1e-12 leave them as they were.
+    untrained = ConvAutoencoder(**{**SMALL, "epochs": 1, "lr": 1e-12}).fit(normal_train)
+    assert auc(trained) > 0.75
+    assert auc(trained) > auc(untrained) + 0.1
 
 
 def test_denoising_cleans(digits):
+    """The denoiser beats the noisy input, and an autoencoder trained the same way without
+    noise (the control: measured 0.097 against the denoiser's 0.031 on seed 0, ratio at most
+    0.67 on seeds 0-2), so a denoiser that ignored ``noise`` would fail."""
     import torch
 
     from aekit.noise import add_noise
 
-    est = ConvAutoencoder(model="seed", epochs=3, batch_size=32, random_state=0,
-                          noise="gaussian:0.3").fit(digits[0])
     clean = digits[2] / np.float32(255)
     noisy = add_noise(torch.from_numpy(clean), "gaussian:0.3", torch.Generator().manual_seed(1)).numpy()
-    denoised = est.denoise(noisy)
-    assert ((denoised - clean) ** 2).mean() < 0.75 * ((noisy - clean) ** 2).mean()
+    mse = {}
+    for noise in ("gaussian:0.3", None):
+        est = ConvAutoencoder(model="seed", epochs=3, batch_size=32, random_state=0, noise=noise).fit(digits[0])
+        mse[noise] = float(((est.denoise(noisy) - clean) ** 2).mean())
+    assert mse["gaussian:0.3"] < 0.75 * ((noisy - clean) ** 2).mean()
+    assert mse["gaussian:0.3"] < 0.8 * mse[None]
 
 
 def test_pipeline_clone_and_grid_search(digits):
@@ -191,7 +211,113 @@ def test_save_and_load_round_trip(fitted, digits, tmp_path):
     loaded = ConvAutoencoder.load(tmp_path / "est")
     np.testing.assert_array_equal(loaded.transform(digits[2]), fitted.transform(digits[2]))
     assert loaded.threshold_ == fitted.threshold_ and loaded.layout_ == fitted.layout_
-    assert loaded.get_params()["latent_dim"] == 8
+    assert loaded.get_params() == {**fitted.get_params(), "device": "auto"}
+    assert loaded.history_ == fitted.history_
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(folder.iterdir())}
+
+
+def test_save_refuses_an_existing_folder_without_overwrite(fitted, tmp_path):
+    (tmp_path / "est" / "mine").mkdir(parents=True)
+    (tmp_path / "est" / "notes.txt").write_text("the user's")
+    before = folder_bytes(tmp_path / "est")
+    with pytest.raises(ValueError, match=r"already exists and is not empty; pass overwrite=True") as caught:
+        fitted.save(tmp_path / "est")
+    assert "\n" not in str(caught.value)
+    assert folder_bytes(tmp_path / "est") == before
+    (tmp_path / "empty").mkdir()
+    fitted.save(tmp_path / "empty")  # an empty folder holds nothing to lose
+
+
+def test_save_over_a_train_run_replaces_the_whole_run(fitted, small_run, digits, tmp_path):
+    """No mix of two models' files: the run's metrics and checkpoint described other weights."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = folder_bytes(run)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        fitted.save(run)
+    assert folder_bytes(run) == before
+    fitted.save(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "estimator.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder left beside it
+    loaded = ConvAutoencoder.load(run)
+    np.testing.assert_array_equal(loaded.transform(digits[2]), fitted.transform(digits[2]))
+    assert loaded.threshold_ == fitted.threshold_
+
+
+def edit_state(folder, edit):
+    state = json.loads((folder / "estimator.json").read_text())
+    edit(state)
+    (folder / "estimator.json").write_text(json.dumps(state))
+
+
+BAD_STATES = {
+    "not JSON": (b"{", "unreadable"),
+    "not UTF-8": (b"\xff\xfe", "unreadable"),
+    "nested 10^5 deep": (b"[" * 100_000 + b"]" * 100_000, "unreadable"),
+    "a list": (b"[]", "expected an object with keys"),
+    "a key missing": (lambda s: s.pop("layout"), "expected an object with keys"),
+    "an unknown key": (lambda s: s.update(colour="red"), "expected an object with keys"),
+    "params a list": (lambda s: s.update(params=[]), "params must hold exactly"),
+    "a param missing": (lambda s: s["params"].pop("noise"), "params must hold exactly"),
+    "an unknown param": (lambda s: s["params"].update(n_components=8), "params must hold exactly"),
+    "a param of the wrong type": (lambda s: s["params"].update(latent_dim="eight"), "latent_dim must be"),
+    "a param that does not construct": (lambda s: s["params"].update(contamination=2), "contamination must"),
+    "an image_shape param that does not construct": (lambda s: s["params"].update(image_shape=5), "invalid"),
+    "params of another model": (lambda s: s["params"].update(latent_dim=16), "disagree with"),
+    "a threshold that is text": (lambda s: s.update(threshold="0.1"), "threshold must be a finite number"),
+    "a threshold that is null": (lambda s: s.update(threshold=None), "threshold must be a finite number"),
+    "an infinite threshold": (lambda s: s.update(threshold=float("inf")), "threshold must be a finite number"),
+    "a negative threshold": (lambda s: s.update(threshold=-1.0), "threshold must be a finite number"),
+    "an unknown layout": (lambda s: s.update(layout="nwh"), "layout 'nwh' does not fit"),
+    "a flat layout without image_shape": (lambda s: s.update(layout="flat"), "layout 'flat' does not fit"),
+    "another image_shape": (lambda s: s.update(image_shape=[1, 14, 14]), "disagrees with"),
+    "history not a list": (lambda s: s.update(history={}), "history must be a list"),
+    "history with a bad epoch": (lambda s: s["history"][0].update(loss="low"), "history"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATES))
+def test_load_refuses_a_damaged_estimator_json(fitted, tmp_path, name):
+    """Every problem is one RunError line naming the file, never a KeyError or TypeError."""
+    damage, message = BAD_STATES[name]
+    fitted.save(tmp_path / "est")
+    if isinstance(damage, bytes):
+        (tmp_path / "est" / "estimator.json").write_bytes(damage)
+    else:
+        edit_state(tmp_path / "est", damage)
+    with pytest.raises(RunError, match=message) as caught:
+        ConvAutoencoder.load(tmp_path / "est")
+    assert str(caught.value).startswith(str(tmp_path / "est" / "estimator.json"))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["no metrics.json", "no threshold in it"])
+def test_a_run_without_a_threshold_refuses_to_predict(small_run, digits, tmp_path, damage):
+    """Not an infinite threshold that flags nothing: predict asks for set_threshold."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    if damage == "no metrics.json":
+        (run / "metrics.json").unlink()
+    else:
+        metrics = json.loads((run / "metrics.json").read_text())
+        del metrics["threshold"]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    est = ConvAutoencoder.load(run)
+    x = digits[2][:100]
+    assert est.threshold_ is None and est.reconstruct(x).shape == x.shape  # the rest works
+    for verb in (est.predict, est.decision_function):
+        with pytest.raises(ValueError, match=r"no outlier threshold .* call set_threshold\(X, contamination="):
+            verb(x)
+    assert (est.set_threshold(x, contamination=0.1).predict(x) == -1).mean() == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_train_run_loads_with_its_threshold_and_history(small_run, digits):
+    est = ConvAutoencoder.load(small_run)
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    assert est.threshold_ == metrics["threshold"] and est.contamination == metrics["contamination"]
+    assert [r["epoch"] for r in est.history_] == [1]
+    assert (est.predict(digits[0][:300]) == -1).mean() <= 0.05
 
 
 def test_pca_matches_scikit_learn(digits):
@@ -202,8 +328,34 @@ def test_pca_matches_scikit_learn(digits):
     np.testing.assert_allclose(z, ref.transform(x_test.reshape(len(x_test), -1) / 255.0), atol=1e-4)
     recon = np.clip(ref.inverse_transform(ref.transform(x_test.reshape(len(x_test), -1) / 255.0)), 0, 1)
     np.testing.assert_allclose(ours.reconstruct(x_test).reshape(len(x_test), -1), recon, atol=1e-4)
-    with pytest.raises(ValueError, match="n_components must be an integer"):
+    with pytest.raises(ValueError, match="latent_dim must be an integer"):
         PCAReconstructor(5000).fit(x_train)
+
+
+def test_one_grid_search_swaps_the_two_estimators(digits):
+    """One parameter name, latent_dim, for both: a grid can swap the estimators."""
+    x = digits[0][:400]
+    grid = {"est": [ConvAutoencoder(**{**SMALL, "epochs": 1}), PCAReconstructor(random_state=0)],
+            "est__latent_dim": [2, 8]}
+    search = GridSearchCV(Pipeline([("est", PCAReconstructor())]), grid, cv=2, error_score="raise").fit(x)
+    scores = {(type(p["est"]).__name__, p["est__latent_dim"]): s
+              for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])}
+    assert set(scores) == {(name, d) for name in ("ConvAutoencoder", "PCAReconstructor") for d in (2, 8)}
+    for name in ("ConvAutoencoder", "PCAReconstructor"):  # more latent numbers reconstruct better
+        assert scores[name, 8] > scores[name, 2]
+
+
+def test_every_device_default_is_auto():
+    """`aekit train` picks the device; so do the estimator, its load, compare and the run readers."""
+    import inspect
+
+    from aekit import runs
+    from aekit.compare import CompareConfig
+    from aekit.training import TrainConfig
+
+    assert ConvAutoencoder().device == "auto" == CompareConfig().device == TrainConfig().device
+    for function in (ConvAutoencoder.load, runs.load_model, runs.evaluate_run):
+        assert inspect.signature(function).parameters["device"].default == "auto", function.__name__
 
 
 def test_one_verb_set_for_both(digits):
@@ -217,36 +369,80 @@ def test_one_verb_set_for_both(digits):
         assert est.predict(x_test).shape == (300,)
 
 
-# scikit-learn's own checks. Those below do not apply to an image estimator and are
-# expected to fail; everything else must pass. The properties they test that do apply
-# (fit returns self, repeatable fit, batch and order invariance, no param rewriting,
-# pickling, pipelines) are tested above on real images.
-_TABULAR = ("fits on 2-D tabular data with no image_shape; an image estimator must be told the "
-            "image size (with image_shape it takes flat rows, tested above)")
-_NOT_IMAGES = "passes values outside [0, 1] or non-numeric objects, which are not images"
-EXPECTED_FAILED_CHECKS = {name: _TABULAR for name in (
-    "check_classifier_data_not_an_array", "check_dict_unchanged", "check_dont_overwrite_parameters",
-    "check_estimators_dtypes", "check_estimators_empty_data_messages", "check_estimators_fit_returns_self",
-    "check_estimators_overwrite_params", "check_estimators_pickle", "check_f_contiguous_array_estimator",
-    "check_fit2d_1feature", "check_fit2d_1sample", "check_fit2d_predict1d", "check_fit_check_is_fitted",
-    "check_fit_idempotent", "check_fit_score_takes_y", "check_methods_sample_order_invariance",
-    "check_methods_subset_invariance", "check_n_features_in", "check_n_features_in_after_fitting",
-    "check_outliers_fit_predict", "check_outliers_train", "check_pipeline_consistency",
-    "check_readonly_memmap_input", "check_transformer_data_not_an_array", "check_transformer_general",
-    "check_transformer_preserve_dtypes", "check_estimators_nan_inf",
-)}
-EXPECTED_FAILED_CHECKS.update({name: _NOT_IMAGES for name in (
-    "check_positive_only_tag_during_fit", "check_dtype_object")})
+# scikit-learn's own checks. They feed tabular data: (n, d) rows of any real numbers, of
+# every d. The test subclasses below adapt only that input contract, and only in two
+# places: each row is read as a 1 x d image (the hook the flat layout asks for its image
+# size) and values are squashed into (0, 1) by a fixed sigmoid (NaN and inf left as they
+# are, for the real code to refuse). Parsing, dtypes, fitting, the verbs, pickling and
+# params are the real code's.
+
+class _TabularRows:
+    def _flat_image_shape(self, X):
+        return (1, 1, X.shape[1])
+
+    def _parse(self, X):
+        rows = None if hasattr(X, "toarray") else np.asarray(X)  # sparse input goes as it is
+        if rows is not None and rows.ndim == 2 and rows.dtype.kind == "f":  # so do integers
+            X = np.empty_like(rows)  # the same dtype and memory order (C or Fortran)
+            with np.errstate(over="ignore"):
+                np.divide(1, 1 + np.exp(-rows), out=X)
+            X[~np.isfinite(rows)] = rows[~np.isfinite(rows)]
+            X.flags.writeable = rows.flags.writeable  # read-only input stays read-only
+        return super()._parse(X)
+
+
+class TabularAutoencoder(_TabularRows, ConvAutoencoder):
+    pass
+
+
+class TabularPCA(_TabularRows, PCAReconstructor):
+    pass
+
+
+# The checks that still fail, each for its own reason.
+EXPECTED_FAILED_CHECKS = {
+    "check_dtype_object": "images must be numeric arrays: an object array, even of numbers, is refused with "
+                          "a message to convert it (test_bad_input_errors) instead of being converted",
+}
+# Skipped by scikit-learn itself on this machine; any other skip fails the test.
+ALLOWED_SKIPS = {"check_array_api_input", "check_classifier_data_not_an_array"}
+# What the waived checks used to hide: each must run and pass.
+MUST_PASS = {
+    "check_estimators_pickle", "check_fit_idempotent", "check_estimators_overwrite_params",
+    "check_dont_overwrite_parameters", "check_dict_unchanged", "check_readonly_memmap_input",
+    "check_estimators_dtypes", "check_transformer_preserve_dtypes", "check_f_contiguous_array_estimator",
+    "check_methods_subset_invariance", "check_methods_sample_order_invariance", "check_fit_check_is_fitted",
+    "check_n_features_in", "check_n_features_in_after_fitting", "check_estimators_fit_returns_self",
+    "check_fit_score_takes_y", "check_fit2d_1sample", "check_fit2d_1feature", "check_fit2d_predict1d",
+    "check_estimators_empty_data_messages", "check_estimators_nan_inf", "check_outliers_train",
+    "check_outliers_fit_predict", "check_pipeline_consistency", "check_transformer_general",
+    "check_transformer_data_not_an_array", "check_positive_only_tag_during_fit",
+    "check_estimators_unfitted", "check_get_params_invariance", "check_set_params",
+    "check_no_attributes_set_in_init", "check_parameters_default_constructible", "check_complex_data",
+    "check_estimator_sparse_array",
+}
+
+
+def run_checks(estimator, expected_failed: dict[str, str]) -> dict[str, list[str]]:
+    """check_estimator's results: check names by status, and the unexpected failures' messages."""
+    results = check_estimator(estimator, expected_failed_checks=expected_failed, on_fail=None)
+    by_status: dict[str, list[str]] = {}
+    for r in results:
+        by_status.setdefault(r["status"], []).append(r["check_name"])
+    by_status["messages"] = [f"{r['check_name']}: {str(r['exception'])[:300]}" for r in results
+                             if r["status"] == "failed"]
+    return by_status
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_scikit_learn_estimator_checks():
-    est = ConvAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0)
-    results = check_estimator(est, expected_failed_checks=EXPECTED_FAILED_CHECKS, on_fail=None)
-    unexpected = [(r["check_name"], str(r["exception"])[:200]) for r in results
-                  if r["status"] == "failed" and r["check_name"] not in EXPECTED_FAILED_CHECKS]
-    assert not unexpected
-    passed = {r["check_name"] for r in results if r["status"] == "passed"}
-    assert {"check_estimators_unfitted", "check_get_params_invariance", "check_set_params",
-            "check_no_attributes_set_in_init", "check_parameters_default_constructible",
-            "check_complex_data", "check_estimator_sparse_array"} <= passed
+@pytest.mark.parametrize("estimator, expected_failed", [
+    (TabularAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0, device="cpu"),
+     EXPECTED_FAILED_CHECKS),
+    (TabularPCA(latent_dim=1, random_state=0), EXPECTED_FAILED_CHECKS),
+], ids=["ConvAutoencoder", "PCAReconstructor"])
+def test_scikit_learn_estimator_checks(estimator, expected_failed):
+    checks = run_checks(estimator, expected_failed)
+    assert checks["messages"] == []
+    assert set(checks.get("xfail", [])) == set(expected_failed)  # a waived check that passes is noticed
+    assert set(checks.get("skipped", [])) <= ALLOWED_SKIPS
+    assert MUST_PASS - set(expected_failed) <= set(checks["passed"])

@@ -8,7 +8,7 @@ The fuzz budget is small under `make test` and large under `make test-slow`
 (HYPOTHESIS_PROFILE=slow, see conftest.py).
 """
 
-import contextlib
+import csv
 import gzip
 import io
 import json
@@ -30,8 +30,10 @@ from aekit import data as data_lib
 from aekit.cli import main
 from aekit.data import DataError
 from aekit.models import SeedAutoencoder
-from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunError, load_checkpoint, load_model, read_config
-from aekit.training import make_optimizer
+from aekit.estimator import ESTIMATOR, ConvAutoencoder
+from aekit.runs import (CHECKPOINT, CONFIG, HISTORY, METRICS, WEIGHTS, RunError, load_checkpoint, load_model,
+                        read_config, read_history, read_metrics, write_history)
+from aekit.training import EpochRecord, make_optimizer
 
 pytestmark = pytest.mark.fuzz
 
@@ -132,9 +134,12 @@ def nasty(*valid: bytes) -> st.SearchStrategy[bytes]:
 
 
 def refuses_cleanly(read, *errors):
-    """Call ``read``: fine if it returns or raises one of ``errors``; anything else fails."""
-    with contextlib.suppress(*(errors or (DataError,))):
+    """Call ``read``: fine if it returns or raises one of ``errors`` in one line; anything else fails."""
+    try:
         return read()
+    except (errors or (DataError,)) as exc:
+        assert "\n" not in str(exc), f"a refusal of more than one line: {exc}"
+        return None
 
 
 # ------------------------------------------------------------------------- data loaders
@@ -222,18 +227,20 @@ def json_values():
 
 
 @st.composite
-def edited_config(draw, original: bytes):
-    """config.json with one field replaced, added or removed, or its bytes mutated."""
-    config = json.loads(original)
+def edited_json(draw, original: bytes, inside: tuple[str, ...] = ()):
+    """A JSON object file with one field replaced, added or removed (at the top or in one of
+    the objects ``inside`` it), or its bytes mutated."""
+    whole = json.loads(original)
     choice = draw(st.sampled_from(["replace", "add", "remove", "bytes"]))
     if choice == "bytes":
         return draw(mutated(original))
-    key = draw(st.sampled_from(sorted(config)) if choice != "add" else st.text(max_size=12))
+    target = whole[draw(st.sampled_from(inside))] if inside and draw(st.booleans()) else whole
+    key = draw(st.sampled_from(sorted(target)) if choice != "add" else st.text(max_size=12))
     if choice == "remove":
-        config.pop(key, None)
+        target.pop(key, None)
     else:
-        config[key] = draw(json_values())
-    return json.dumps(config).encode()
+        target[key] = draw(json_values())
+    return json.dumps(whole).encode()
 
 
 @given(data=st.data(), target=st.sampled_from([CONFIG, WEIGHTS, METRICS, CHECKPOINT]))
@@ -244,7 +251,7 @@ def test_fuzz_run_folder(tmp_path, tiny_run, data, target):
     for name, raw in tiny_run.items():
         (folder / name).write_bytes(raw)
     if target == CONFIG:
-        raw = data.draw(edited_config(tiny_run[CONFIG]), label="config.json")
+        raw = data.draw(edited_json(tiny_run[CONFIG]), label="config.json")
     else:
         raw = data.draw(nasty(tiny_run[target]), label=target)
     (folder / target).write_bytes(raw)
@@ -260,6 +267,106 @@ def test_fuzz_run_folder(tmp_path, tiny_run, data, target):
         refuses_cleanly(lambda: load_checkpoint(model, make_optimizer(model, config), folder / CHECKPOINT,
                                                 config), RunError)
     assert listing(folder) == before
+
+
+def run_folder(tmp_path, files: dict[str, bytes]):
+    """A fresh folder ``run`` in ``tmp_path`` holding ``files`` (name -> bytes)."""
+    folder = tmp_path / "run"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name, raw in files.items():
+        (folder / name).write_bytes(raw)
+    return folder
+
+
+def usable(estimator) -> None:
+    """An estimator that loaded must work: reconstruct, score and predict 28x28 images."""
+    x = np.tile(GRAY, (4, 4))[None, :28, :28].repeat(3, axis=0)
+    assert estimator.reconstruction_error(x).shape == (3,)
+    if estimator.threshold_ is None:  # a run without a threshold refuses to predict, in one line
+        refuses_cleanly(lambda: estimator.predict(x), ValueError)
+    else:
+        assert set(estimator.predict(x)) <= {-1, 1}
+
+
+@given(raw=nasty(json.dumps({"threshold": 0.01, "contamination": 0.01}).encode()))
+@example(raw=b"\xff\xfe")  # not UTF-8
+@example(raw=b"[]")  # not an object
+@example(raw=b'{"threshold": "0.1"}')
+@example(raw=b'{"threshold": 1e999}')  # JSON's way to say infinity
+@example(raw=b'{"threshold": 0.01, "contamination": [0.1]}')
+def test_fuzz_metrics(tmp_path, tiny_run, raw):
+    """metrics.json as `aekit report` and the estimator read it (its threshold and contamination)."""
+    folder = run_folder(tmp_path, {**tiny_run, METRICS: raw})
+    before = listing(folder)
+    metrics = refuses_cleanly(lambda: read_metrics(folder), RunError)
+    assert metrics is None or isinstance(metrics, dict)
+    estimator = refuses_cleanly(lambda: ConvAutoencoder.load(folder), RunError)
+    if estimator is not None:
+        usable(estimator)
+    assert listing(folder) == before
+
+
+@pytest.fixture(scope="module")
+def saved_estimator(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("fuzzestimator") / "est"
+    torch.set_num_threads(1)
+    x = mnist[0][0][:200]
+    ConvAutoencoder(latent_dim=4, widths=(4,), epochs=1, batch_size=50, random_state=0).fit(x).save(out)
+    return {name: (out / name).read_bytes() for name in (CONFIG, WEIGHTS, ESTIMATOR)}
+
+
+@given(data=st.data())
+def test_fuzz_estimator_json(tmp_path, saved_estimator, data):
+    original = saved_estimator[ESTIMATOR]
+    raw = data.draw(st.one_of(edited_json(original, inside=("params",)), nasty(original)), label=ESTIMATOR)
+    folder = run_folder(tmp_path, {**saved_estimator, ESTIMATOR: raw})
+    before = listing(folder)
+    estimator = refuses_cleanly(lambda: ConvAutoencoder.load(folder), RunError)
+    if estimator is not None:  # accepted: then it is the model that was saved, and it works
+        assert estimator.transform(np.zeros((1, 28, 28), np.uint8)).shape == (1, 4)
+        usable(estimator)
+    assert listing(folder) == before
+
+
+def _history(*rows) -> bytes:
+    return b"epoch,loss,val_loss,val_mse,seconds,images_per_second\n" + b"".join(r + b"\n" for r in rows)
+
+
+VALID_HISTORY = _history(b"1,0.2,0.19,0.05,3.5,17000", b"2,0.1,0.11,0.03,3.4,17600")
+CSV_CELLS = st.one_of(st.text(max_size=8), st.floats().map(str), st.integers().map(str))
+
+
+@st.composite
+def csv_tables(draw):
+    """A header of history.csv's columns (some dropped, some added, shuffled) and rows of any cells."""
+    columns = list(VALID_HISTORY.split(b"\n")[0].decode().split(","))
+    header = draw(st.permutations(columns + draw(st.lists(st.text(max_size=6), max_size=2))))
+    header = header[:draw(st.integers(0, len(header)))]
+    rows = draw(st.lists(st.lists(CSV_CELLS, max_size=len(header) + 2), max_size=4))
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+    return buffer.getvalue().encode()
+
+
+@given(raw=st.one_of(nasty(VALID_HISTORY), csv_tables()))
+@example(raw=VALID_HISTORY + b"3,0.1\n")  # a short row: its missing cells read as None
+@example(raw=VALID_HISTORY + b"3,0.1,0.1,0.1,1,1,extra\n")  # a long row
+@example(raw=_history(b"1," + b"9" * 200_000 + b",1,1,1,1"))  # a cell beyond csv's field limit
+@example(raw=_history(b"1,0.1,0.1,0.1,1,1e999"))  # a float that overflows: inf, still a float
+@example(raw=b"\xff\xfe" + VALID_HISTORY)  # not UTF-8
+def test_fuzz_history(tmp_path, raw):
+    (tmp_path / HISTORY).write_bytes(raw)
+    history = refuses_cleanly(lambda: read_history(tmp_path), RunError)
+    assert history is None or all(isinstance(r, EpochRecord) for r in history)
+    assert listing(tmp_path) == [HISTORY]
+
+
+def test_history_round_trips(tmp_path):
+    records = [EpochRecord(1, 0.2, 0.19, 0.05, 3.5, 17000.0), EpochRecord(2, 0.1, 0.11, 0.03, 3.4, 17600.0)]
+    write_history(records, tmp_path / HISTORY)
+    assert (tmp_path / HISTORY).read_bytes() == VALID_HISTORY  # the fuzz tests start from a real file
+    assert read_history(tmp_path) == records
 
 
 # --------------------------------------------------------------- the corpus, through the CLI

@@ -32,7 +32,7 @@ class CompareConfig:
     seed: int = 0
     knn_neighbors: int = 5
     knn_train: int = 10000         # training latents the kNN classifier keeps
-    device: str = "cpu"
+    device: str = "auto"
     resize: tuple[int, int] | None = None
 
     def validate(self) -> None:
@@ -47,7 +47,7 @@ def estimators(config: CompareConfig, latent_dim: int):
     return {
         "autoencoder": ConvAutoencoder(model="conv", latent_dim=latent_dim, epochs=config.epochs,
                                        random_state=config.seed, device=config.device),
-        "pca": PCAReconstructor(n_components=latent_dim, random_state=config.seed),
+        "pca": PCAReconstructor(latent_dim=latent_dim, random_state=config.seed),
     }
 
 
@@ -130,13 +130,17 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> 
                        label=f"raw pixels ({raw[0]['latent_dim']} dims)")
     ax_mse.set(yscale="log", ylabel="test MSE per pixel", title="reconstruction error")
     ax_knn.set(ylabel="kNN accuracy", title="kNN on the latents")
+    if not ax_knn.has_data():  # unlabeled data: nothing to classify
+        ax_knn.text(0.5, 0.5, "no labels in the data:\nno kNN accuracy", ha="center", va="center",
+                    transform=ax_knn.transAxes, color="gray")
     dims = sorted({r["latent_dim"] for r in rows if r["method"] != "raw pixels"})
     for ax in (ax_mse, ax_knn):
         ax.set_xscale("log", base=2)
         ax.set_xticks(dims, [str(d) for d in dims])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("latent dimensions")
-        ax.legend()
+        if ax.has_data():
+            ax.legend()
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

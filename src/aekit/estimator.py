@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,11 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
 from aekit import data as data_lib
-from aekit._io import write_text_atomic
+from aekit._io import atomic_folder, write_text_atomic
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
+ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
+_STATE_KEYS = ("params", "threshold", "layout", "image_shape", "history")
 
 
 def _image_shape_chw(image_shape) -> tuple[int, int, int]:
@@ -57,7 +61,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         x, _ = self._parse(X)
         if tuple(x.shape[1:]) != self.image_shape_:
             c, h, w = self.image_shape_
-            raise ValueError(f"X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
+            features = int(np.prod(x.shape[1:]))
+            count = (f"X has {features} features, but {type(self).__name__} is expecting "
+                     f"{self.n_features_in_} features as input: " if features != self.n_features_in_ else "")
+            raise ValueError(f"{count}X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
                              f"but the estimator was fitted on {h}x{w}x{c}")
         return x
 
@@ -83,10 +90,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
             raise ValueError(f"X must be uint8 images or floats in [0, 1], got dtype {X.dtype}; "
                              "convert it first (e.g. x.astype('float32') / 255)")
         if X.ndim == 2:
-            if self.image_shape is None:
-                raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
-                                 "rows can be read as images")
-            c, h, w = _image_shape_chw(self.image_shape)
+            c, h, w = self._flat_image_shape(X)
             if X.shape[1] != c * h * w:
                 raise ValueError(f"X has {X.shape[1]} features per row but image_shape "
                                  f"{tuple(self.image_shape)} needs {h * w * c}")
@@ -103,14 +107,25 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                                  "last; expected (n, H, W, C) or (n, C, H, W)")
         else:
             raise ValueError(f"X must be (n, H, W), (n, H, W, C), (n, C, H, W) or flat (n, features) "
-                             f"with image_shape; got shape {X.shape}")
+                             f"with image_shape; got shape {X.shape}. Reshape your data: one flat image "
+                             "x is x.reshape(1, -1)")
         if len(x) == 0:
             raise ValueError("X holds no images (n = 0); pass at least one")
+        if x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"X has 0 feature(s) (shape={X.shape}) while a minimum of 1 is required: "
+                             "images need at least one pixel")
         try:
             x = data_lib.to_float(np.ascontiguousarray(x))
         except data_lib.DataError as exc:
             raise ValueError(f"X: {exc}") from None
         return np.ascontiguousarray(x, dtype=np.float32), layout
+
+    def _flat_image_shape(self, X: np.ndarray) -> tuple[int, int, int]:
+        """The (C, H, W) that the flat rows of ``X`` (n, features) are read as."""
+        if self.image_shape is None:
+            raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
+                             "rows can be read as images")
+        return _image_shape_chw(self.image_shape)
 
     def _from_nchw(self, x: np.ndarray) -> np.ndarray:
         """(n, C, H, W) -> the layout the estimator was fitted on."""
@@ -168,6 +183,11 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         """Negative for outliers: ``score_samples(X) - offset_``."""
+        self._check_is_fitted()
+        if self.threshold_ is None:
+            raise ValueError(f"this {type(self).__name__} has no outlier threshold (it was loaded from a run "
+                             "folder without one in metrics.json); call set_threshold(X, contamination=0.01) "
+                             "with normal images first")
         return self.score_samples(X) - self.offset_
 
     def predict(self, X) -> np.ndarray:
@@ -223,6 +243,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = True
         tags.requires_fit = True
+        tags.transformer_tags.preserves_dtype = ["float32"]  # transform gives float32 for any input
         return tags
 
 
@@ -242,7 +263,7 @@ class ConvAutoencoder(_ImageReconstructor):
 
     def __init__(self, model="conv", latent_dim=32, widths=None, epochs=10, batch_size=None, lr=None,
                  loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
-                 random_state=None, device="cpu", verbose=False):
+                 random_state=None, device="auto", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
@@ -316,64 +337,155 @@ class ConvAutoencoder(_ImageReconstructor):
 
     # ---- persistence: the same run folder as `aekit train`
 
-    def save(self, path) -> Path:
-        """Write config.json, model.safetensors and estimator.json into the folder ``path``."""
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write the folder ``path``: config.json, model.safetensors and estimator.json.
+
+        The folder is written whole under a temporary name and then swapped in, so no reader
+        ever sees a mix of two models' files. An existing folder that holds anything is
+        refused unless ``overwrite=True``, which replaces the whole folder: an ``aekit train``
+        run saved over loses its checkpoint, history, metrics and figures, which described
+        the old weights.
+        """
         from aekit.runs import save_config, save_weights
 
         self._check_is_fitted()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_config(self.config_, path)
-        save_weights(self.model_, path / "model.safetensors", self.config_)
-        state = {"params": self.get_params(), "threshold": self.threshold_, "layout": self.layout_,
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a folder; choose another path")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to replace "
+                             "the whole folder, or choose another path")
+        params = self.get_params()
+        if not isinstance(params["random_state"], (int, type(None))):
+            params["random_state"] = self.config_.seed  # a RandomState: the seed it gave this fit
+        state = {"params": params, "threshold": self.threshold_, "layout": self.layout_,
                  "image_shape": list(self.image_shape_), "history": self.history_}
-        write_text_atomic(path / "estimator.json", json.dumps(state, indent=2, default=list) + "\n")
+        with atomic_folder(path) as staging:
+            save_config(self.config_, staging)
+            save_weights(self.model_, staging / "model.safetensors", self.config_)
+            write_text_atomic(staging / ESTIMATOR, json.dumps(state, indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path, device: str = "cpu") -> ConvAutoencoder:
-        """Load a folder written by :meth:`save` or by ``aekit train``."""
-        from aekit.runs import METRICS, load_model
+    def load(cls, path, device: str = "auto") -> ConvAutoencoder:
+        """Load a folder written by :meth:`save` or by ``aekit train``.
+
+        A run of ``aekit train`` takes its outlier threshold from metrics.json; without one
+        (the run did not finish) ``threshold_`` is None and ``predict`` asks for
+        :meth:`set_threshold`. Any damage raises :class:`aekit.runs.RunError` naming the file.
+        """
+        from aekit.runs import HISTORY, METRICS, load_model, read_history, read_metrics
 
         path = Path(path)
         model, config = load_model(path, device)
-        state_file = path / "estimator.json"
-        if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            params = {k: v for k, v in state["params"].items() if k in cls().get_params()}
-            if isinstance(params.get("image_shape"), list):
-                params["image_shape"] = tuple(params["image_shape"])
-            if isinstance(params.get("widths"), list):
-                params["widths"] = tuple(params["widths"])
-            est = cls(**{**params, "device": device})
-            threshold, layout, history = state["threshold"], state["layout"], state["history"]
+        if (path / ESTIMATOR).is_file():
+            est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
             est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
-            metrics = json.loads((path / METRICS).read_text()) if (path / METRICS).is_file() else {}
-            threshold = metrics.get("threshold", float("inf"))
+            metrics = read_metrics(path) if (path / METRICS).is_file() else {}
+            threshold = metrics.get("threshold")
+            if threshold is not None:
+                threshold = _check_threshold(threshold, path / METRICS)
             if "contamination" in metrics:
                 est.contamination = metrics["contamination"]
+                _as_run_error(est._validate_contamination, path / METRICS, "restore it or train the run again")
             layout = "nhw" if config.image_shape[0] == 1 else "nhwc"
-            history = []
+            history = [dataclasses.asdict(r) for r in read_history(path)] if (path / HISTORY).is_file() else []
         est.model_, est.config_, est.history_ = model, config, history
         est.image_shape_ = tuple(config.image_shape)
         est.n_features_in_ = int(np.prod(est.image_shape_))
-        est.layout_, est.threshold_ = layout, float(threshold)
-        est.offset_ = -est.threshold_
+        est.layout_, est.threshold_ = layout, threshold
+        est.offset_ = None if threshold is None else -threshold
         return est
+
+    @classmethod
+    def _read_state(cls, source: Path, config, device: str) -> tuple[ConvAutoencoder, float, str, list[dict]]:
+        """estimator.json, checked against the run's ``config``: (an unfitted estimator with
+        its params, threshold, layout, history)."""
+        from aekit.runs import RunError, _first_line
+        from aekit.training import EpochRecord, from_plain
+
+        try:
+            state = json.loads(source.read_bytes())
+        except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+            raise RunError(f"{source}: unreadable ({_first_line(exc)}); save the estimator again") from None
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise RunError(f"{source}: expected an object with keys {list(_STATE_KEYS)}, got "
+                           f"{reprlib.repr(found)}; save the estimator again")
+        params, known = state["params"], cls().get_params()
+        if not isinstance(params, dict) or set(params) != set(known):
+            found = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise RunError(f"{source}: params must hold exactly {sorted(known)}, got {reprlib.repr(found)}; "
+                           "save the estimator again")
+        params = {k: tuple(v) if k in ("widths", "image_shape") and isinstance(v, list) else v
+                  for k, v in params.items()}
+        est = cls(**{**params, "device": device})
+        expected = _as_run_error(lambda: est._params_config(config), source)
+        differ = [f.name for f in dataclasses.fields(config)
+                  if f.name != "device" and getattr(expected, f.name) != getattr(config, f.name)]
+        if differ:
+            raise RunError(f"{source}: its params disagree with {source.parent / 'config.json'} on "
+                           f"{', '.join(differ)}; the folder mixes two models: save the estimator again")
+        if state["image_shape"] != list(config.image_shape):
+            raise RunError(f"{source}: image_shape {reprlib.repr(state['image_shape'])} disagrees with "
+                           f"{list(config.image_shape)} in config.json; save the estimator again")
+        layout = state["layout"]
+        if layout not in LAYOUTS or (layout == "nhw" and config.image_shape[0] != 1) \
+                or (layout == "flat" and params["image_shape"] is None):
+            raise RunError(f"{source}: layout {reprlib.repr(layout)} does not fit images of "
+                           f"{tuple(config.image_shape)} (C, H, W); expected one of {', '.join(LAYOUTS)}; "
+                           "save the estimator again")
+        history = state["history"]
+        if not isinstance(history, list):
+            raise RunError(f"{source}: history must be a list of epochs, got {type(history).__name__}; "
+                           "save the estimator again")
+        records = [_as_run_error(lambda row=row, i=i: from_plain(EpochRecord, row, f"history[{i}]"), source)
+                   for i, row in enumerate(history)]
+        threshold = _check_threshold(state["threshold"], source)
+        return est, threshold, layout, [dataclasses.asdict(r) for r in records]
+
+    def _params_config(self, config):
+        """The TrainConfig these params make for a run of ``config`` (ValueError/TypeError if none)."""
+        self._validate_contamination()
+        if self.image_shape is not None and _image_shape_chw(self.image_shape) != tuple(config.image_shape):
+            raise ValueError(f"image_shape {self.image_shape!r} is not {tuple(config.image_shape)} (C, H, W)")
+        seed = self.random_state if isinstance(self.random_state, int) else config.seed
+        return self._config(image_shape=config.image_shape, seed=seed)
+
+
+def _as_run_error(make, source: Path, fix: str = "save the estimator again"):
+    """``make()``, with its ValueError or TypeError as a one-line RunError naming ``source``."""
+    from aekit.runs import RunError, _first_line
+
+    try:
+        return make()
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int too large for a float
+        raise RunError(f"{source}: invalid ({_first_line(exc)}); {fix}") from None
+
+
+def _check_threshold(value, source: Path) -> float:
+    """An outlier threshold read from ``source``: a finite number >= 0, as a float."""
+    from aekit.runs import RunError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
+        raise RunError(f"{source}: threshold must be a finite number >= 0, got {reprlib.repr(value)}; "
+                       "restore the file, or call set_threshold(X, contamination=0.01) after loading")
+    return float(value)
 
 
 class PCAReconstructor(_ImageReconstructor):
     """PCA (scikit-learn) with the autoencoder's verbs: the linear baseline.
 
-    ``transform`` gives the ``n_components`` principal-component scores; ``inverse_transform``
-    maps them back to images (clipped to [0, 1]).
+    ``latent_dim`` is the number of principal components, named as in
+    :class:`ConvAutoencoder` so that one grid search covers both. ``transform`` gives the
+    component scores; ``inverse_transform`` maps them back to images (clipped to [0, 1]).
     """
 
-    def __init__(self, n_components=32, contamination=0.01, image_shape=None, random_state=None):
-        self.n_components = n_components
+    def __init__(self, latent_dim=32, contamination=0.01, image_shape=None, random_state=None):
+        self.latent_dim = latent_dim
         self.contamination = contamination
         self.image_shape = image_shape
         self.random_state = random_state
@@ -382,17 +494,19 @@ class PCAReconstructor(_ImageReconstructor):
         from sklearn.decomposition import PCA
 
         n, features = len(x), int(np.prod(x.shape[1:]))
-        if not isinstance(self.n_components, int) or not 1 <= self.n_components <= min(n, features):
-            raise ValueError(f"n_components must be an integer in [1, min(n_samples, n_features)] = "
-                             f"[1, {min(n, features)}], got {self.n_components!r}")
-        self.pca_ = PCA(n_components=self.n_components, random_state=self.random_state).fit(x.reshape(n, -1))
+        if not isinstance(self.latent_dim, int) or not 1 <= self.latent_dim <= min(n, features):
+            raise ValueError(f"latent_dim must be an integer in [1, min(n_samples, n_features)] = "
+                             f"[1, {min(n, features)}], got {self.latent_dim!r}")
+        self.pca_ = PCA(n_components=self.latent_dim, random_state=self.random_state).fit(x.reshape(n, -1))
 
     def _latent_size(self) -> int:
         return self.pca_.n_components_
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         self._check_is_fitted()
-        return self.pca_.transform(x.reshape(len(x), -1))
+        # In float64: a float32 product rounds differently with the rows around it, so an
+        # image's latent would depend on the batch it came in (scikit-learn's order check).
+        return self.pca_.transform(x.reshape(len(x), -1).astype(np.float64))
 
     def _decode(self, z: np.ndarray) -> np.ndarray:
         return self.pca_.inverse_transform(z).reshape(len(z), *self.image_shape_).astype(np.float32)

@@ -239,7 +239,7 @@ def load_weights(model: nn.Module, path: Path, config: TrainConfig | None = None
     model.load_state_dict(state)
 
 
-def load_model(workdir: str | Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
+def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run folder, in eval mode, and its config.
 
     Checks the folder first: a config.json from a newer aekit or no longer matching the
@@ -348,8 +348,8 @@ def read_history(workdir: str | Path) -> list[EpochRecord]:
         with open(path, newline="") as f:  # every column is a float but the epoch number
             return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
                     for row in csv.DictReader(f)]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RunError(f"{path}: unreadable history ({exc}); restore it or train again") from None
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:  # a short row gives None
+        raise RunError(f"{path}: unreadable history ({_first_line(exc)}); restore it or train again") from None
 
 
 def read_metrics(workdir: str | Path) -> dict:
@@ -359,9 +359,13 @@ def read_metrics(workdir: str | Path) -> dict:
         raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
                        f"complete it with `aekit train --out {workdir} --resume`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path}: unreadable metrics ({exc}); evaluate the run again") from None
+        metrics = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise RunError(f"{path}: unreadable metrics ({_first_line(exc)}); restore it or train the run again") from None
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}; "
+                       "restore it or train the run again")
+    return metrics
 
 
 def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
@@ -491,7 +495,7 @@ def train_and_evaluate(
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 
-def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "cpu") -> dict:
+def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto") -> dict:
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
     _, x_test, _ = load_split(config, data)

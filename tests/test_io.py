@@ -74,3 +74,13 @@ def test_a_failed_write_leaves_nothing_and_flushes_nothing_under_the_real_name(t
     assert target.read_bytes() == b"old"
     assert not [c for c in calls if c[0] == "replace"]
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_a_new_folder_gets_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with _io.atomic_folder(tmp_path / "maps") as staging:
+            (staging / "a.png").write_bytes(b"a")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "maps").stat().st_mode & 0o777 == 0o755  # mkdtemp's own 0700 was private

@@ -136,6 +136,7 @@ def test_weights_from_another_run_are_noticed(run_copy, tmp_path, capsys):
     ({"lr": 0.01}, "now says lr=0.01"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"seed": "zero"}, "config.seed must be int, got 'zero'"),
+    ({"lr": 10 ** 400}, "config.lr must be a number a float can hold"),
     ({"image_shape": [1, -28, 28]}, "image_shape must be 3 positive ints"),
     ({"colour": "blue"}, "unknown fields ['colour']; was it made by a newer aekit?"),
     ({"aekit_version": "99.1.0"}, "was made by aekit 99.1.0, this is aekit"),
@@ -446,3 +447,19 @@ def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch
 def test_config_round_trip_through_from_dict():
     config = TrainConfig(image_shape=(1, 28, 28), resize=(28, 28)).resolved()
     assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_overwrite_removes_what_other_commands_wrote_about_the_old_weights(run_copy, capsys):
+    """report.html, estimator.json and ONNX files describe a run's weights: a run trained
+    anew over the folder removes them, and without --overwrite their presence refuses."""
+    from aekit.runs import DERIVED_FILES
+
+    for name in DERIVED_FILES:
+        (run_copy / name).write_text("of the old weights")
+    for name in ("config.json", "model.safetensors", "metrics.json", "history.csv", "checkpoint.safetensors",
+                 "reconstructions.png"):
+        (run_copy / name).unlink()
+    assert train(run_copy) == 2
+    assert "already holds a run (estimator.json, report.html" in one_error_line(capsys)
+    assert train(run_copy, "--overwrite") == 0
+    assert not [name for name in DERIVED_FILES if (run_copy / name).exists()]

@@ -171,3 +171,19 @@ def test_autoencoder_beats_pca_at_every_size(mnist):
         assert ae[d]["test_mse"] < pca[d]["test_mse"], d
     for d in (2, 8):
         assert ae[d]["knn_accuracy"] > pca[d]["knn_accuracy"], d
+
+
+def test_score_asks_for_a_threshold_where_the_run_has_none(denoiser, digits, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["threshold"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    np.save(tmp_path / "d.npy", digits)
+    assert main(["score", str(run), str(tmp_path / "d.npy"), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no outlier threshold" in err[0] and "--contamination" in err[0]
+    assert not (tmp_path / "s.csv").exists()
+    assert main(["score", str(run), str(tmp_path / "d.npy"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1"]) == 0

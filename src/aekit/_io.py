@@ -189,6 +189,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     staging = _beside(path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: the usual permissions
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

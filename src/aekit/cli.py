@@ -310,6 +310,9 @@ def cmd_score(args) -> int:
     estimator = ConvAutoencoder.load(args.run)
     if args.contamination is not None or args.fpr is not None:
         estimator.set_threshold(threshold=run_threshold(args.run, args.contamination, args.fpr, estimator.model_))
+    elif estimator.threshold_ is None:
+        raise ValueError(f"{args.run} records no outlier threshold (its metrics.json has none); "
+                         "pass --contamination C or --fpr F to derive one from the run's own images")
     x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
     rows = score_images(estimator, x, names)
     write_scores(rows, args.out)

@@ -49,6 +49,10 @@ CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.sa
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
 DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
+# What other aekit calls write into a run folder about its weights (ConvAutoencoder.save,
+# aekit report, aekit export): a run trained anew over the folder (--overwrite) removes
+# them with its own files, so that none describes weights that are gone.
+DERIVED_FILES = ("estimator.json", "report.html", "encoder.onnx", "decoder.onnx", "model.onnx")
 
 
 log = logging.getLogger("aekit")
@@ -396,7 +400,7 @@ def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
 
     Writes nothing: the folder is only touched once the data and model are ready.
     """
-    existing = [name for name in RUN_FILES if (workdir / name).exists()]
+    existing = [name for name in RUN_FILES + DERIVED_FILES if (workdir / name).exists()]
     if resume and overwrite:
         raise RunError("--resume and --overwrite contradict each other; pass one")
     if resume and not (workdir / CONFIG).exists():

@@ -411,7 +411,10 @@ def _conform(value: object, hint, where: str):
     if dataclasses.is_dataclass(hint):
         return from_plain(hint, value, where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ValueError(f"{where} must be a number a float can hold, got {reprlib.repr(value)}") from None
     if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
         return value
     name = ("a list" if Ellipsis in args else f"a list of {len(args)} values") if origin is tuple \

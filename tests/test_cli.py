@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aekit.cli import main
+from aekit.cli import COMMANDS, main
 from aekit.runs import load_model
 from conftest import one_error_line
 
@@ -120,8 +120,57 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
-def test_bad_flag_values_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--epochs", "0"])
-    assert exc.value.code == 2
-    assert "expected a positive integer, got 0" in capsys.readouterr().err
+# Bad command lines: argparse's refusals, each one line naming the flag and the --help
+# that explains it, exit code 2, never argparse's usage block or a SystemExit.
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+    (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["train", "--model", "vae"], "argument --model: invalid choice: 'vae'"),
+    (["train", "--recipe"], "argument --recipe: expected one argument"),
+    (["train", "--resume", "--overwrite", "--out", "r"], "argument --overwrite: not allowed with argument --resume"),
+    (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.1", "--contamination", "0.1"],
+     "argument --contamination: not allowed with argument --fpr"),
+    (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.7"], "argument --fpr: expected a fraction"),
+    (["reconstruct", "r"], "the following arguments are required: --out"),
+    (["compare", "--latent-dims", "2,x", "--out", "o"], "argument --latent-dims: expected comma-separated"),
+    (["data", "info", "x.npy", "--resize", "28"], "argument --resize: expected 2 arguments"),
+    (["data", "fetch"], "the following arguments are required: name"),
+    (["data"], "the following arguments are required: ACTION"),
+    ([], "the following arguments are required: COMMAND"),
+    (["trian"], "argument COMMAND: invalid choice: 'trian'"),
+])
+def test_bad_command_lines_are_one_line_and_exit_2(argv, named, capsys):
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert named in line
+    command = " ".join(["aekit"] + [a for a in argv[:2] if a in ("train", "score", "reconstruct", "compare",
+                                                                 "data", "info", "fetch")])
+    assert line.endswith(f"see `{command} --help`"), line
+
+
+def test_help_and_version_still_exit_0(capsys):
+    for argv in (["--help"], ["train", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert "--batch-size" in capsys.readouterr().out
+
+
+def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):
+    def broken(args):
+        return 1 / 0
+
+    monkeypatch.setitem(COMMANDS, "summary", broken)
+    monkeypatch.delenv("AEKIT_TRACEBACK", raising=False)
+    assert main(["summary"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: internal error: ZeroDivisionError: division by zero. This is a bug in aekit")
+    assert "report it to" in err[0] and "AEKIT_TRACEBACK=1" in err[0]
+
+    monkeypatch.setenv("AEKIT_TRACEBACK", "1")
+    assert main(["summary"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "return 1 / 0" in "\n".join(err)
+    assert err[-1].startswith("aekit: internal error: ZeroDivisionError")

@@ -1,7 +1,11 @@
 """The ``aekit`` command: a thin layer over the library.
 
 Every command is a library call; this module only parses arguments, prints results and
-turns user errors (``ValueError``, missing files) into one line on stderr and exit code 2.
+turns what goes wrong into one line on stderr:
+
+- a user error (a bad flag, ``ValueError``, a missing file): ``aekit: error: ...``, exit 2;
+- anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
+  prints the traceback as well).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,20 @@ from aekit._io import WriteError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+TRACEBACK_ENV = "AEKIT_TRACEBACK"  # set to 1 to see the traceback of an internal error
+BUG_REPORTS = "the aekit issue tracker"
+
+
+class UsageError(Exception):
+    """A command line argparse refused: the message, and the command whose --help says more."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`UsageError` for main() to print in
+    one line, instead of printing the usage block and exiting. Subparsers inherit it."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +80,7 @@ def _add_resize(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from aekit.training import LOSSES, RECIPES, SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="aekit", description="Convolutional autoencoders for images.")
+    parser = Parser(prog="aekit", description="Convolutional autoencoders for images.")
     parser.add_argument("--version", action="version", version=f"aekit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -107,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(automatic above 1 GiB of float32 images)")
     _add_resize(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="print a run's test metrics as JSON")
@@ -362,8 +382,10 @@ COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits with code 2 on bad usage
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        return _error(exc)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("aekit: %(message)s"))
     logger = logging.getLogger("aekit")
@@ -377,9 +399,35 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:
-        where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
-        print(f"aekit: error{where}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(exc)
+    except Exception as exc:  # a bug: say so in one line, the traceback on request
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        what = _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        print(f"aekit: internal error: {what}. This is a bug in "
+              f"aekit, not in what you did: please report it to {BUG_REPORTS} with the command you ran "
+              f"and the traceback ({TRACEBACK_ENV}=1 aekit ... prints it)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; :class:`UsageError` for one argparse refuses."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; name the command instead
+        command = " ".join(filter(None, ("aekit", args.command, getattr(args, "data_command", None))))
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `{command} --help`")
+    return args
+
+
+def _error(exc: BaseException) -> int:
+    """A user error: one line on stderr (naming the rank under torchrun), exit code 2."""
+    where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
+    print(f"aekit: error{where}: {_one_line(str(exc))}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,9 @@
 """The CLI, called in-process as ``main([...])``, and the run folder it writes."""
 
 import csv
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from aekit.cli import COMMANDS, main
-from aekit.runs import load_model
+from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
+from aekit.training import TrainConfig
 from conftest import one_error_line
 
 
@@ -174,3 +177,71 @@ def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "Traceback (most recent call last):" and "return 1 / 0" in "\n".join(err)
     assert err[-1].startswith("aekit: internal error: ZeroDivisionError")
+
+
+# --------------------------------------------------------------------------- --resume
+
+# The run the --resume tests try to change: every flag below differs from it, including
+# --seed 0 and --batch-size 32, which are the defaults a flag left out would take.
+RUN_FLAGS = ["--limit", "300", "--epochs", "1", "--seed", "3", "--batch-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_to_resume(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("resume") / "r"
+    assert main(["train", *RUN_FLAGS, "--out", str(out)]) == 0
+    return out
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("flags, shown", [
+    (["--batch-size", "32"], "--batch-size 32 differs from the run in {run}, which has --batch-size 64"),
+    (["--lr", "0.01"], "--lr 0.01 differs from the run in {run}, which has --lr 0.003"),
+    (["--data", "fashion-mnist"], "--data fashion-mnist differs from the run in {run}, which has --data mnist"),
+    (["--seed", "0"], "--seed 0 differs from the run in {run}, which has --seed 3"),
+    (["--model", "conv"], "--model conv differs"),
+    (["--recipe", "blog"], "--recipe blog differs"),
+    (["--loss", "mse"], "--loss mse differs"),
+    (["--init", "keras"], "--init keras differs"),
+    (["--schedule", "constant"], "--schedule constant differs"),
+    (["--limit", "200"], "--limit 200 differs from the run in {run}, which has --limit 300"),
+    (["--patience", "2"], "--patience 2 differs from the run in {run}, which has no --patience"),
+    (["--noise", "gaussian:0.3"], "--noise gaussian:0.3 differs"),
+    (["--latent-dim", "16"], "--latent-dim 16 differs"),
+    (["--widths", "8,16"], "--widths 8,16 differs"),
+    (["--resize", "14", "14"], "--resize 14 14 differs"),
+    (["--stream"], "--stream differs from the run in {run}, which has no --stream"),
+])
+def test_resume_refuses_a_flag_that_changes_the_run(flags, shown, run_to_resume, capsys):
+    before = folder_bytes(run_to_resume)
+    assert main(["train", "--out", str(run_to_resume), "--resume", "--epochs", "2", *flags]) == 2
+    line = one_error_line(capsys)
+    assert shown.format(run=run_to_resume) in line
+    assert "only --epochs may extend it" in line and f"drop {flags[0]}" in line
+    assert folder_bytes(run_to_resume) == before
+
+
+def test_resume_with_the_runs_own_values_and_where_to_run(run_to_resume, tmp_path, capsys):
+    out = tmp_path / "r"
+    shutil.copytree(run_to_resume, out)
+    same = ["--data", "mnist", "--model", "seed", "--recipe", "default", "--loss", "bce", "--init", "he",
+            "--schedule", "cosine", "--lr", "0.003"]
+    assert main(["train", *RUN_FLAGS, *same, "--epochs", "2", "--device", "cpu", "--threads", "1",
+                 "--out", str(out), "--resume"]) == 0
+    assert [r["epoch"] for r in csv.DictReader(open(out / "history.csv"))] == ["1", "2"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["device"] == "cpu" and config["seed"] == 3
+
+
+def test_the_library_refuses_a_changed_field_on_resume(run_to_resume):
+    before = folder_bytes(run_to_resume)
+    with pytest.raises(ResumeMismatch, match=r"batch_size=16 differs from the run's batch_size=64") as exc:
+        train_and_evaluate(TrainConfig(batch_size=16, epochs=2), run_to_resume, resume=True, progress=False)
+    assert exc.value.field == "batch_size" and "--" not in str(exc.value)
+    assert folder_bytes(run_to_resume) == before
+    # Fields left at their defaults take the run's values: nothing to refuse.
+    assert resumed_config(run_to_resume, {"epochs": 5}) == dataclasses.replace(
+        read_config(run_to_resume), epochs=5)

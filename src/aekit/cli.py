@@ -100,13 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize(q)
 
     p = sub.add_parser("train", help="train an autoencoder into a run folder")
-    p.add_argument("--data", default="mnist", help="built-in name or path (default: mnist)")
-    p.add_argument("--model", default="seed", choices=("seed", "conv"),
+    # No argparse defaults: TrainConfig's apply where the config is built, so that a flag
+    # given on --resume can be told from one left out (and checked against the run).
+    p.add_argument("--data", help="built-in name or path (default: mnist)")
+    p.add_argument("--model", choices=("seed", "conv"),
                    help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
     p.add_argument("--noise", help="train a denoiser: gaussian:STD, salt_pepper:P or mask:P")
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
@@ -114,20 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, help="training loss (default: the recipe's)")
     p.add_argument("--init", choices=("keras", "he", "torch"), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto; on --resume, the run's)")
     p.add_argument("--threads", type=_positive_int,
                    help="CPU threads PyTorch uses (default: its own, one per core); on a machine busy "
                         "with other work 1 can be several times faster (bench/RESULTS.md)")
-    p.add_argument("--stream", action="store_true",
+    p.add_argument("--stream", action="store_true", default=None,
                    help="read a .npy file or image folder from disk batch by batch instead of loading it "
                         "(automatic above 1 GiB of float32 images)")
     _add_resize(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint, as it was configured; "
+                            "only --epochs may extend it")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -222,18 +226,15 @@ def cmd_train(args) -> int:
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if "resize" in given:
+        given["resize"] = tuple(given["resize"])
+    config = _resumed_config(args.out, given) if args.resume else TrainConfig(**given)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / f"{args.model}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(
-        data=args.data, model=args.model, latent_dim=args.latent_dim, widths=args.widths,
-        noise=args.noise, recipe=args.recipe, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, loss=args.loss, init=args.init,
-        schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
-        device=args.device, resize=tuple(args.resize) if args.resize else None, stream=args.stream,
-    )
+    out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)
@@ -257,6 +258,41 @@ def cmd_train(args) -> int:
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
+
+
+# The TrainConfig fields `aekit train` sets, each from the flag of the same name.
+TRAIN_FLAGS = ("data", "model", "latent_dim", "widths", "noise", "recipe", "epochs", "batch_size", "lr",
+               "loss", "init", "schedule", "seed", "limit", "patience", "device", "resize", "stream")
+
+
+def _resumed_config(out: Path, given: dict):
+    """The run's config with the flags given on --resume applied (runs.resumed_config);
+    a flag that would change what the run trains is refused, named as a flag."""
+    from aekit.runs import CONFIG, ResumeMismatch, resumed_config
+    from aekit.training import TrainConfig
+
+    if not (out / CONFIG).is_file():
+        return TrainConfig(**given)  # train_and_evaluate says that there is nothing to resume
+    try:
+        return resumed_config(out, given)
+    except ResumeMismatch as exc:
+        raise ValueError(
+            f"{_as_flag(exc.field, exc.given)} differs from the run in {out}, which has "
+            f"{_as_flag(exc.field, exc.recorded)}: --resume continues a run as it was configured "
+            f"(only --epochs may extend it); drop {_as_flag(exc.field)}, or start a new run in another --out"
+        ) from None
+
+
+def _as_flag(field: str, value: object = True) -> str:
+    """How ``aekit train`` spells ``field=value``: ``--batch-size 32``, ``--stream``, ``no --patience``."""
+    flag = "--" + field.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if isinstance(value, tuple):
+        return f"{flag} {(' ' if field == 'resize' else ',').join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 def _interrupted(out: Path) -> str:

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from aekit.cli import COMMANDS, main
+from aekit.data import data_home
+from aekit.estimator import ConvAutoencoder
 from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
 from conftest import one_error_line
 
 
@@ -92,11 +95,17 @@ def test_resume_extends_a_run(tmp_path, mnist, capsys):
     assert json.loads((out / "config.json").read_text())["limit"] == 600  # kept from the run
 
 
-def test_data_info_and_fetch(tmp_path, capsys, rng):
+def test_data_info_and_fetch(tmp_path, capsys, rng, mnist):
     np.save(tmp_path / "x.npy", rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
     assert main(["data", "info", str(tmp_path / "x.npy")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["train"]["shape"] == [18, 8, 8] and info["test"]["labels"] is None
+
+    assert main(["data", "fetch", "mnist"]) == 0  # cached by the mnist fixture: no download
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(data_home() / "mnist.npz")
+    with np.load(printed) as arrays:
+        assert arrays["x_train"].shape == (60000, 28, 28)
 
 
 def test_train_on_a_users_image_folder(tmp_path, rng, capsys):
@@ -177,6 +186,37 @@ def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "Traceback (most recent call last):" and "return 1 / 0" in "\n".join(err)
     assert err[-1].startswith("aekit: internal error: ZeroDivisionError")
+
+
+def test_a_stray_warning_is_one_line(monkeypatch, capsys):
+    def warns(args):
+        warnings.warn("something odd\non two lines", UserWarning)
+        return 0
+
+    monkeypatch.setitem(COMMANDS, "summary", warns)
+    before = warnings.showwarning
+    assert main(["summary"]) == 0
+    assert capsys.readouterr().err == "aekit: warning: something odd on two lines\n"
+    assert warnings.showwarning is before  # the process's own warning display is back
+
+
+def test_collapse_is_reported_once_with_flags(tmp_path, mnist, capsys):
+    out = tmp_path / "blog"
+    assert main(["train", "--recipe", "blog", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["collapsed"]  # both epochs collapsed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"aekit: warning: epoch 1: {COLLAPSE}; use --recipe default (binary cross-entropy, "
+                   "He init) or --loss bce"]
+
+
+def test_collapse_warns_an_estimator_user_once_in_parameters(mnist):
+    (x_train, _), _ = mnist
+    with pytest.warns(CollapseWarning) as caught:
+        ConvAutoencoder(recipe="blog", epochs=2, device="cpu").fit(x_train[:300])
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("epoch 1: the reconstructions are nearly constant")
+    assert 'loss="bce"' in message and 'recipe="default"' in message and "--" not in message
 
 
 # --------------------------------------------------------------------------- --resume

@@ -4,6 +4,7 @@ Every command is a library call; this module only parses arguments, prints resul
 turns what goes wrong into one line on stderr:
 
 - a user error (a bad flag, ``ValueError``, a missing file): ``aekit: error: ...``, exit 2;
+- a Python warning raised during a command: ``aekit: warning: ...``, and the command goes on;
 - anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
   prints the traceback as well).
 """
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -429,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -460,6 +464,21 @@ def _error(exc: BaseException) -> int:
     where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
     print(f"aekit: error{where}: {_one_line(str(exc))}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning raised during a command, as one ``aekit: warning:`` line (rank 0
+    only), never the raw ``file:line: UserWarning:`` text."""
+    from aekit.training import COLLAPSE, CollapseWarning
+
+    if not _is_main_rank():
+        return
+    if issubclass(category, CollapseWarning):  # the library's remedy names parameters; ours, flags
+        text = (f"epoch {message.epoch}: {COLLAPSE}; use --recipe default (binary cross-entropy, "
+                "He init) or --loss bce")
+    else:
+        text = str(message)
+    print(f"aekit: warning: {_one_line(text)}", file=sys.stderr)
 
 
 def _one_line(text: str) -> str:

@@ -27,6 +27,7 @@ import threading
 import time
 import types
 import typing
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -342,11 +343,17 @@ def _conform(value: object, hint, where: str):
     raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
-COLLAPSE_HINT = (
-    "the reconstructions are nearly constant: every image decodes to the same picture "
-    "(the blank-output plateau of sigmoid + MSE). Training on will not leave it; "
-    "use --recipe default (binary cross-entropy, He init) or --loss bce"
-)
+COLLAPSE = ("the reconstructions are nearly constant: every image decodes to the same picture "
+            "(the blank-output plateau of sigmoid + MSE). Training on will not leave it")
+COLLAPSE_HINT = f'{COLLAPSE}; use recipe="default" (binary cross-entropy, He init) or loss="bce"'
+
+
+class CollapseWarning(UserWarning):
+    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"epoch {epoch}: {COLLAPSE_HINT}")
+        self.epoch = epoch
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -599,6 +606,7 @@ def fit(
     if pool is not None:
         torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
     noise = parse_noise(config.noise)
+    collapse_warned = False
     try:
         while state.epoch < config.epochs and not state.stopped_early:
             epoch = state.epoch
@@ -638,8 +646,9 @@ def fit(
             bar.close()
             state.history.append(record)
             state.epoch = epoch + 1
-            if result.collapsed:
-                log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
+            if result.collapsed and not collapse_warned:  # once: training on will not leave it
+                warnings.warn(CollapseWarning(state.epoch), stacklevel=2)
+                collapse_warned = True
             if record.val_loss < state.best_val_loss:
                 state.best_val_loss, state.epochs_since_best = record.val_loss, 0
             else:
@@ -663,4 +672,4 @@ __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Eva
            "fit", "train_step", "ChunkPool", "PoolOrNot", "default_workers", "evaluate", "reconstruction_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
            "make_optimizer", "match_state_layout", "shuffled_batches",
-           "epoch_permutation", "COLLAPSE_HINT"]
+           "epoch_permutation", "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

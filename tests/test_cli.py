@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aekit.cli import COMMANDS, main
+from aekit.cli import COMMANDS, main, parse_args
 from aekit.data import data_home
 from aekit.estimator import ConvAutoencoder
 from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
@@ -159,6 +159,12 @@ def test_bad_command_lines_are_one_line_and_exit_2(argv, named, capsys):
     command = " ".join(["aekit"] + [a for a in argv[:2] if a in ("train", "score", "reconstruct", "compare",
                                                                  "data", "info", "fetch")])
     assert line.endswith(f"see `{command} --help`"), line
+
+
+def test_one_default_device_everywhere():
+    # train leaves --device unset (TrainConfig's default applies; on --resume, the run's).
+    assert parse_args(["compare", "--out", "o"]).device == TrainConfig().device == "auto"
+    assert parse_args(["train"]).device is None
 
 
 def test_help_and_version_still_exit_0(capsys):

@@ -3,8 +3,12 @@
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +295,17 @@ def test_the_library_refuses_a_changed_field_on_resume(run_to_resume):
     # Fields left at their defaults take the run's values: nothing to refuse.
     assert resumed_config(run_to_resume, {"epochs": 5}) == dataclasses.replace(
         read_config(run_to_resume), epochs=5)
+
+
+# ------------------------------------------------------------------------ CI settings
+
+def test_ci_sets_ci_and_fuzzes_with_a_fixed_seed():
+    root = Path(__file__).resolve().parents[1]
+    assert "export CI=true" in (root / ".ci" / "run").read_text()
+    script = ("from hypothesis import settings; import conftest; "
+              "print(settings().derandomize, settings().max_examples)")
+    for env, expected in (({"CI": "true"}, "True 100"), ({"CI": ""}, "False 100"),
+                          ({"CI": "true", "HYPOTHESIS_PROFILE": "slow"}, "False 5000")):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=root / "tests", env={**os.environ, "HYPOTHESIS_PROFILE": "default", **env})
+        assert run.stdout.split() == expected.split(), (env, run.stdout, run.stderr)

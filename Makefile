@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 #   make demo TORCH='torch==2.14.1'
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench venv dev system-deps clean
+.PHONY: demo test test-slow test-gpu bench venv dev system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ test: dev system-deps
 # The slow runs, and the fuzz tests again with 5,000 examples each instead of 100.
 test-slow: dev system-deps
 	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -m "slow or fuzz"
+
+# On a GPU machine: CUDA against the CPU, DDP with NCCL on every GPU, export, the estimator
+# and the bench's CUDA rows (tests/test_gpu.py). Without a CUDA GPU it fails, never skips.
+test-gpu: dev
+	@$(PY) -c 'import sys, torch; torch.cuda.is_available() or sys.exit( \
+	  f"make test-gpu: PyTorch {torch.__version__} sees no CUDA GPU (built for CUDA {torch.version.cuda}); " \
+	  "run it on a GPU machine; on one, make clean test-gpu replaces a CPU-only PyTorch with the CUDA build from PyPI")'
+	$(PY) -m pytest -m gpu
 
 # Training and encoding speed against stock Keras and a plain PyTorch loop (bench/RESULTS.md).
 bench: $(VENV)/.bench

@@ -10,12 +10,15 @@ from aekit import data as data_lib
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Fuzz budgets: small for `make test`, large for `make test-slow` (HYPOTHESIS_PROFILE=slow).
+# In CI (CI=true) the small budget is derandomized: the same examples every run, so a red
+# build means a change broke something, not that hypothesis drew a new example; the large
+# random budget of `make test-slow` is where new examples are found.
 # No deadline: a hang is caught by the fuzz tests' own alarm, and timing on a shared
 # machine says nothing. Fixtures such as tmp_path are reused across examples on purpose.
 _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-             derandomize=False, print_blob=True)
-settings.register_profile("default", max_examples=100, **_FUZZ)
-settings.register_profile("slow", max_examples=5000, **_FUZZ)
+             print_blob=True)
+settings.register_profile("default", max_examples=100, derandomize=IN_CI, **_FUZZ)
+settings.register_profile("slow", max_examples=5000, derandomize=False, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -1,7 +1,14 @@
 """The CLI, called in-process as ``main([...])``, and the run folder it writes."""
 
 import csv
+import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aekit.cli import main
-from aekit.runs import load_model
+from aekit.cli import COMMANDS, main, parse_args
+from aekit.data import data_home
+from aekit.estimator import ConvAutoencoder
+from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
+from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
 from conftest import one_error_line
 
 
@@ -49,7 +59,7 @@ def test_train_writes_the_run_folder(trained_run):
 
 
 def test_weights_round_trip(trained_run):
-    model, config = load_model(trained_run)
+    model, config = load_model(trained_run, device="cpu")
     saved = load_file(str(trained_run / "model.safetensors"))
     state = model.state_dict()
     assert saved.keys() == state.keys()
@@ -89,11 +99,17 @@ def test_resume_extends_a_run(tmp_path, mnist, capsys):
     assert json.loads((out / "config.json").read_text())["limit"] == 600  # kept from the run
 
 
-def test_data_info_and_fetch(tmp_path, capsys, rng):
+def test_data_info_and_fetch(tmp_path, capsys, rng, mnist):
     np.save(tmp_path / "x.npy", rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
     assert main(["data", "info", str(tmp_path / "x.npy")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["train"]["shape"] == [18, 8, 8] and info["test"]["labels"] is None
+
+    assert main(["data", "fetch", "mnist"]) == 0  # cached by the mnist fixture: no download
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(data_home() / "mnist.npz")
+    with np.load(printed) as arrays:
+        assert arrays["x_train"].shape == (60000, 28, 28)
 
 
 def test_train_on_a_users_image_folder(tmp_path, rng, capsys):
@@ -120,8 +136,176 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
-def test_bad_flag_values_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--epochs", "0"])
-    assert exc.value.code == 2
-    assert "expected a positive integer, got 0" in capsys.readouterr().err
+# Bad command lines: argparse's refusals, each one line naming the flag and the --help
+# that explains it, exit code 2, never argparse's usage block or a SystemExit.
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+    (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["train", "--model", "vae"], "argument --model: invalid choice: 'vae'"),
+    (["train", "--recipe"], "argument --recipe: expected one argument"),
+    (["train", "--resume", "--overwrite", "--out", "r"], "argument --overwrite: not allowed with argument --resume"),
+    (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.1", "--contamination", "0.1"],
+     "argument --contamination: not allowed with argument --fpr"),
+    (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.7"], "argument --fpr: expected a fraction"),
+    (["reconstruct", "r"], "the following arguments are required: --out"),
+    (["compare", "--latent-dims", "2,x", "--out", "o"], "argument --latent-dims: expected comma-separated"),
+    (["data", "info", "x.npy", "--resize", "28"], "argument --resize: expected 2 arguments"),
+    (["data", "fetch"], "the following arguments are required: name"),
+    (["data"], "the following arguments are required: ACTION"),
+    ([], "the following arguments are required: COMMAND"),
+    (["trian"], "argument COMMAND: invalid choice: 'trian'"),
+])
+def test_bad_command_lines_are_one_line_and_exit_2(argv, named, capsys):
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert named in line
+    command = " ".join(["aekit"] + [a for a in argv[:2] if a in ("train", "score", "reconstruct", "compare",
+                                                                 "data", "info", "fetch")])
+    assert line.endswith(f"see `{command} --help`"), line
+
+
+def test_one_default_device_everywhere():
+    # train leaves --device unset (TrainConfig's default applies; on --resume, the run's).
+    assert parse_args(["compare", "--out", "o"]).device == TrainConfig().device == "auto"
+    assert parse_args(["train"]).device is None
+
+
+def test_help_and_version_still_exit_0(capsys):
+    for argv in (["--help"], ["train", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert "--batch-size" in capsys.readouterr().out
+
+
+def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):
+    def broken(args):
+        return 1 / 0
+
+    monkeypatch.setitem(COMMANDS, "summary", broken)
+    monkeypatch.delenv("AEKIT_TRACEBACK", raising=False)
+    assert main(["summary"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("aekit: internal error: ZeroDivisionError: division by zero. This is a bug in aekit")
+    assert "report it to" in err[0] and "AEKIT_TRACEBACK=1" in err[0]
+
+    monkeypatch.setenv("AEKIT_TRACEBACK", "1")
+    assert main(["summary"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "return 1 / 0" in "\n".join(err)
+    assert err[-1].startswith("aekit: internal error: ZeroDivisionError")
+
+
+def test_a_stray_warning_is_one_line(monkeypatch, capsys):
+    def warns(args):
+        warnings.warn("something odd\non two lines", UserWarning)
+        return 0
+
+    monkeypatch.setitem(COMMANDS, "summary", warns)
+    before = warnings.showwarning
+    assert main(["summary"]) == 0
+    assert capsys.readouterr().err == "aekit: warning: something odd on two lines\n"
+    assert warnings.showwarning is before  # the process's own warning display is back
+
+
+def test_collapse_is_reported_once_with_flags(tmp_path, mnist, capsys):
+    out = tmp_path / "blog"
+    assert main(["train", "--recipe", "blog", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["collapsed"]  # both epochs collapsed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"aekit: warning: epoch 1: {COLLAPSE}; use --recipe default (binary cross-entropy, "
+                   "He init) or --loss bce"]
+
+
+def test_collapse_warns_an_estimator_user_once_in_parameters(mnist):
+    (x_train, _), _ = mnist
+    with pytest.warns(CollapseWarning) as caught:
+        ConvAutoencoder(recipe="blog", epochs=2, device="cpu").fit(x_train[:300])
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("epoch 1: the reconstructions are nearly constant")
+    assert 'loss="bce"' in message and 'recipe="default"' in message and "--" not in message
+
+
+# --------------------------------------------------------------------------- --resume
+
+# The run the --resume tests try to change: every flag below differs from it, including
+# --seed 0 and --batch-size 32, which are the defaults a flag left out would take.
+RUN_FLAGS = ["--limit", "300", "--epochs", "1", "--seed", "3", "--batch-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_to_resume(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("resume") / "r"
+    assert main(["train", *RUN_FLAGS, "--out", str(out)]) == 0
+    return out
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("flags, shown", [
+    (["--batch-size", "32"], "--batch-size 32 differs from the run in {run}, which has --batch-size 64"),
+    (["--lr", "0.01"], "--lr 0.01 differs from the run in {run}, which has --lr 0.003"),
+    (["--data", "fashion-mnist"], "--data fashion-mnist differs from the run in {run}, which has --data mnist"),
+    (["--seed", "0"], "--seed 0 differs from the run in {run}, which has --seed 3"),
+    (["--model", "conv"], "--model conv differs"),
+    (["--recipe", "blog"], "--recipe blog differs"),
+    (["--loss", "mse"], "--loss mse differs"),
+    (["--init", "keras"], "--init keras differs"),
+    (["--schedule", "constant"], "--schedule constant differs"),
+    (["--limit", "200"], "--limit 200 differs from the run in {run}, which has --limit 300"),
+    (["--patience", "2"], "--patience 2 differs from the run in {run}, which has no --patience"),
+    (["--noise", "gaussian:0.3"], "--noise gaussian:0.3 differs"),
+    (["--latent-dim", "16"], "--latent-dim 16 differs"),
+    (["--widths", "8,16"], "--widths 8,16 differs"),
+    (["--resize", "14", "14"], "--resize 14 14 differs"),
+    (["--stream"], "--stream differs from the run in {run}, which has no --stream"),
+])
+def test_resume_refuses_a_flag_that_changes_the_run(flags, shown, run_to_resume, capsys):
+    before = folder_bytes(run_to_resume)
+    assert main(["train", "--out", str(run_to_resume), "--resume", "--epochs", "2", *flags]) == 2
+    line = one_error_line(capsys)
+    assert shown.format(run=run_to_resume) in line
+    assert "only --epochs may extend it" in line and f"drop {flags[0]}" in line
+    assert folder_bytes(run_to_resume) == before
+
+
+def test_resume_with_the_runs_own_values_and_where_to_run(run_to_resume, tmp_path, capsys):
+    out = tmp_path / "r"
+    shutil.copytree(run_to_resume, out)
+    same = ["--data", "mnist", "--model", "seed", "--recipe", "default", "--loss", "bce", "--init", "he",
+            "--schedule", "cosine", "--lr", "0.003"]
+    assert main(["train", *RUN_FLAGS, *same, "--epochs", "2", "--device", "cpu", "--threads", "1",
+                 "--out", str(out), "--resume"]) == 0
+    assert [r["epoch"] for r in csv.DictReader(open(out / "history.csv"))] == ["1", "2"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["device"] == "cpu" and config["seed"] == 3
+
+
+def test_the_library_refuses_a_changed_field_on_resume(run_to_resume):
+    before = folder_bytes(run_to_resume)
+    with pytest.raises(ResumeMismatch, match=r"batch_size=16 differs from the run's batch_size=64") as exc:
+        train_and_evaluate(TrainConfig(batch_size=16, epochs=2), run_to_resume, resume=True, progress=False)
+    assert exc.value.field == "batch_size" and "--" not in str(exc.value)
+    assert folder_bytes(run_to_resume) == before
+    # Fields left at their defaults take the run's values: nothing to refuse.
+    assert resumed_config(run_to_resume, {"epochs": 5}) == dataclasses.replace(
+        read_config(run_to_resume), epochs=5)
+
+
+# ------------------------------------------------------------------------ CI settings
+
+def test_ci_sets_ci_and_fuzzes_with_a_fixed_seed():
+    root = Path(__file__).resolve().parents[1]
+    assert "export CI=true" in (root / ".ci" / "run").read_text()
+    script = ("from hypothesis import settings; import conftest; "
+              "print(settings().derandomize, settings().max_examples)")
+    for env, expected in (({"CI": "true"}, "True 100"), ({"CI": ""}, "False 100"),
+                          ({"CI": "true", "HYPOTHESIS_PROFILE": "slow"}, "False 5000")):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=root / "tests", env={**os.environ, "HYPOTHESIS_PROFILE": "default", **env})
+        assert run.stdout.split() == expected.split(), (env, run.stdout, run.stderr)

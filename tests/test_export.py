@@ -59,7 +59,7 @@ def test_onnx_files_match_pytorch(which, request, tmp_path, capsys):
                          (("encoder", "encoder.onnx"), ("decoder", "decoder.onnx"), ("model", "model.onnx"))}
     assert not list(out.glob(".*.tmp"))
 
-    model, config = load_model(run)
+    model, config = load_model(run, device="cpu")
     g = torch.Generator().manual_seed(0)
     parts = {"encoder.onnx": (model.encode, config.image_shape, "image", "latent"),
              "decoder.onnx": (model.decode, model.latent_shape, "latent", "image"),

@@ -99,7 +99,7 @@ def test_report_shows_metrics_config_and_an_honest_denoising_caption(report, run
 def test_report_escapes_what_it_shows(run, tmp_path):
     # A copy of the run whose config holds markup, and which says it was trained for denoising.
     copy = copy_run(run, tmp_path / "copy")
-    model, _ = load_model(copy)
+    model, _ = load_model(copy, device="cpu")
     config = json.loads((copy / "config.json").read_text())
     config.update(data="<script>alert(1)</script>", noise="salt_pepper:0.1")
     (copy / "config.json").write_text(json.dumps(config))

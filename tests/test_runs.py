@@ -157,7 +157,7 @@ def test_unreadable_config_gives_one_line(run_copy, capsys, raw):
 
 
 def test_run_made_by_a_newer_aekit(run_copy, capsys, monkeypatch):
-    model, config = load_model(run_copy)
+    model, config = load_model(run_copy, device="cpu")
     optimizer = make_optimizer(model, config)
     state = load_checkpoint(model, optimizer, run_copy / CHECKPOINT, config)
     monkeypatch.setattr(aekit, "__version__", "0.9.0")  # as a newer aekit would write them:

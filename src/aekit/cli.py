@@ -1,7 +1,12 @@
 """The ``aekit`` command: a thin layer over the library.
 
 Every command is a library call; this module only parses arguments, prints results and
-turns user errors (``ValueError``, missing files) into one line on stderr and exit code 2.
+turns what goes wrong into one line on stderr:
+
+- a user error (a bad flag, ``ValueError``, a missing file): ``aekit: error: ...``, exit 2;
+- a Python warning raised during a command: ``aekit: warning: ...``, and the command goes on;
+- anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
+  prints the traceback as well).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import logging
 import os
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,20 @@ from aekit._io import WriteError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+TRACEBACK_ENV = "AEKIT_TRACEBACK"  # set to 1 to see the traceback of an internal error
+BUG_REPORTS = "the aekit issue tracker"
+
+
+class UsageError(Exception):
+    """A command line argparse refused: the message, and the command whose --help says more."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`UsageError` for main() to print in
+    one line, instead of printing the usage block and exiting. Subparsers inherit it."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +82,7 @@ def _add_resize(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from aekit.training import LOSSES, RECIPES, SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="aekit", description="Convolutional autoencoders for images.")
+    parser = Parser(prog="aekit", description="Convolutional autoencoders for images.")
     parser.add_argument("--version", action="version", version=f"aekit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -81,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize(q)
 
     p = sub.add_parser("train", help="train an autoencoder into a run folder")
-    p.add_argument("--data", default="mnist", help="built-in name or path (default: mnist)")
-    p.add_argument("--model", default="seed", choices=("seed", "conv"),
+    # No argparse defaults: TrainConfig's apply where the config is built, so that a flag
+    # given on --resume can be told from one left out (and checked against the run).
+    p.add_argument("--data", help="built-in name or path (default: mnist)")
+    p.add_argument("--model", choices=("seed", "conv"),
                    help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
     p.add_argument("--noise", help="train a denoiser: gaussian:STD, salt_pepper:P or mask:P")
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
@@ -95,20 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, help="training loss (default: the recipe's)")
     p.add_argument("--init", choices=("keras", "he", "torch"), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto; on --resume, the run's)")
     p.add_argument("--threads", type=_positive_int,
                    help="CPU threads PyTorch uses (default: its own, one per core); on a machine busy "
                         "with other work 1 can be several times faster (bench/RESULTS.md)")
-    p.add_argument("--stream", action="store_true",
+    p.add_argument("--stream", action="store_true", default=None,
                    help="read a .npy file or image folder from disk batch by batch instead of loading it "
                         "(automatic above 1 GiB of float32 images)")
     _add_resize(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint, as it was configured; "
+                            "only --epochs may extend it")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="print a run's test metrics as JSON")
@@ -150,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10, help="autoencoder epochs (default: 10)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
@@ -202,18 +228,15 @@ def cmd_train(args) -> int:
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if "resize" in given:
+        given["resize"] = tuple(given["resize"])
+    config = _resumed_config(args.out, given) if args.resume else TrainConfig(**given)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / f"{args.model}-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(
-        data=args.data, model=args.model, latent_dim=args.latent_dim, widths=args.widths,
-        noise=args.noise, recipe=args.recipe, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, loss=args.loss, init=args.init,
-        schedule=args.schedule, seed=args.seed, limit=args.limit, patience=args.patience,
-        device=args.device, resize=tuple(args.resize) if args.resize else None, stream=args.stream,
-    )
+    out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)
@@ -237,6 +260,41 @@ def cmd_train(args) -> int:
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
+
+
+# The TrainConfig fields `aekit train` sets, each from the flag of the same name.
+TRAIN_FLAGS = ("data", "model", "latent_dim", "widths", "noise", "recipe", "epochs", "batch_size", "lr",
+               "loss", "init", "schedule", "seed", "limit", "patience", "device", "resize", "stream")
+
+
+def _resumed_config(out: Path, given: dict):
+    """The run's config with the flags given on --resume applied (runs.resumed_config);
+    a flag that would change what the run trains is refused, named as a flag."""
+    from aekit.runs import CONFIG, ResumeMismatch, resumed_config
+    from aekit.training import TrainConfig
+
+    if not (out / CONFIG).is_file():
+        return TrainConfig(**given)  # train_and_evaluate says that there is nothing to resume
+    try:
+        return resumed_config(out, given)
+    except ResumeMismatch as exc:
+        raise ValueError(
+            f"{_as_flag(exc.field, exc.given)} differs from the run in {out}, which has "
+            f"{_as_flag(exc.field, exc.recorded)}: --resume continues a run as it was configured "
+            f"(only --epochs may extend it); drop {_as_flag(exc.field)}, or start a new run in another --out"
+        ) from None
+
+
+def _as_flag(field: str, value: object = True) -> str:
+    """How ``aekit train`` spells ``field=value``: ``--batch-size 32``, ``--stream``, ``no --patience``."""
+    flag = "--" + field.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if isinstance(value, tuple):
+        return f"{flag} {(' ' if field == 'resize' else ',').join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 def _interrupted(out: Path) -> str:
@@ -371,8 +429,10 @@ COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits with code 2 on bad usage
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        return _error(exc)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("aekit: %(message)s"))
     logger = logging.getLogger("aekit")
@@ -381,15 +441,58 @@ def main(argv: list[str] | None = None) -> int:
     logger.propagate = False
     _tune_process(args.command)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:
-        where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
-        print(f"aekit: error{where}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(exc)
+    except Exception as exc:  # a bug: say so in one line, the traceback on request
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        what = _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        print(f"aekit: internal error: {what}. This is a bug in "
+              f"aekit, not in what you did: please report it to {BUG_REPORTS} with the command you ran "
+              f"and the traceback ({TRACEBACK_ENV}=1 aekit ... prints it)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; :class:`UsageError` for one argparse refuses."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; name the command instead
+        command = " ".join(filter(None, ("aekit", args.command, getattr(args, "data_command", None))))
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `{command} --help`")
+    return args
+
+
+def _error(exc: BaseException) -> int:
+    """A user error: one line on stderr (naming the rank under torchrun), exit code 2."""
+    where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
+    print(f"aekit: error{where}: {_one_line(str(exc))}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning raised during a command, as one ``aekit: warning:`` line (rank 0
+    only), never the raw ``file:line: UserWarning:`` text."""
+    from aekit.training import COLLAPSE, CollapseWarning
+
+    if not _is_main_rank():
+        return
+    if issubclass(category, CollapseWarning):  # the library's remedy names parameters; ours, flags
+        text = (f"epoch {message.epoch}: {COLLAPSE}; use --recipe default (binary cross-entropy, "
+                "He init) or --loss bce")
+    else:
+        text = str(message)
+    print(f"aekit: warning: {_one_line(text)}", file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

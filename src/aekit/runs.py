@@ -395,6 +395,38 @@ class RunResult:
     state: TrainState
 
 
+class ResumeMismatch(RunError):
+    """A resume asked to change the run's config field ``field`` from ``recorded`` to ``given``."""
+
+    def __init__(self, workdir: Path, field: str, given: object, recorded: object):
+        super().__init__(
+            f"{workdir}: resume continues the run as it was configured, but {field}={given!r} differs "
+            f"from the run's {field}={recorded!r}; leave {field} unset to keep the run's (only "
+            f"{' and '.join(RUNTIME_FIELDS)} may change), or start a new run in another folder")
+        self.workdir, self.field, self.given, self.recorded = workdir, field, given, recorded
+
+
+def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig:
+    """The config that continues the run in ``workdir``: its config.json, with the ``given``
+    fields applied. ``epochs`` and ``device`` replace the run's; any other given field must
+    equal the run's (recipe choices as the run resolved them), or :class:`ResumeMismatch`
+    names it: a resumed run is never silently trained with other settings than it asked for.
+    """
+    workdir = Path(workdir)
+    saved = read_config(workdir)
+    for name, value in given.items():
+        if name not in RUNTIME_FIELDS and value != getattr(saved, name):
+            raise ResumeMismatch(workdir, name, value, getattr(saved, name))
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+
+
+def _set_fields(config: TrainConfig) -> dict[str, object]:
+    """The fields of ``config`` that differ from ``TrainConfig()``'s defaults."""
+    defaults = TrainConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
 def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
     """Refuse what the flags do not allow; return the run files an overwrite replaces.
 
@@ -424,16 +456,16 @@ def train_and_evaluate(
 ) -> RunResult:
     """Train ``config`` into the run folder ``workdir`` and evaluate on the test split.
 
-    With ``resume``, the run's own config.json is used (``config.epochs``, when set, may
-    extend it) and training continues from its last checkpoint.
+    With ``resume``, training continues from the run's last checkpoint with the run's own
+    config.json: the fields of ``config`` left at their defaults (``TrainConfig()``'s) take
+    the run's values, ``epochs`` and ``device`` when set replace them (extend the run, run it
+    elsewhere), and any other field set to a value other than the run's raises
+    :class:`ResumeMismatch` (see :func:`resumed_config`).
     """
     workdir = Path(workdir)
     replaced = _check_workdir(workdir, resume, overwrite)
     if resume:
-        saved = read_config(workdir)
-        if config.epochs is not None and config.epochs != saved.epochs:
-            saved = dataclasses.replace(saved, epochs=config.epochs)
-        config = saved
+        config = resumed_config(workdir, _set_fields(config))
     config = config.resolved()
 
     # Under torchrun every rank runs this function; only rank 0 writes (see aekit.distributed).

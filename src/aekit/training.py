@@ -28,6 +28,7 @@ import threading
 import time
 import types
 import typing
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -422,11 +423,17 @@ def _conform(value: object, hint, where: str):
     raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
-COLLAPSE_HINT = (
-    "the reconstructions are nearly constant: every image decodes to the same picture "
-    "(the blank-output plateau of sigmoid + MSE). Training on will not leave it; "
-    "use --recipe default (binary cross-entropy, He init) or --loss bce"
-)
+COLLAPSE = ("the reconstructions are nearly constant: every image decodes to the same picture "
+            "(the blank-output plateau of sigmoid + MSE). Training on will not leave it")
+COLLAPSE_HINT = f'{COLLAPSE}; use recipe="default" (binary cross-entropy, He init) or loss="bce"'
+
+
+class CollapseWarning(UserWarning):
+    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"epoch {epoch}: {COLLAPSE_HINT}")
+        self.epoch = epoch
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -756,6 +763,7 @@ def fit(
     state.steps_per_epoch = steps_per_epoch
     began = (state.epoch, state.step)
     interrupts = HeldInterrupts()
+    collapse_warned = False
     try:
         if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
             interrupts.install()
@@ -805,8 +813,9 @@ def fit(
             bar.close()
             interrupts.hold()  # the epoch's results go into the state together
             state.finish_epoch(record)
-            if result.collapsed:
-                log.warning("epoch %d: %s", epoch + 1, COLLAPSE_HINT)
+            if result.collapsed and not collapse_warned:  # once: training on will not leave it
+                warnings.warn(CollapseWarning(state.epoch), stacklevel=2)
+                collapse_warned = True
             if record.val_loss < state.best_val_loss:
                 state.best_val_loss, state.epochs_since_best = record.val_loss, 0
             else:
@@ -839,4 +848,4 @@ __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Eva
            "reconstruction_errors", "image_errors",
            "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
            "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
-           "epoch_permutation", "COLLAPSE_HINT"]
+           "epoch_permutation", "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

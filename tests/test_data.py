@@ -423,7 +423,7 @@ def test_the_run_says_and_records_which_data_it_used(local_mnist, mnist, capsys)
                               ("./mnist", str(local_mnist), "local")):
         out = local_mnist.parent / out
         assert main(["train", "--data", data, "--limit", "100", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
-        assert f"aekit: data: {source}\n" in capsys.readouterr().err
+        assert capsys.readouterr().out.startswith(f"data: {source}\n")
         config = json.loads((out / "config.json").read_text())
         assert config["data"] == data and config["data_source"] == source
         assert config["image_shape"] == ([1, 28, 28] if data == "mnist" else [1, 8, 8])

@@ -223,6 +223,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from aekit.data import data_source
     from aekit.runs import train_and_evaluate
     from aekit.training import TrainConfig
 
@@ -237,6 +238,8 @@ def cmd_train(args) -> int:
 
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if _is_main_rank():  # which data --data names (a built-in, or a path): said first, on stdout
+        print(f"data: {data_source(config.data)}", flush=True)
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)

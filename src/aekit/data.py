@@ -515,7 +515,7 @@ def load_arrays_pickle(fileobj, source: str = "pickle"):
         # The unpickler builds numpy arrays and nothing else, so any failure means a file
         # that is not what this reads: a refused global, damage (EOFError, zlib.error...),
         # or a length field that claims more memory than there is (MemoryError).
-        raise DataError(f"{source}: refused or unreadable pickle ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{source}: refused or unreadable pickle ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
 
 
 def mnist_from_pickle(fileobj, source: str) -> dict[str, np.ndarray]:

@@ -73,7 +73,6 @@ def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tens
     """
     source = data or config.data
     builtin = data_lib.is_builtin(source)
-    log.info("data: %s", data_lib.data_source(source))
     if builtin and config.stream:
         raise RunError(f"{source} is a built-in data set, which loads in memory; drop --stream")
     if config.stream or (not builtin and (float_bytes(source, config.resize) or 0) > STREAM_ABOVE_BYTES):

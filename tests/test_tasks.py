@@ -117,23 +117,18 @@ def test_heatmap_is_zero_where_reconstruction_is_perfect():
 
 
 def test_compare_both_methods_every_size(mnist, tmp_path, capsys):
-    """A small comparison, checked against what such a run reaches: 1,000 images and 2
-    epochs (measured: autoencoder MSE 0.065 and 0.060, kNN 0.22 and 0.59 at 2 and 8
-    numbers). At this size PCA still wins; that the autoencoder beats it with enough data
-    and epochs, as the README measures, is test_autoencoder_beats_pca_at_every_size."""
-    config = CompareConfig(latent_dims=(2, 8), epochs=2, limit=1000)
-    rows = compare(config, log=lambda *a: None)
-    assert [(r["method"], r["latent_dim"]) for r in rows] == [
-        ("raw pixels", 784), ("autoencoder", 2), ("pca", 2), ("autoencoder", 8), ("pca", 8)]
+    """The README's claim at one size, on a budget a test can afford: 5,000 images for 5
+    epochs at 8 numbers, where the autoencoder reconstructs clearly better than PCA
+    (measured 0.029-0.030 against 0.037 for seeds 0 and 1) and its codes classify far above
+    chance (0.86; chance is 0.1). Smaller budgets leave PCA ahead (1,000 images for 2 epochs:
+    0.060 against 0.039); every size, on more data, is test_autoencoder_beats_pca_at_every_size."""
+    rows = compare(CompareConfig(latent_dims=(8,), epochs=5, limit=5000), log=lambda *a: None)
+    assert [(r["method"], r["latent_dim"]) for r in rows] == [("raw pixels", 784), ("autoencoder", 8), ("pca", 8)]
+    raw, autoencoder, pca = rows
+    assert autoencoder["test_mse"] < 0.9 * pca["test_mse"]
+    assert autoencoder["knn_accuracy"] > 0.7 and raw["knn_accuracy"] > 0.8
     for r in rows[1:]:
         assert r["test_sse_per_image"] == pytest.approx(784 * r["test_mse"])
-    ae = {r["latent_dim"]: r for r in rows if r["method"] == "autoencoder"}
-    pca = {r["latent_dim"]: r for r in rows if r["method"] == "pca"}
-    # Learned, not the blank-output plateau (0.114) nor chance (kNN 0.1):
-    assert ae[2]["test_mse"] < 0.085 and ae[8]["test_mse"] < 0.08
-    assert ae[2]["knn_accuracy"] > 0.15 and ae[8]["knn_accuracy"] > 0.45
-    assert pca[8]["test_mse"] < pca[2]["test_mse"] < 0.06 and pca[8]["knn_accuracy"] > 0.7
-    assert rows[0]["knn_accuracy"] > 0.75  # raw pixels
     assert "| pca | 8 |" in to_markdown(rows)
 
     assert main(["compare", "--limit", "300", "--latent-dims", "2", "--epochs", "1", "--out", str(tmp_path)]) == 0
@@ -162,8 +157,8 @@ def test_the_run_and_score_share_one_per_image_error(denoiser, mnist):
 def test_autoencoder_beats_pca_at_every_size(mnist):
     """The README's claim, on a third of MNIST for 5 epochs (about 4 minutes a size on one
     quiet core): at 2, 8 and 32 numbers the autoencoder reconstructs the test digits better
-    than PCA, and at 2 and 8 its codes classify them better. Measured: MSE 0.0477 vs
-    0.0555, 0.0212 vs 0.0365, ...; kNN 0.501 vs 0.421, 0.914 vs 0.878."""
+    than PCA, and at 2 and 8 its codes classify them better. Measured at 2 and 8: MSE
+    0.0477 vs 0.0555 and 0.0212 vs 0.0365; kNN 0.501 vs 0.421 and 0.914 vs 0.878."""
     rows = compare(CompareConfig(latent_dims=(2, 8, 32), epochs=5, limit=20000), log=print)
     ae = {r["latent_dim"]: r for r in rows if r["method"] == "autoencoder"}
     pca = {r["latent_dim"]: r for r in rows if r["method"] == "pca"}

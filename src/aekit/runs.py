@@ -400,8 +400,8 @@ class ResumeMismatch(RunError):
     def __init__(self, workdir: Path, field: str, given: object, recorded: object):
         super().__init__(
             f"{workdir}: resume continues the run as it was configured, but {field}={given!r} differs "
-            f"from the run's {field}={recorded!r}; leave {field} unset to keep the run's (only "
-            f"{' and '.join(RUNTIME_FIELDS)} may change), or start a new run in another folder")
+            f"from the run's {field}={recorded!r}; leave {field} unset to keep the run's (only epochs and "
+            f"device may change), or start a new run in another folder")
         self.workdir, self.field, self.given, self.recorded = workdir, field, given, recorded
 
 

@@ -123,6 +123,7 @@ def test_blog_recipe_collapse_is_reported(mnist_small):
         fit(model, x_train, x_test, config, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # lr 0.9 collapses, as meant
 def test_early_stopping(mnist_small):
     x_train, x_test = mnist_small
     config = tiny_config(epochs=10, patience=1, lr=0.9, schedule="constant")  # lr far too high
@@ -378,6 +379,7 @@ def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
 
 # ------------------------------------------------------------- fit for the user's own model
 
+@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # 8 steps from PyTorch's init
 def test_the_readme_library_example_runs_as_written(mnist):
     """README: fit(model, x_train, x_val, TrainConfig(epochs=5)) with load_dataset's uint8
     (n, 28, 28) arrays: the recipe fills in the rest; numpy images are converted as the

@@ -130,13 +130,7 @@ def read_config(workdir: Path) -> TrainConfig:
     path = Path(workdir) / CONFIG
     if not path.is_file():
         raise RunError(f"{workdir}: not a run folder (no {CONFIG}); pass the --out folder of `aekit train`")
-    try:
-        payload = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
-        raise RunError(f"{path}: unreadable run config ({exc}); restore it or train again") from None
-    if not isinstance(payload, dict):
-        raise RunError(f"{path}: expected a JSON object of config fields, got {type(payload).__name__}; "
-                       "restore it or train again")
+    payload = read_json_object(path, "run config", "config fields", "restore it or train again")
     check_version(payload.pop("aekit_version", None), path)
     try:
         config = TrainConfig.from_dict(payload)
@@ -361,14 +355,19 @@ def read_metrics(workdir: str | Path) -> dict:
     if not path.is_file():
         raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
                        f"complete it with `aekit train --out {workdir} --resume`")
+    return read_json_object(path, "metrics", "metrics", "restore it or train the run again")
+
+
+def read_json_object(path: Path, what: str, holding: str, fix: str) -> dict:
+    """The JSON object in ``path``; anything else (damage, not UTF-8, nesting too deep, not
+    an object) is a one-line :class:`RunError` naming the file, ``what`` it is and the ``fix``."""
     try:
-        metrics = json.loads(path.read_bytes())
+        payload = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
-        raise RunError(f"{path}: unreadable metrics ({_first_line(exc)}); restore it or train the run again") from None
-    if not isinstance(metrics, dict):
-        raise RunError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}; "
-                       "restore it or train the run again")
-    return metrics
+        raise RunError(f"{path}: unreadable {what} ({_first_line(exc)}); {fix}") from None
+    if not isinstance(payload, dict):
+        raise RunError(f"{path}: expected a JSON object of {holding}, got {type(payload).__name__}; {fix}")
+    return payload
 
 
 def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:

@@ -69,13 +69,13 @@ def _beside(path: Path, make):
 
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's data, or a folder's entries, from the kernel's cache to the disk."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else os.O_RDONLY
-    fd = os.open(path, flags)
+    folder = Path(path).is_dir()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if folder else os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as exc:
         # Some file systems cannot fsync a folder (EINVAL); the file's own fsync still holds.
-        if not (Path(path).is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+        if not (folder and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
             raise
     finally:
         os.close(fd)

@@ -681,6 +681,9 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
     """
     name = str(name_or_path)
     if is_builtin(name):
+        if Path(name).exists():
+            log.warning("'%s' means the built-in %s data set; the local %s is not used (write ./%s to use it)",
+                        name, name, "folder" if Path(name).is_dir() else "file", name)
         fetch(name)
         return _load_cached(BUILTINS[name])
     path = Path(name_or_path)
@@ -714,16 +717,10 @@ def is_builtin(name_or_path: str | os.PathLike) -> bool:
     """Whether ``name_or_path`` names a built-in data set, and so means it.
 
     The rule: a built-in's bare name (``mnist``, ``fashion-mnist``) always means the
-    built-in data set, even where a local file or folder has that name (a note says how to
-    pick the local one: ``./mnist``); anything else is a path.
+    built-in data set, even where a local file or folder has that name (:func:`load_dataset`
+    says so, and how to pick the local one: ``./mnist``); anything else is a path.
     """
-    name = str(name_or_path)
-    if name not in BUILTINS:
-        return False
-    if Path(name).exists():
-        log.warning("'%s' means the built-in %s data set; the local %s is not used (write ./%s to use it)",
-                    name, name, "folder" if Path(name).is_dir() else "file", name)
-    return True
+    return str(name_or_path) in BUILTINS
 
 
 def data_source(name_or_path: str | os.PathLike) -> str:

@@ -212,7 +212,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         if threshold is not None:
             if X is not None or rate is not None:
                 raise ValueError("pass either threshold, or X with contamination or false_positive_rate")
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < np.inf:
+            if not _is_threshold(threshold):
                 raise ValueError(f"threshold must be a finite per-image error >= 0, got {threshold!r}")
             self.threshold_ = float(threshold)
         elif rate is None or (false_positive_rate is not None and contamination is not None):
@@ -466,11 +466,16 @@ def _as_run_error(make, source: Path, fix: str = "save the estimator again"):
         raise RunError(f"{source}: invalid ({_first_line(exc)}); {fix}") from None
 
 
+def _is_threshold(value) -> bool:
+    """Whether ``value`` can be a per-image error threshold: a finite number >= 0."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= sys.float_info.max
+
+
 def _check_threshold(value, source: Path) -> float:
     """An outlier threshold read from ``source``: a finite number >= 0, as a float."""
     from aekit.runs import RunError
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
+    if not _is_threshold(value):
         raise RunError(f"{source}: threshold must be a finite number >= 0, got {reprlib.repr(value)}; "
                        "restore the file, or call set_threshold(X, contamination=0.01) after loading")
     return float(value)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from aekit.data import (IMAGE_SUFFIXES, DataError, _find_idx, holdout_indices, labelled_files,
-                        read_image, to_float, to_nchw)
+                        read_image)
+from aekit.training import prepare_images
 
 STREAM_ABOVE_BYTES = 1 << 30  # 1 GiB of float32 images: 342,000 MNIST-sized images
 CHUNK = 4096
@@ -49,7 +50,7 @@ MIX = 4
 def _to_tensor(images: np.ndarray, source: object) -> torch.Tensor:
     """uint8/float (b, H, W[, C]) -> float32 tensor (b, C, H, W) in [0, 1]."""
     try:
-        return torch.from_numpy(np.ascontiguousarray(to_nchw(to_float(images))))
+        return prepare_images(images)
     except DataError as exc:
         raise DataError(f"{source}: {exc}") from None
 

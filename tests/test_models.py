@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from aekit.models import (ConvToOne, SeedAutoencoder, build_model, count_parameters, encode_images,
-                          init_he_, init_keras_, map_chunks, summary)
+from aekit.models import SeedAutoencoder, build_model, count_parameters, init_he_, init_keras_, summary
 
 # The blog's model.summary(), row by row: (name, output shape NHWC, params).
 BLOG_TABLE = [
@@ -28,8 +27,8 @@ BLOG_TABLE = [
 def test_parameter_count_is_the_blogs():
     model = SeedAutoencoder()
     assert count_parameters(model) == 4385
-    assert count_parameters(model.g_a) == 160 + 1160 + 584
-    assert count_parameters(model.g_s) == 584 + 584 + 1168 + 145
+    assert count_parameters(model.encoder) == 160 + 1160 + 584
+    assert count_parameters(model.decoder) == 584 + 584 + 1168 + 145
 
 
 def test_summary_matches_the_blog_table():
@@ -93,12 +92,12 @@ def assert_uniform(weight: torch.Tensor, bound: float, name: str) -> None:
 def test_he_init_is_kaiming_for_relu_layers_and_glorot_for_the_output_and_the_bottleneck(model):
     """kaiming_uniform (bound sqrt(6 / fan_in)) where a ReLU follows; glorot_uniform (bound
     sqrt(6 / (fan_in + fan_out))) for the output convolution, which feeds a sigmoid, and the
-    conv model's dense bottleneck g_a.fc, which is linear. Zero biases everywhere."""
+    conv model's dense bottleneck encoder.fc, which is linear. Zero biases everywhere."""
     torch.manual_seed(0)
     init_he_(model)
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    glorot = {id(layers[-1]), id(getattr(model.g_a, "fc", None))}
-    assert len(glorot - {id(None)}) == (2 if hasattr(model.g_a, "fc") else 1)
+    glorot = {id(layers[-1]), id(getattr(model.encoder, "fc", None))}
+    assert len(glorot - {id(None)}) == (2 if hasattr(model.encoder, "fc") else 1)
     for i, layer in enumerate(layers):
         receptive = layer.weight[0, 0].numel()  # 9 for a 3x3 convolution, 1 for a dense layer
         fan_in, fan_out = layer.weight.shape[1] * receptive, layer.weight.shape[0] * receptive
@@ -189,45 +188,5 @@ def test_conv_autoencoder_bad_params():
         build_model("conv", (1, 28, 28), latent_dim=0)
     with pytest.raises(ValueError, match="widths must be positive integers"):
         build_model("conv", (1, 28, 28), latent_dim=2, widths=(8, -1))
-    with pytest.raises(ValueError, match="latent is fixed"):
+    with pytest.raises(ValueError, match=r"^model='seed' takes no options, not latent_dim; use model='conv'"):
         build_model("seed", (1, 28, 28), latent_dim=2)
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_encode_images_is_the_encoder_and_leaves_the_model_as_it_was(workers):
-    torch.manual_seed(0)
-    model = SeedAutoencoder()
-    init_he_(model)
-    x = torch.rand(300, 1, 28, 28)  # 300 = 4 chunks of 64 and one of 44
-    with torch.no_grad():
-        expected = model.encode(x)
-    threads = torch.get_num_threads()
-    latents = encode_images(model, x, workers=workers)
-    assert latents.shape == (300, 8, 7, 7)
-    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
-    assert model.training and torch.get_num_threads() == threads
-    assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_map_chunks_keeps_the_order():
-    x = torch.arange(10.0).reshape(10, 1)
-    assert torch.equal(map_chunks(lambda c: c * 2, x, chunk=3, workers=3), x * 2)
-
-
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_conv_to_one_matches_torch_conv2d_forward_and_backward(channels_last):
-    """The output layer's matrix-product convolution against F.conv2d, values and gradients."""
-    torch.manual_seed(0)
-    conv = ConvToOne(16)
-    x = torch.randn(5, 16, 12, 8)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    grad_y = torch.randn(5, 1, 12, 8)
-    ours = conv(x)
-    reference = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_y),
-                    torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad_y)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert isinstance(SeedAutoencoder().g_s.layers[-1], ConvToOne)

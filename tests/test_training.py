@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from aekit.models import INITS, SeedAutoencoder
+from aekit.fast import PoolOrNot
+from aekit.inference import evaluate
+from aekit.models import INITS, SeedAutoencoder, reconstruction_loss
 from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
-from aekit.training import (ADAM_EPS, RECIPES, CollapseWarning, EpochRecord, PoolOrNot, TrainConfig, TrainState,
-                            epoch_permutation, evaluate, fit, learning_rate, loss_fn, make_optimizer,
-                            train_step)
+from aekit.training import (ADAM_EPS, RECIPES, CollapseWarning, EpochRecord, TrainConfig, TrainState,
+                            epoch_permutation, fit, learning_rate, make_optimizer, train_step)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -97,7 +98,7 @@ def test_evaluate_matches_a_direct_computation(mnist_small):
     model = seeded_model(tiny_config()).eval()
     with torch.no_grad():
         expected = float(((model(x_test) - x_test) ** 2).mean())
-    assert evaluate(model, x_test, batch_size=128).mse == pytest.approx(expected, rel=1e-5)
+    assert evaluate(model, x_test).mse == pytest.approx(expected, rel=1e-5)
 
 
 def test_real_training_run_loss_falls(mnist_small, recwarn):
@@ -218,7 +219,7 @@ def plain_fit(model: nn.Module, x_train: torch.Tensor, config: TrainConfig) -> l
         for step in range(steps):
             xb = shuffled[step * batch:(step + 1) * batch]
             optimizer.param_groups[0]["lr"] = learning_rate(config, epoch * steps + step, config.epochs * steps)
-            loss = loss_fn(model, xb, xb, config.loss)
+            loss = reconstruction_loss(model, xb, xb, config.loss).total
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -258,7 +259,7 @@ def test_chunked_step_equals_one_pass_up_to_rounding(mnist_small):
     for micro_batch in (64, 7):
         model = seeded_model(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the grads
-        total = train_step(model, x, x, "bce", optimizer, micro_batch)
+        total, _ = train_step(model, x, x, "bce", optimizer, micro_batch)
         grads.append(([p.grad.clone() for p in model.parameters()], total))
     for a, b in zip(grads[0][0], grads[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -346,7 +347,9 @@ def test_fit_that_fails_mid_training_gives_the_model_back_contiguous(mnist_small
                 assert value.stride() == param.stride()
 
 
-def test_evaluate_on_the_cpu_runs_with_the_callers_threads_and_leaves_them(mnist_small):
+def test_evaluate_on_the_cpu_runs_its_workers_at_one_thread_and_leaves_the_callers_threads(mnist_small):
+    """With one worker, chunks run on the caller's PyTorch threads; with several (the
+    default: one per core) each runs one thread, and the caller's count comes back after."""
     seen = []
 
     class Recording(TinyConvAutoencoder):
@@ -355,9 +358,11 @@ def test_evaluate_on_the_cpu_runs_with_the_callers_threads_and_leaves_them(mnist
             return super().logits(x)
 
     torch.set_num_threads(2)
-    evaluate(Recording(), mnist_small[1][:200], "bce", batch_size=100)
-    evaluate(Recording(), mnist_small[1][:200], "mse", batch_size=100)
+    evaluate(Recording(), mnist_small[1][:200], "bce", workers=1)
     assert seen and set(seen) == {2}
+    seen.clear()
+    evaluate(Recording(), mnist_small[1][:200], "mse", workers=2)
+    assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2
 
 
@@ -365,10 +370,10 @@ def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
     """glibc's mallopt is a process-wide choice: the CLI makes it, a library call never does."""
     import ctypes
 
-    from aekit import models
+    from aekit import fast
 
     loaded = []
-    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(fast, "_KEPT", False)  # as in a fresh process
     monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
     config = tiny_config(epochs=1)
     model = seeded_model(config)

@@ -21,7 +21,7 @@ def run_threshold(run_dir: str | Path, contamination: float | None = None,
     trained model when the caller has it already.
     """
     from aekit.runs import load_model, load_split, read_config
-    from aekit.training import outlier_threshold, reconstruction_errors
+    from aekit.inference import outlier_threshold, reconstruction_errors
 
     if (contamination is None) == (false_positive_rate is None):
         raise ValueError("pass exactly one of contamination or false_positive_rate")

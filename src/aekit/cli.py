@@ -80,7 +80,8 @@ def _add_resize(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from aekit.training import LOSSES, RECIPES, SCHEDULES
+    from aekit.models import MODELS
+    from aekit.training import RECIPES, SCHEDULES
 
     parser = Parser(prog="aekit", description="Convolutional autoencoders for images.")
     parser.add_argument("--version", action="version", version=f"aekit {_version()}")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--loss", choices=LOSSES, help="training loss (default: the recipe's)")
+    p.add_argument("--loss", choices=sorted({o for m in MODELS.values() for o in m.objectives}), help="training loss (default: the recipe's)")
     p.add_argument("--init", choices=("keras", "he", "torch"), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
@@ -208,7 +209,7 @@ def cmd_summary(args) -> int:
     if len(args.image_shape) != 3:
         raise ValueError(f"--image-shape needs H,W,C, got {','.join(map(str, args.image_shape))}")
     height, width, channels = args.image_shape
-    print(summary(build_model(args.model, (channels, height, width), args.latent_dim, args.widths)))
+    print(summary(build_model(args.model, (channels, height, width), latent_dim=args.latent_dim, widths=args.widths)))
     return 0
 
 
@@ -419,9 +420,9 @@ def cmd_export(args) -> int:
 
 def _tune_process(command: str) -> None:
     """The CLI's process-wide choice, which no library call makes: for the commands that run
-    a network, glibc keeps freed memory for the next pass (aekit.models.keep_freed_memory)."""
+    a network, glibc keeps freed memory for the next pass (aekit.fast.keep_freed_memory)."""
     if command not in ("summary", "data"):  # "data" does not even import torch
-        from aekit.models import keep_freed_memory
+        from aekit.fast import keep_freed_memory
 
         keep_freed_memory()
 

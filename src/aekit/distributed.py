@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from aekit.models import Loss, loss
+
 # How long a rank waits in a collective (a gradient all-reduce, a barrier) before giving
 # up. torchrun already stops every rank as soon as one exits with an error; this bounds the
 # wait when processes are started some other way, or when a rank hangs instead of failing.
@@ -92,39 +94,36 @@ class Ranks:
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` for training: itself in one process, a DDP wrapper across ranks.
 
-        The wrapper answers ``logits(x)`` and ``model(x)`` like the model, so the loss
-        functions take either; both run through DDP's forward, which its gradient
-        synchronisation needs. It shares the model's parameters: the optimiser and the
-        checkpoints keep working on the model itself.
+        The wrapper answers ``loss(x, target, objective)`` like the model
+        (:func:`aekit.models.loss`), through DDP's forward, which its gradient
+        synchronisation needs; so DDP trains any model's objective. It shares the model's
+        parameters: the optimiser and the checkpoints keep working on the model itself.
         """
         if self.size == 1:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return _Synchronised(nn.parallel.DistributedDataParallel(_Logits(model), device_ids=device_ids))
+        return _Synchronised(nn.parallel.DistributedDataParallel(_Objective(model), device_ids=device_ids))
 
 
-class _Logits(nn.Module):
-    """``forward`` = the model's ``logits``: DDP only synchronises what goes through forward."""
+class _Objective(nn.Module):
+    """``forward`` = the model's loss: DDP only synchronises what goes through forward."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(x)
+    def forward(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+        return loss(self.model, x, target, objective)
 
 
 class _Synchronised:
-    """The model's two outputs, both computed through one DDP-wrapped ``_Logits``."""
+    """The model's loss, computed through one DDP-wrapped :class:`_Objective`."""
 
     def __init__(self, ddp: nn.Module):
         self.ddp = ddp
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ddp(x)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.ddp(x))
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+        return self.ddp(x, target, objective)
 
 
 def current() -> Ranks:

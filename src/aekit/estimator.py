@@ -29,6 +29,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
 from aekit import data as data_lib
+from aekit import inference
 from aekit._io import atomic_folder, write_text_atomic
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
@@ -206,8 +207,6 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         """Re-derive ``threshold_``: from images ``X`` (e.g. held-out normal data) at a target
         false-positive rate, or from ``X`` at a ``contamination`` fraction; or set the
         per-image error ``threshold`` itself (e.g. from :func:`aekit.anomaly.run_threshold`)."""
-        from aekit.training import outlier_threshold
-
         rate = false_positive_rate if false_positive_rate is not None else contamination
         if threshold is not None:
             if X is not None or rate is not None:
@@ -218,7 +217,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         elif rate is None or (false_positive_rate is not None and contamination is not None):
             raise ValueError("pass exactly one of contamination or false_positive_rate")
         else:
-            self.threshold_ = outlier_threshold(self.reconstruction_error(X), rate)
+            self.threshold_ = inference.outlier_threshold(self.reconstruction_error(X), rate)
         self.offset_ = -self.threshold_
         return self
 
@@ -226,14 +225,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return np.clip(self._decode(self._encode(x)), 0.0, 1.0)
 
     def _errors(self, x: np.ndarray) -> np.ndarray:
-        from aekit.training import image_errors
-
-        return image_errors(self._reconstruct(x), x)
+        return inference.image_errors(self._reconstruct(x), x)
 
     def _threshold(self, errors: np.ndarray) -> float:
-        from aekit.training import outlier_threshold
-
-        return outlier_threshold(errors, self.contamination)
+        return inference.outlier_threshold(errors, self.contamination)
 
     def _validate_contamination(self) -> None:
         if not isinstance(self.contamination, (int, float)) or not 0 <= self.contamination < 0.5:
@@ -280,28 +275,25 @@ class ConvAutoencoder(_ImageReconstructor):
         self.verbose = verbose
 
     def _config(self, image_shape=None, seed=0):
+        from aekit.models import MODELS
         from aekit.training import TrainConfig
 
+        # Only the options the model takes: latent_dim's default means nothing to the seed network.
+        takes = MODELS[self.model].options if self.model in MODELS else ()
+        options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths)}
         return TrainConfig(
-            data="<array>", model=self.model,
-            latent_dim=None if self.model == "seed" else self.latent_dim,
-            widths=None if self.model == "seed" or self.widths is None else tuple(self.widths),
+            data="<array>", model=self.model, **{k: v for k, v in options.items() if k in takes},
             noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, loss=self.loss, seed=seed, device=self.device, image_shape=image_shape,
         ).resolved()
 
     def _fit(self, x: np.ndarray) -> None:
-        from aekit.models import INITS, build_model
-        from aekit.training import fit, resolve_device
+        from aekit.training import fit, new_model, resolve_device
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
             if not isinstance(self.random_state, int) else self.random_state
         config = self._config(image_shape=tuple(x.shape[1:]), seed=seed)
-        device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
-        INITS[config.init](model)
-        model.to(device)
+        model = new_model(config, resolve_device(config.device))
         x_train = torch.from_numpy(x)
         # Monitoring only: val_loss on a fixed sample of the training images.
         state = fit(model, x_train, x_train[:2048], config, progress=bool(self.verbose))
@@ -312,24 +304,15 @@ class ConvAutoencoder(_ImageReconstructor):
     def _latent_size(self) -> int:
         return int(np.prod(self.model_.latent_shape))
 
-    def _batches(self, x: np.ndarray, fn, batch_size: int = 1024) -> np.ndarray:
-        self._check_is_fitted()
-        device = next(self.model_.parameters()).device
-        self.model_.eval()
-        with torch.inference_mode():
-            out = [fn(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)).cpu().numpy()
-                   for i in range(0, len(x), batch_size)]
-        return np.concatenate(out)
-
+    # aekit.inference runs the model: on the CPU in cache-sized chunks on every core.
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        return self._batches(x, lambda t: self.model_.encode(t).flatten(1))
+        return inference.encode(self.model_, torch.from_numpy(x)).flatten(1).numpy()
 
     def _decode(self, z: np.ndarray) -> np.ndarray:
-        latent_shape = self.model_.latent_shape
-        return self._batches(z, lambda t: self.model_.decode(t.view(-1, *latent_shape)))
+        return inference.decode(self.model_, torch.from_numpy(z).reshape(-1, *self.model_.latent_shape)).numpy()
 
     def _reconstruct(self, x: np.ndarray) -> np.ndarray:
-        return self._batches(x, self.model_)
+        return inference.reconstruct(self.model_, torch.from_numpy(x)).numpy()
 
     def denoise(self, X) -> np.ndarray:
         """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""

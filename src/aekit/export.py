@@ -94,8 +94,8 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, overwrit
     x = torch.zeros(EXAMPLE_BATCH, *config.image_shape)  # (2, C, H, W); values do not matter
     with torch.no_grad():
         z = model.encode(x)                              # (2, *latent_shape)
-    export_module(model.g_a, x, paths["encoder"], "image", "latent")
-    export_module(model.g_s, z, paths["decoder"], "latent", "image")
+    export_module(model.encoder, x, paths["encoder"], "image", "latent")
+    export_module(model.decoder, z, paths["decoder"], "latent", "image")
     export_module(model, x, paths["model"], "image", "reconstruction")
     return paths
 

@@ -2,21 +2,24 @@
 
 The blog's Keras network (``Conv2D(16) -> MaxPool -> Conv2D(8) -> MaxPool -> Conv2D(8)``,
 a mirrored decoder with ``UpSampling2D`` and a sigmoid output, 4,385 parameters) written as
-two PyTorch modules so that the 7x7x8 bottleneck (the blog's ``conv2d_3``) can be read and
-decoded on its own. Names follow CompressAI: ``g_a`` is the analysis transform (encoder),
-``g_s`` the synthesis transform (decoder).
+two PyTorch modules, ``encoder`` and ``decoder``, so that the 7x7x8 bottleneck (the blog's
+``conv2d_3``) can be read and decoded on its own; and a convolutional autoencoder with a
+dense latent of any size for images of any (C, H, W).
 
+A model owns its objective: :meth:`Autoencoder.loss` gives the loss of reconstructing a
+batch, and the named parts of it worth logging, for each objective the model offers
+(``objectives``); the training loop, DDP, checkpoints, the estimator and the CLI ask the
+model and know nothing else about it. A new model family is a module of its own and an
+entry in :data:`MODELS`.
+
+The models are plain PyTorch; :mod:`aekit.fast` runs them faster on the CPU, explicitly.
 Shapes are NCHW inside PyTorch; :func:`summary` prints them NHWC, as Keras does.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,72 +28,7 @@ from torch import nn
 
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     """Keras' ``Conv2D(out, (3, 3), padding='same')``: stride 1, spatial size kept."""
-    if out_channels == 1:
-        return ConvToOne(in_channels)
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-
-
-class _ConvToOneFunction(torch.autograd.Function):
-    """(n, C, H, W) -> (n, 1, H, W): a 3x3 'same' convolution with one output channel, as
-    one matrix product (n*H*W, C) x (C, 9), the nine taps of every pixel, then nine
-    shifted adds of those tap planes. Backward: the same in reverse, two products."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(-1, c)                    # (n*H*W, C); a view if channels_last
-        taps = torch.mm(weight.reshape(c, 9).t(), pixels.t()).view(9, n, h, w)
-        taps = nn.functional.pad(taps, (1, 1, 1, 1))                     # (9, n, H+2, W+2)
-        y = taps[0, :, 0:h, 0:w] + bias                                  # output (p, q) takes tap (i, j)
-        for k in range(1, 9):                                            # of input pixel (p+i-1, q+j-1)
-            i, j = divmod(k, 3)
-            y += taps[k, :, i:i + h, j:j + w]
-        ctx.save_for_backward(pixels, weight)
-        ctx.shape = (n, c, h, w)
-        return y.unsqueeze(1)
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        pixels, weight = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        padded = nn.functional.pad(grad_y[:, 0], (1, 1, 1, 1))           # (n, H+2, W+2)
-        grad_taps = torch.empty(9, n, h, w, dtype=grad_y.dtype, device=grad_y.device)
-        for k in range(9):
-            i, j = divmod(k, 3)
-            grad_taps[k] = padded[:, 2 - i:2 - i + h, 2 - j:2 - j + w]
-        grad_taps = grad_taps.view(9, -1)                                # (9, n*H*W)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:                                      # channels_last (n, C, H, W)
-            grad_x = torch.mm(grad_taps.t(), weight.reshape(c, 9).t()).view(n, h, w, c).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(grad_taps, pixels).t().reshape(1, c, 3, 3)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_y.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
-
-
-class ConvToOne(nn.Conv2d):
-    """``Conv2D(1, (3, 3), padding='same')``, the output layer, faster on the CPU.
-
-    oneDNN runs a convolution with a single output channel far below its speed elsewhere:
-    measured on 32 images of (16, 28, 28) at one thread, 542 us forward and 1,227 us with
-    backward, where :class:`_ConvToOneFunction` takes 220 and 658 us. The same parameters,
-    state_dict and result (to float rounding) as ``nn.Conv2d``; other devices use that.
-    """
-
-    def __init__(self, in_channels: int):
-        super().__init__(in_channels, 1, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or _tracing():  # exported graphs (ONNX) keep a plain Conv
-            return super().forward(x)
-        return _ConvToOneFunction.apply(x, self.weight, self.bias)
-
-
-def _tracing() -> bool:
-    """Whether torch.export or TorchScript is tracing the model."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class SeedEncoder(nn.Module):
@@ -136,27 +74,83 @@ class SeedDecoder(nn.Module):
         return torch.sigmoid(self.layers(z))
 
 
-class Autoencoder(nn.Module):
-    """``g_s(g_a(x))``: an analysis transform ``g_a`` (encoder) and a synthesis transform
-    ``g_s`` (decoder) whose last layer gives logits and whose forward applies the sigmoid."""
+class Loss(NamedTuple):
+    """A model's loss on a batch of n images, as :meth:`Autoencoder.loss` gives it."""
 
-    g_a: nn.Module
-    g_s: nn.Module
+    total: torch.Tensor                # () the batch's mean loss: what training minimises
+    reconstruction: torch.Tensor       # (n, C, H, W) in [0, 1]
+    parts: dict[str, torch.Tensor]     # name -> () batch mean of a term worth logging; {} for one term
+
+
+# How a model that does not define ``loss`` is trained (any nn.Module; see training.fit):
+# "mse" on forward(x), and "bce" on logits(x) where the model has them.
+RECONSTRUCTION_OBJECTIVES = ("mse", "bce")
+
+
+def reconstruction_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+    """Mean per-pixel loss of reconstructing ``target`` from ``x``, both (n, C, H, W) in [0, 1]:
+    binary cross-entropy on ``model.logits(x)`` for ``"bce"``, squared error of ``model(x)``
+    for ``"mse"``. ``x`` is ``target`` itself, or a corrupted copy when training a denoiser."""
+    if objective == "bce":
+        logits = model.logits(x)
+        return Loss(F.binary_cross_entropy_with_logits(logits, target), torch.sigmoid(logits), {})
+    if objective == "mse":
+        reconstruction = model(x)
+        return Loss(F.mse_loss(reconstruction, target), reconstruction, {})
+    raise ValueError(f"unknown objective {objective!r}; expected one of {RECONSTRUCTION_OBJECTIVES}")
+
+
+def objectives(model: nn.Module) -> tuple[str, ...]:
+    """The objectives ``model`` can be trained with: its own ``objectives``, else those of
+    :func:`reconstruction_loss` that it supports."""
+    offered = getattr(model, "objectives", None)
+    if offered is not None:
+        return tuple(offered)
+    return RECONSTRUCTION_OBJECTIVES if callable(getattr(model, "logits", None)) else ("mse",)
+
+
+def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+    """``model.loss(x, target, objective)``, or :func:`reconstruction_loss` for a module
+    without one: the one place training and evaluation get a loss from."""
+    own = getattr(model, "loss", None)
+    if callable(own):
+        return own(x, target, objective)
+    return reconstruction_loss(model, x, target, objective)
+
+
+class Autoencoder(nn.Module):
+    """``decoder(encoder(x))``: an encoder and a decoder whose last layer gives logits and
+    whose forward applies the sigmoid; trained on reconstruction alone.
+
+    A subclass sets ``encoder``, ``decoder``, ``image_shape`` (C, H, W) and ``latent_shape``,
+    and may override :meth:`loss` and ``objectives`` for an objective with more terms.
+    ``options``: the constructor arguments :func:`build_model` may pass beside image_shape.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+    objectives: tuple[str, ...] = RECONSTRUCTION_OBJECTIVES
+    options: tuple[str, ...] = ()
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+        """The loss of reconstructing ``target`` from ``x`` (both (n, C, H, W) in [0, 1])
+        under ``objective``, one of ``objectives``."""
+        return reconstruction_loss(self, x, target, objective)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) in [0, 1] -> (n, *latent_shape)."""
-        return self.g_a(x)
+        return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(n, *latent_shape) -> (n, C, H, W) in [0, 1]."""
-        return self.g_s(z)
+        return self.decoder(z)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, C, H, W) pre-sigmoid outputs, for losses on logits."""
-        return self.g_s.logits(self.g_a(x))
+        return self.decoder.logits(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_s(self.g_a(x))
+        return self.decoder(self.encoder(x))
 
 
 class SeedAutoencoder(Autoencoder):
@@ -172,11 +166,11 @@ class SeedAutoencoder(Autoencoder):
         if height % 4 or width % 4:
             raise ValueError(
                 f"the seed network needs image height and width divisible by 4 (two 2x2 "
-                f"poolings), got {height}x{width}; resize the images, e.g. --resize 28 28"
+                f"poolings), got {height}x{width}; resize the images, e.g. resize=(28, 28)"
             )
         self.image_shape = (channels, height, width)
-        self.g_a = SeedEncoder(channels)
-        self.g_s = SeedDecoder(channels)
+        self.encoder = SeedEncoder(channels)
+        self.decoder = SeedDecoder(channels)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -248,6 +242,8 @@ class ConvAutoencoderNet(Autoencoder):
     mirrors them. ``encode``: (n, C, H, W) -> (n, latent_dim).
     """
 
+    options = ("latent_dim", "widths")
+
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
                  widths: tuple[int, ...] = (16, 32)):
         super().__init__()
@@ -262,144 +258,44 @@ class ConvAutoencoderNet(Autoencoder):
                              "pass fewer widths")
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
-        self.g_a = ConvEncoder(self.image_shape, latent_dim, widths)
-        self.g_s = ConvDecoder(self.image_shape, latent_dim, widths, self.g_a.feature_shape)
+        self.encoder = ConvEncoder(self.image_shape, latent_dim, widths)
+        self.decoder = ConvDecoder(self.image_shape, latent_dim, widths, self.encoder.feature_shape)
 
     @property
     def latent_shape(self) -> tuple[int]:
         return (self.latent_dim,)
 
 
-# The CLI looks models up here by name; the library passes model objects around.
-MODELS = {"seed": SeedAutoencoder, "conv": ConvAutoencoderNet}
-DEFAULT_LATENT_DIM = 32
-DEFAULT_WIDTHS = (16, 32)
+# Models by name, for configs, the estimator and the CLI; the library passes model objects around.
+MODELS: dict[str, type[Autoencoder]] = {"seed": SeedAutoencoder, "conv": ConvAutoencoderNet}
+DEFAULTS = {"latent_dim": 32, "widths": (16, 32)}  # for the models whose options they are
 
 
-def build_model(name: str, image_shape: tuple[int, int, int], latent_dim: int | None = None,
-                widths: tuple[int, ...] | None = None) -> nn.Module:
-    """Build a registered model for images of ``image_shape = (C, H, W)``.
-
-    The seed network's latent is fixed (8 x H/4 x W/4); ``latent_dim`` and ``widths`` apply
-    to ``conv``.
-    """
+def check_options(name: str, **options) -> dict:
+    """The options (set, i.e. not None) that model ``name`` takes, or a one-line error
+    naming the model and the option it does not take."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    if name == "seed":
-        if latent_dim is not None or widths is not None:
-            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
-                             "use --model conv to choose latent_dim or widths")
-        return SeedAutoencoder(image_shape)
-    return ConvAutoencoderNet(image_shape, DEFAULT_LATENT_DIM if latent_dim is None else latent_dim,
-                              DEFAULT_WIDTHS if widths is None else tuple(widths))
+    given = {key: value for key, value in options.items() if value is not None}
+    refused = [key for key in given if key not in MODELS[name].options]
+    if refused:
+        takes = f"takes {', '.join(MODELS[name].options)}" if MODELS[name].options else "takes no options"
+        others = [other for other, cls in MODELS.items() if set(refused) <= set(cls.options)]
+        hint = f"; use model={others[0]!r} to choose {' or '.join(refused)}" if others else ""
+        raise ValueError(f"model={name!r} {takes}, not {', '.join(refused)}{hint}")
+    return given
 
 
-# ------------------------------------------------------------------- fast inference
-
-# Images per pass at inference on the CPU: a pass over 64 MNIST images keeps the
-# (n, 16, 28, 28) activations in the core's cache. Measured on the encoder at batch 1024:
-# 3.5x the images per second of one pass over all 1024 (bench/RESULTS.md).
-CPU_CHUNK = 64
-
-
-HEAP_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep up to 32 MB of freed memory instead of returning it to
-    the system at once, for this whole process (Linux with glibc; elsewhere nothing).
-
-    A forward pass allocates and frees a few MB per layer. By default glibc hands such
-    blocks back to the kernel (munmap, or trimming the heap) and the next pass faults
-    every page in again, zeroed: measured 7,685 page faults per 1,024 encoded images and
-    28,755 images per CPU-second; with both thresholds at 32 MB, 0 faults and 49,906
-    (setting only one of the two made it worse: glibc then stops adapting the other).
-    The cost: up to 32 MB of freed memory stays with the process.
-
-    Opt-in: it changes the whole process for good, so no library call makes it; the
-    ``aekit`` command does, and so can a program that runs many forward passes.
-    """
-    global _KEPT
-    if _KEPT:
-        return
-    _KEPT = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        libc.mallopt(m_mmap_threshold, HEAP_KEEP_BYTES)
-        libc.mallopt(m_trim_threshold, HEAP_KEEP_BYTES)
-    except (OSError, AttributeError):
-        pass
-
-
-_KEPT = False
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextmanager
-def channels_last_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
-    """The model with channels_last weights while the block runs, on the CPU (where
-    oneDNN's convolutions run 1.4-1.5x faster so); restored to contiguous after."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu:
-        model.to(memory_format=torch.channels_last)
-    try:
-        yield model
-    finally:
-        if on_cpu:
-            model.to(memory_format=torch.contiguous_format)
-
-
-@torch.inference_mode()
-def map_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CPU_CHUNK,
-               workers: int = 1) -> torch.Tensor:
-    """``fn`` applied to ``x`` (n, ...) in chunks of ``chunk`` along the first axis;
-    results concatenated in order.
-
-    For per-image functions (a forward pass in eval mode) this is ``fn(x)``, faster: small
-    passes stay in cache. With one worker the chunks run one after another with the
-    caller's PyTorch threads. With several, ``workers`` threads run them side by side,
-    each with one PyTorch thread (threads that meet once per chunk do not stall on a busy
-    machine the way PyTorch's own threads do, see training.ChunkPool); PyTorch's thread
-    count is process-wide, so it is 1 while they run and restored after, and such calls
-    must not run from several threads at once.
-    """
-    def in_worker(c: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():  # a thread-local mode: each worker sets its own
-            return fn(c)
-
-    chunks = x.split(chunk)
-    if workers <= 1 or len(chunks) == 1:
-        return torch.cat([fn(c) for c in chunks])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="aekit-infer") as pool:
-            return torch.cat(list(pool.map(in_worker, chunks)))
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.inference_mode()
-def encode_images(model: SeedAutoencoder, x: torch.Tensor, workers: int | None = None) -> torch.Tensor:
-    """(n, C, H, W) in [0, 1] -> latents (n, 8, H/4, W/4), as ``model.encode(x)``, fast.
-
-    On the CPU: channels_last weights, chunks of :data:`CPU_CHUNK` images, one thread per
-    core (``workers``, default all). Elsewhere one pass. The model is left as it was.
-    """
-    x = x.to(next(model.parameters()).device)
-    if x.device.type != "cpu":
-        return model.encode(x)
-    was_training = model.training
-    with channels_last_on_cpu(model.eval()):
-        try:
-            return map_chunks(model.encode, x, CPU_CHUNK, cpu_cores() if workers is None else workers)
-        finally:
-            model.train(was_training)
+def build_model(name: str, image_shape: tuple[int, int, int], **options) -> Autoencoder:
+    """Model ``name`` of :data:`MODELS` for images of ``image_shape = (C, H, W)``, with its
+    ``options`` (e.g. ``latent_dim``, ``widths`` for ``conv``); options left None take
+    :data:`DEFAULTS`."""
+    given = check_options(name, **options)
+    cls = MODELS[name]
+    kwargs = {key: given.get(key, DEFAULTS[key]) for key in cls.options}
+    if "widths" in kwargs:
+        kwargs["widths"] = tuple(kwargs["widths"])
+    return cls(image_shape, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -415,15 +311,18 @@ def init_keras_(model: nn.Module) -> None:
 
 
 def init_he_(model: nn.Module) -> None:
-    """He (Kaiming) uniform kernels for the ReLU layers, zero biases.
+    """He (Kaiming) uniform kernels for the layers that feed a ReLU, Glorot for the others,
+    zero biases.
 
-    The output convolution feeds a sigmoid, not a ReLU, and a dense bottleneck is linear,
-    so both get Glorot instead.
+    A layer feeds a ReLU when the next module after it (in ``model.modules()`` order, as in
+    an ``nn.Sequential``) is one. The output convolution feeds a sigmoid and a dense
+    bottleneck is linear, so both get Glorot.
     """
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    encoder_fc = getattr(getattr(model, "g_a", None), "fc", None)
-    for i, layer in enumerate(layers):
-        if i == len(layers) - 1 or layer is encoder_fc:
+    modules = list(model.modules())
+    for i, layer in enumerate(modules):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        if i + 1 == len(modules) or not isinstance(modules[i + 1], nn.ReLU):
             nn.init.xavier_uniform_(layer.weight)
         else:
             nn.init.kaiming_uniform_(layer.weight, a=0.0, nonlinearity="relu")
@@ -481,6 +380,5 @@ def summary(model: nn.Module) -> str:
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
-    "encode_images", "map_chunks", "channels_last_on_cpu", "cpu_cores", "keep_freed_memory", "CPU_CHUNK",
-    "ConvToOne",
+    "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS",
 ]

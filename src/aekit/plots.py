@@ -89,12 +89,11 @@ def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]]):
     return fig
 
 
-@torch.inference_mode()
 def reconstruction_figure(model: nn.Module, x: torch.Tensor):
     """The blog's figure: originals ``x`` (n, C, H, W) above their reconstructions."""
-    model.eval()
-    device = next(model.parameters()).device
-    recon = model(x.to(device)).cpu()
+    from aekit.inference import reconstruct
+
+    recon = reconstruct(model, x)
     return image_rows_figure([("original", x), ("reconstruction", recon)])
 
 

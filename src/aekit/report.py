@@ -15,9 +15,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 import aekit
 from aekit import plots
@@ -26,7 +24,7 @@ from aekit.models import count_parameters
 from aekit.noise import add_noise, parse_noise
 from aekit.runs import (CONFIG, RunError, check_image_shape, first_images, load_model, load_split,
                         read_config, read_history, read_metrics)
-from aekit.training import reconstruction_errors
+from aekit.inference import encode, reconstruct, reconstruction_errors
 
 REPORT = "report.html"
 N_RECONSTRUCTIONS = 10   # test images in the reconstruction grid (the blog shows 10)
@@ -99,7 +97,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
         "(val_loss), and the test images' mean squared error per pixel (val_mse)."))
 
     n_latents = min(N_LATENTS, len(x_test))
-    latents = _encode(model, first_images(x_test, n_latents))  # (n, d), d = prod(model.latent_shape)
+    latents = encode(model, first_images(x_test, n_latents)).flatten(1).double().numpy()  # (n, d)
     labels = None if y_test is None else y_test[:n_latents]
     size = (f"{_shape(model.latent_shape)} = {latents.shape[1]} numbers, flattened"
             if len(model.latent_shape) > 1 else f"{latents.shape[1]} numbers")
@@ -121,8 +119,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
         clean = first_images(x_test, N_DENOISING)
         generator = torch.Generator().manual_seed(NOISE_SEED)
         noisy = add_noise(clean, corruption, generator)
-        with torch.inference_mode():
-            denoised = model(noisy)
+        denoised = reconstruct(model, noisy)
         trained_on = parse_noise(config.noise)
         shown = html.escape(str(corruption))
         if trained_on is None:
@@ -142,15 +139,6 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     page = _page(run_dir, config_json, metrics, count_parameters(model), sections, data_name, own_data)
     write_text_atomic(path, page)
     return path
-
-
-@torch.inference_mode()
-def _encode(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """(n, C, H, W) -> (n, d) float64: the encoder's output, flattened per image."""
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(xb.to(device)).flatten(1).double().cpu()
-                      for xb in x.split(batch_size)]).numpy()
 
 
 def _shape(shape) -> str:

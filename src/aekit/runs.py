@@ -40,10 +40,10 @@ from aekit import data as data_lib
 from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
-from aekit.models import INITS, build_model
 from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
-from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                            outlier_threshold, prepare_images, reconstruction_errors, resolve_device)
+from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
+from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model,
+                            prepare_images, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
@@ -191,9 +191,25 @@ def _load_tensors(path: Path, kind: str, config: TrainConfig | None) -> tuple[di
                        f"expected {FORMATS[kind]!r}){_REMEDY[kind]}")
     if metadata.get("tensors_sha256") != tensors_sha256(tensors):
         raise RunError(f"{path}: checksum mismatch: the {kind} file is damaged{_REMEDY[kind]}")
+    tensors = {_current_name(name): tensor for name, tensor in tensors.items()}
     if config is not None:
         _check_same_config(metadata.get("config"), config, path, kind)
     return tensors, metadata
+
+
+# Parameter names from before the encoder and decoder had those names (CompressAI's g_a and
+# g_s, aekit 0.1): files written then load under today's names.
+_RENAMED = {"g_a.": "encoder.", "g_s.": "decoder."}
+
+
+def _current_name(name: str) -> str:
+    """A weight's name in a file (``g_a.layers.0.weight``, ``model.g_s...`` in a checkpoint)
+    as today's models name it."""
+    prefix = "model." if name.startswith("model.") else ""
+    for old, new in _RENAMED.items():
+        if name.startswith(prefix + old):
+            return prefix + new + name[len(prefix + old):]
+    return name
 
 
 _REMEDY = {"weights": "; finish or repeat the run (`aekit train --out DIR --resume`, or --overwrite)",
@@ -250,7 +266,7 @@ def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, Tr
     if not (workdir / WEIGHTS).is_file():
         raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run with `aekit train --out {workdir} --resume`")
     _check_recorded_checksum(workdir)
-    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
+    model = model_for(config)
     load_weights(model, workdir / WEIGHTS, config)
     return model.to(resolve_device(device)).eval(), config
 
@@ -326,13 +342,16 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def write_history(history: list[EpochRecord], path: Path) -> None:
+    """One row per epoch: EpochRecord's fields, then one column per named loss part."""
     buffer = io.StringIO()
-    fields = [f.name for f in dataclasses.fields(EpochRecord)]
+    parts = sorted({name for record in history for name in record.parts})
+    fields = [f.name for f in dataclasses.fields(EpochRecord) if f.name != "parts"] + parts
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for record in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                         for k, v in dataclasses.asdict(record).items()})
+        row = {**dataclasses.asdict(record), **record.parts}
+        del row["parts"]
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -341,11 +360,13 @@ def read_history(workdir: str | Path) -> list[EpochRecord]:
     path = Path(workdir) / HISTORY
     if not path.is_file():
         raise RunError(f"{workdir}: no {HISTORY}; the run has not finished an epoch, train it first")
+    named = {f.name for f in dataclasses.fields(EpochRecord)} - {"parts"}
     try:
         with open(path, newline="") as f:  # every column is a float but the epoch number
-            return [EpochRecord(**{k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
-                    for row in csv.DictReader(f)]
-    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:  # a short row gives None
+            rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [EpochRecord(**{k: v for k, v in row.items() if k in named},
+                            parts={k: v for k, v in row.items() if k not in named}) for row in rows]
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, csv.Error) as exc:  # a short row gives None
         raise RunError(f"{path}: unreadable history ({_first_line(exc)}); restore it or train again") from None
 
 
@@ -473,10 +494,7 @@ def train_and_evaluate(
         x_train, x_test, _ = load_split(config)
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]),
                                  data_source=data_lib.data_source(config.data))
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, config.image_shape, config.latent_dim, config.widths)
-    INITS[config.init](model)
-    model.to(device)
+    model = new_model(config, device)
     optimizer = make_optimizer(model, config)
     state = None
     if resume and (workdir / CHECKPOINT).exists():

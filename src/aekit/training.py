@@ -17,30 +17,27 @@ loading and the run folder (see :mod:`aekit.runs`).
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-import reprlib
 import signal
 import threading
 import time
-import types
-import typing
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aekit import distributed
+from aekit import distributed, fast, models
+from aekit._typed import from_plain
 from aekit.data import DataError, to_float, to_nchw
-from aekit.models import cpu_cores, map_chunks
+from aekit.inference import evaluate
+from aekit.models import INITS
 from aekit.noise import add_noise, noise_generator, parse_noise
 
 log = logging.getLogger("aekit")
@@ -62,7 +59,6 @@ RECIPES = {
     "blog": Recipe(loss="mse", init="keras", lr=1e-3, schedule="constant", batch_size=128, epochs=20),
     "default": Recipe(loss="bce", init="he", lr=3e-3, schedule="cosine", batch_size=32, epochs=20),
 }
-LOSSES = ("mse", "bce")
 SCHEDULES = ("constant", "cosine")
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
@@ -107,15 +103,11 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        from aekit.models import INITS, MODELS
-
         def positive(name: str, value, kind=int) -> None:
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
-        if self.model == "seed" and (self.latent_dim is not None or self.widths is not None):
-            raise ValueError("the seed network's latent is fixed at 8 x H/4 x W/4; "
-                             "use --model conv to choose --latent-dim or --widths")
+        models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths)
         positive("epochs", self.epochs)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
@@ -130,10 +122,13 @@ class TrainConfig:
         positive("patience", self.patience)
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a number in (0, 1), got {self.lr!r}")
-        for name, value, allowed in (("loss", self.loss, LOSSES), ("schedule", self.schedule, SCHEDULES),
-                                     ("init", self.init, tuple(INITS)), ("model", self.model, tuple(MODELS))):
+        for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("init", self.init, tuple(INITS))):
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+        offered = models.MODELS[self.model].objectives
+        if self.loss is not None and self.loss not in offered:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {', '.join(offered)} "
+                             f"(the objectives model={self.model!r} offers)")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be true or false, got {self.stream!r}")
         if self.device != "auto":
@@ -201,15 +196,19 @@ def _check_trainable(model: nn.Module, loss: str) -> torch.device:
     """The device of a model ``fit`` can train (see its docstring), or a one-line error."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not trainable(model):
+    if not fast.trainable(model):
         raise ValueError("fit: the model has no parameters to train (none, or none with requires_grad)")
     devices = sorted({str(t.device) for t in (*model.parameters(), *model.buffers())})
     if len(devices) > 1:
         raise ValueError(f"fit: the model's parameters are on {len(devices)} devices ({', '.join(devices)}); "
                          "fit trains on one: move the model there with model.to(device)")
-    if loss == "bce" and not callable(getattr(model, "logits", None)):
-        raise TypeError("fit: loss='bce' needs model.logits(x), the outputs before the sigmoid (n, C, H, W), "
-                        "with forward(x) = sigmoid(logits(x)); add that method, or pass loss='mse'")
+    offered = models.objectives(model)
+    if loss not in offered:
+        if loss == "bce" and not callable(getattr(model, "loss", None)):
+            raise TypeError("fit: loss='bce' needs model.logits(x), the outputs before the sigmoid (n, C, H, W), "
+                            "with forward(x) = sigmoid(logits(x)); add that method, or pass loss='mse'")
+        raise ValueError(f"fit: unknown loss {loss!r} for this model; expected one of {', '.join(offered)} "
+                         "(its objectives)")
     return next(model.parameters()).device
 
 
@@ -222,114 +221,6 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean per-pixel loss of reconstructing ``target`` from ``x``, both (n, C, H, W) in [0, 1].
-
-    ``x`` is ``target`` itself, or a corrupted copy of it when training a denoiser.
-    """
-    if loss == "bce":
-        return F.binary_cross_entropy_with_logits(model.logits(x), target)
-    return F.mse_loss(model(x), target)
-
-
-@dataclass
-class Evaluation:
-    mse: float         # mean squared error per pixel, images in [0, 1]
-    loss: float        # the training loss on the same images
-    collapsed: bool    # reconstructions (near-)constant across images
-
-
-def _in_order(x, batch_size: int):
-    """Batches of ``x`` (a tensor (n, C, H, W) or an image stream) in order."""
-    if isinstance(x, torch.Tensor):
-        return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
-    return x.batches(batch_size)
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, x, loss: str = "mse", batch_size: int = 1000) -> Evaluation:
-    """Reconstruction error of ``x`` (n, C, H, W) float in [0, 1], in batches.
-
-    ``x`` is a tensor or an image stream (:mod:`aekit.streaming`). The reconstructions are
-    ``model(x)``, or ``sigmoid(model.logits(x))`` for ``loss="bce"``, which also needs the
-    logits. Under DDP each rank evaluates its part of a tensor and the sums are
-    all-reduced, so every rank must call it (it is a collective) and every rank gets the
-    same result; a stream is read whole by every rank.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    ranks = distributed.current()
-    split = ranks.size > 1 and isinstance(x, torch.Tensor)
-    sq_err = total_loss = 0.0
-    recon_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
-    recon_sq = torch.zeros_like(recon_sum)
-    data_sum = torch.zeros_like(recon_sum)
-    data_sq = torch.zeros_like(recon_sum)
-    if split:
-        first, stop = ranks.span(len(x))  # this rank's rows of x
-        batches = (x[start:min(start + batch_size, stop)] for start in range(first, stop, batch_size))
-    else:
-        batches = _in_order(x, batch_size)
-    for xb in batches:
-        xb = xb.to(device, non_blocking=True)
-        if loss == "bce":
-            logits = map_chunks(model.logits, xb) if device.type == "cpu" else model.logits(xb)
-            recon = torch.sigmoid(logits)
-            total_loss += F.binary_cross_entropy_with_logits(logits, xb, reduction="sum").item()
-        else:
-            recon = map_chunks(model, xb) if device.type == "cpu" else model(xb)
-        sq_err += F.mse_loss(recon, xb, reduction="sum").item()
-        recon64, data64 = recon.double().cpu(), xb.double().cpu()
-        recon_sum += recon64.sum(0)
-        recon_sq += (recon64 ** 2).sum(0)
-        data_sum += data64.sum(0)
-        data_sq += (data64 ** 2).sum(0)
-    if split:
-        sums = ranks.sum(torch.cat([torch.tensor([sq_err, total_loss], dtype=torch.float64),
-                                    recon_sum.flatten(), recon_sq.flatten(), data_sum.flatten(),
-                                    data_sq.flatten()]))
-        sq_err, total_loss = sums[:2].tolist()
-        recon_sum, recon_sq, data_sum, data_sq = sums[2:].view(4, *recon_sum.shape).unbind(0)
-    n = len(x)
-    n_values = n * math.prod(x.shape[1:])
-    mse = sq_err / n_values
-    # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
-    # reconstructions across images with the spread of the inputs themselves.
-    mean = recon_sum / n
-    recon_spread = (recon_sq / n - mean ** 2).clamp_min(0).mean().sqrt().item()
-    data_var = (data_sq - data_sum ** 2 / n).clamp_min(0) / max(n - 1, 1)  # unbiased, as std(0)
-    data_spread = data_var.mean().sqrt().item() if n > 1 else 0.0
-    collapsed = n > 1 and recon_spread < 0.05 * data_spread
-    return Evaluation(mse=mse, loss=(total_loss / n_values) if loss == "bce" else mse, collapsed=collapsed)
-
-
-def image_errors(reconstructions, images) -> np.ndarray:
-    """The per-image error, as aekit means it everywhere (the outlier threshold in
-    metrics.json, ``score``, the estimators' ``reconstruction_error``, the report): the
-    mean over pixels of (reconstruction - image)², in float64, reconstructions clipped to
-    [0, 1]. Both (n, C, H, W) (or any (n, ...)), tensors or arrays -> float64 (n,)."""
-    recon = torch.as_tensor(reconstructions).detach().to("cpu", torch.float64).clamp(0.0, 1.0)
-    target = torch.as_tensor(images).detach().to("cpu", torch.float64)
-    return ((recon - target) ** 2).flatten(1).mean(1).numpy()
-
-
-@torch.inference_mode()
-def reconstruction_errors(model: nn.Module, x, batch_size: int = 1000) -> np.ndarray:
-    """:func:`image_errors` of ``model``'s reconstructions of ``x`` (n, C, H, W) in [0, 1], a
-    tensor or an image stream -> float64 (n,)."""
-    model.eval()
-    device = next(model.parameters()).device
-    errors = [image_errors(model(xb.to(device)), xb) for xb in _in_order(x, batch_size)]
-    return np.concatenate(errors) if errors else np.zeros(0)
-
-
-def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
-    """The error above which a fraction ``contamination`` of ``errors`` lies."""
-    if not 0 <= contamination < 0.5:
-        raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
-    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
-
-
 @dataclass
 class EpochRecord:
     epoch: int
@@ -338,6 +229,7 @@ class EpochRecord:
     val_mse: float
     seconds: float
     images_per_second: float
+    parts: dict[str, float] = field(default_factory=dict)  # the objective's named parts, and val_ ones
 
 
 @dataclass
@@ -361,6 +253,7 @@ class TrainState:
     steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
     loss_sum: float = 0.0                            # those batches' summed loss
     seconds: float = 0.0                             # and their time
+    parts_sum: dict[str, float] = field(default_factory=dict)  # and their summed loss parts
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -373,54 +266,7 @@ class TrainState:
 
     def finish_epoch(self, record: EpochRecord) -> None:
         self.history.append(record)
-        self.epoch, self.step, self.loss_sum, self.seconds = record.epoch, 0, 0.0, 0.0
-
-
-def from_plain(cls, data: object, where: str):
-    """``cls(**data)`` for JSON-decoded ``data``, every field checked against its type hint.
-
-    Lists become tuples where the field is a tuple, nested dataclasses are built the same
-    way; a missing, unknown or mistyped field raises ValueError naming it.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object of fields, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown fields {reprlib.repr(unknown)}; was it made by a newer aekit?")
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"{where}: missing fields {missing}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{name: _conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
-
-
-def _conform(value: object, hint, where: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
-        return _conform(value, hint, where)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
-        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list and isinstance(value, list):
-        return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return from_plain(hint, value, where)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer too large for a float
-            raise ValueError(f"{where} must be a number a float can hold, got {reprlib.repr(value)}") from None
-    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
-        return value
-    name = ("a list" if Ellipsis in args else f"a list of {len(args)} values") if origin is tuple \
-        else getattr(hint, "__name__", str(hint))
-    raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
+        self.epoch, self.step, self.loss_sum, self.seconds, self.parts_sum = record.epoch, 0, 0.0, 0.0, {}
 
 
 COLLAPSE = ("the reconstructions are nearly constant: every image decodes to the same picture "
@@ -436,6 +282,23 @@ class CollapseWarning(UserWarning):
         self.epoch = epoch
 
 
+def model_for(config: TrainConfig) -> nn.Module:
+    """The untrained model ``config`` describes: ``config.model`` for ``config.image_shape``
+    with its options; its weights as PyTorch initialises them."""
+    if config.image_shape is None:
+        raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
+    return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths)
+
+
+def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The model a run with ``config`` starts from: :func:`model_for`, initialised by
+    ``config.init`` after ``torch.manual_seed(config.seed)``, on ``device``."""
+    torch.manual_seed(config.seed)
+    model = model_for(config)
+    INITS[config.init](model)
+    return model.to(device)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam with Keras' epsilon; the fused kernel where PyTorch has one for the device.
 
@@ -447,159 +310,49 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=fused)
 
 
-# Images per forward/backward pass on the CPU. A pass over 32 MNIST images keeps the
-# largest activations (n, 16, 28, 28) in the core's cache; from 64 on they spill and each
-# image costs 1.6-1.7x as much (bench/RESULTS.md). Larger batches are cut into such chunks.
-CPU_MICRO_BATCH = 32
-
-
-def default_micro_batch(device: torch.device, batch_size: int) -> int:
-    """Chunk size for :func:`train_step`: :data:`CPU_MICRO_BATCH` on the CPU, the whole
-    batch elsewhere (a GPU wants large passes)."""
-    return min(batch_size, CPU_MICRO_BATCH) if device.type == "cpu" else batch_size
-
-
-def default_workers(device: torch.device, batch_size: int, micro_batch: int, model: nn.Module) -> int:
-    """Threads for :class:`ChunkPool`: one per core, at most one per chunk; 1 off the CPU
-    and for models with buffers."""
-    if device.type != "cpu" or any(True for _ in model.buffers()):
-        return 1
-    return max(1, min(cpu_cores(), math.ceil(batch_size / micro_batch)))
-
-
 def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
-               optimizer: torch.optim.Optimizer, micro_batch: int, pool: ChunkPool | None = None,
-               weight: float = 1.0) -> torch.Tensor:
-    """One optimiser step: reconstruct ``target`` (n, C, H, W) from ``x_in`` (``target``
-    itself, or a corrupted copy when training a denoiser); returns the summed loss, detached.
+               optimizer: torch.optim.Optimizer, micro_batch: int, pool: fast.ChunkPool | None = None,
+               weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on the model's objective ``loss``: reconstruct ``target``
+    (n, C, H, W) from ``x_in`` (``target`` itself, or a corrupted copy when training a
+    denoiser). Returns the loss and its named parts, each summed over the images, detached.
 
-    The batch is processed in chunks of ``micro_batch`` images, their gradients summed in
-    a fixed order. The batch's mean loss is the sum over chunks k of (n_k / n) times chunk
-    k's mean loss, so the gradient is the one of a single pass over the whole batch, up to
-    float rounding: the same step, computed in a cache-friendly order. With a ``pool`` the
-    chunks run side by side and the sum is the same, bit for bit. ``weight`` scales the
-    gradient (DDP: this rank's share of the global batch, see aekit.distributed).
+    ``model`` is the model (or its DDP wrapper, :meth:`aekit.distributed.Ranks.wrap`); its
+    loss comes from :func:`aekit.models.loss`. The batch is processed in chunks of
+    ``micro_batch`` images, their gradients summed in a fixed order. The batch's mean loss
+    is the sum over chunks k of (n_k / n) times chunk k's mean loss, so the gradient is the
+    one of a single pass over the whole batch, up to float rounding: the same step, computed
+    in a cache-friendly order. With a ``pool`` the chunks run side by side and the sum is the
+    same, bit for bit. ``weight`` scales the gradient (DDP: this rank's share of the global
+    batch, see aekit.distributed).
     """
     n = len(target)
     chunks = list(zip(x_in.split(micro_batch), target.split(micro_batch)))
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=target.device)
+    parts: dict[str, torch.Tensor] = {}
     if pool is None or len(chunks) == 1:
         for chunk_in, chunk_target in chunks:
-            chunk_loss = loss_fn(model, chunk_in, chunk_target, loss)
+            out = models.loss(model, chunk_in, chunk_target, loss)
             scale = weight * len(chunk_target) / n
-            (chunk_loss if scale == 1 else chunk_loss * scale).backward()
-            total += chunk_loss.detach() * len(chunk_target)
+            (out.total if scale == 1 else out.total * scale).backward()
+            total += out.total.detach() * len(chunk_target)
+            for name, value in out.parts.items():
+                parts[name] = parts.get(name, 0) + value.detach() * len(chunk_target)
     else:
-        results = pool.gradients(chunks, loss, n, weight)
-        grads = list(results[0][1])
-        for _, chunk_grads in results[1:]:
+        results = pool.gradients(chunks, lambda m, x, t: models.loss(m, x, t, loss), n, weight)
+        grads = list(results[0][2])
+        for _, _, chunk_grads in results[1:]:
             for grad, more in zip(grads, chunk_grads):
                 grad += more                      # the order backward() accumulates in
-        for param, grad in zip(trainable(model), grads):
+        for param, grad in zip(fast.trainable(model), grads):
             param.grad = grad
-        for chunk_total, _ in results:
+        for chunk_total, chunk_parts, _ in results:
             total += chunk_total
+            for name, value in chunk_parts.items():
+                parts[name] = parts.get(name, 0) + value
     optimizer.step()
-    return total
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-class ChunkPool:
-    """Threads that compute the gradients of a batch's chunks side by side, on the CPU.
-
-    Each thread runs its own copy of the model whose parameters share the model's memory
-    (an optimiser step is seen by all) and returns each chunk's gradients, which
-    :func:`train_step` adds in chunk order, as backward() adds them when the chunks run one
-    after another. Run with one PyTorch thread (``fit`` sets it), so the result is the same
-    bit for bit for any number of workers.
-
-    Why not PyTorch's own threads: they meet at a barrier in every operation, about a
-    thousand a step. On a machine busy with other work one of them is often descheduled
-    and the other waits: measured 10x slower with 2 threads than with 1 on 2 busy cores.
-    These threads meet once a step.
-    """
-
-    def __init__(self, model: nn.Module, workers: int):
-        if any(True for _ in model.buffers()):
-            raise ValueError("ChunkPool shares parameters only; a model with buffers (e.g. batch norm) "
-                             "needs workers=1")
-        self.model, self.workers = model, workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="aekit-step")
-        self._local = threading.local()
-
-    def _replica(self) -> nn.Module:
-        replica = getattr(self._local, "replica", None)
-        if replica is None:
-            replica = copy.deepcopy(self.model)
-            for mine, theirs in zip(replica.parameters(), self.model.parameters()):
-                mine.data = theirs.data       # the same memory: no copy, no syncing
-            self._local.replica = replica
-        return replica.train(self.model.training)
-
-    def gradients(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], loss: str, n: int,
-                  weight: float = 1.0):
-        """[(chunk's summed loss, chunk's gradients)] in chunk order, for (input, target)
-        chunks; ``n`` images in the batch."""
-        def one(chunk: tuple[torch.Tensor, torch.Tensor]):
-            replica = self._replica()
-            chunk_in, chunk_target = chunk
-            chunk_loss = loss_fn(replica, chunk_in, chunk_target, loss)
-            grads = torch.autograd.grad(chunk_loss * (weight * len(chunk_target) / n), trainable(replica))
-            return chunk_loss.detach() * len(chunk_target), grads
-
-        return list(self._pool.map(one, chunks))
-
-    def close(self) -> None:
-        self._pool.shutdown()
-
-
-class PoolOrNot:
-    """Decides, while training runs, whether steps go faster on a :class:`ChunkPool` or on
-    one thread, and follows the machine's load.
-
-    The choice does not change the result (the pool adds gradients in the order one thread
-    does), so it may follow timings: every ``period`` steps, ``probe`` steps run each way
-    and the faster way (by median step time) runs until the next probe. On 2 cores shared
-    with other work one thread often wins; on an idle machine the pool does.
-    """
-
-    def __init__(self, probe: int = 8, period: int = 400):
-        self.probe, self.period = probe, period
-        self.step, self.use_pool = 0, True
-        self.seconds: dict[bool, list[float]] = {False: [], True: []}
-
-    def pool_now(self) -> bool:
-        phase = self.step % self.period
-        return phase >= self.probe if phase < 2 * self.probe else self.use_pool
-
-    def record(self, used_pool: bool, seconds: float) -> None:
-        phase = self.step % self.period
-        if phase < 2 * self.probe:
-            self.seconds[used_pool].append(seconds)
-        if phase == 2 * self.probe - 1:
-            median = {way: sorted(times)[len(times) // 2] for way, times in self.seconds.items()}
-            self.use_pool = median[True] < median[False]
-            self.seconds = {False: [], True: []}
-        self.step += 1
-
-
-def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give each per-parameter optimiser tensor (Adam's moments) its parameter's strides.
-
-    Needed after changing the model's memory format or loading a checkpoint: PyTorch's
-    fused CPU Adam walks parameter and state memory in lockstep, so a channels_last
-    parameter with a contiguous ``exp_avg`` gets a wrong update (measured: off by 0.03 after
-    three steps at lr 1e-2), where the unfused Adam is only slower.
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    return total, parts
 
 
 class HeldInterrupts:
@@ -723,23 +476,19 @@ def fit(
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if micro_batch is None:
-        micro_batch = default_micro_batch(device, config.batch_size)
+        micro_batch = fast.default_micro_batch(device, config.batch_size)
     elif isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
         raise ValueError(f"micro_batch must be a positive number of images, got {micro_batch!r}; "
                          "leave it None for the device's default")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0):
         raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
                          "leave it None for one per core")
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model.to(memory_format=memory_format)  # back to contiguous in the finally below
-    match_state_layout(optimizer)
     # Data in memory lives on the device as one tensor when it is not already there.
     if isinstance(x_train, torch.Tensor):
         x_train = x_train.to(device)
     if isinstance(x_val, torch.Tensor):
         x_val = x_val.to(device)
     ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
-    train_model = ranks.wrap(model)
     progress = progress and ranks.is_main
     if ranks.size > 1:
         # DDP all-reduces in every backward(): one pass per rank and step, no chunk threads.
@@ -747,12 +496,7 @@ def fit(
 
     choose = workers is None  # by default, let PoolOrNot pick pool or one thread as load changes
     if workers is None:
-        workers = default_workers(device, config.batch_size, micro_batch, model)
-    pool = ChunkPool(model, workers) if workers > 1 else None
-    chooser = PoolOrNot() if pool is not None and choose else None
-    threads = torch.get_num_threads()
-    if pool is not None:
-        torch.set_num_threads(1)  # one PyTorch thread per worker: see ChunkPool
+        workers = fast.default_workers(device, config.batch_size, micro_batch, model)
     noise = parse_noise(config.noise)
     if state.step and state.steps_per_epoch != steps_per_epoch:
         raise ValueError(f"fit: state is part-way through an epoch of {state.steps_per_epoch} steps, but "
@@ -764,17 +508,29 @@ def fit(
     began = (state.epoch, state.step)
     interrupts = HeldInterrupts()
     collapse_warned = False
+    # On the CPU: the model made fast (aekit.fast), channels_last, for the whole of training.
+    speed = contextlib.ExitStack()
+    pool = None
     try:
+        fast_model = speed.enter_context(fast.on_cpu(model, optimizer))
+        train_model = ranks.wrap(fast_model)
+        if workers > 1:
+            pool = fast.ChunkPool(fast_model, workers)
+            speed.enter_context(fast.torch_threads(1))  # one PyTorch thread per worker: see ChunkPool
+            speed.callback(pool.close)
+        chooser = fast.PoolOrNot() if pool is not None and choose else None
         if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
             interrupts.install()
         while state.epoch < config.epochs and not state.stopped_early:
             epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
-            model.train()
+            fast_model.train()
             batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
             bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
                        leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
             # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
             loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
+            parts_sum = {k: torch.tensor(v if ranks.is_main else 0.0, device=device)
+                         for k, v in state.parts_sum.items()}
             generator = noise_generator(config.seed, epoch, device) if noise is not None else None
             started = time.perf_counter() - state.seconds
             for step, xb in enumerate(batches):
@@ -790,10 +546,12 @@ def fit(
                 inputs, _ = ranks.share(x_in)
                 use_pool = chooser.pool_now() if chooser is not None else pool is not None
                 step_started = time.perf_counter()
-                step_loss = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
-                                       pool if use_pool else None, weight=weight)
+                step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
+                                                   pool if use_pool else None, weight=weight)
                 if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
                     loss_sum += step_loss
+                    for name, value in step_parts.items():
+                        parts_sum[name] = parts_sum.get(name, 0) + value
                 state.step = step + 1
                 interrupts.release()
                 if chooser is not None:
@@ -803,10 +561,13 @@ def fit(
                     elapsed = time.perf_counter() - started
                     bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
             epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+            parts = {name: ranks.sum(value).item() / n for name, value in sorted(parts_sum.items())}
             seconds = time.perf_counter() - started
-            result = evaluate(model, x_val, config.loss)
+            result = evaluate(model, x_val, config.loss, workers=1 if ranks.size > 1 else None)
+            parts.update({f"val_{name}": value for name, value in result.parts.items()})
             record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
-                                 val_mse=result.mse, seconds=seconds, images_per_second=n / seconds)
+                                 val_mse=result.mse, seconds=seconds, images_per_second=n / seconds,
+                                 parts=parts)
             if progress:
                 bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
                                 img_s=f"{record.images_per_second:,.0f}")
@@ -831,21 +592,15 @@ def fit(
         if on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began:
             if state.step:  # part-way through an epoch
                 state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+                state.parts_sum = {name: float(value) for name, value in parts_sum.items()}
             on_interrupt(model, optimizer, state)
         raise
     finally:
         interrupts.restore()
-        if pool is not None:
-            pool.close()
-            torch.set_num_threads(threads)
-        model.to(memory_format=torch.contiguous_format)
-        match_state_layout(optimizer)
+        speed.close()
     return state
 
 
-__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "Evaluation", "fit",
-           "train_step", "HeldInterrupts", "ChunkPool", "PoolOrNot", "default_workers", "evaluate",
-           "reconstruction_errors", "image_errors",
-           "outlier_threshold", "learning_rate", "loss_fn", "default_micro_batch", "resolve_device",
-           "make_optimizer", "match_state_layout", "shuffled_batches", "prepare_images",
-           "epoch_permutation", "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]
+__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
+           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "shuffled_batches",
+           "prepare_images", "epoch_permutation", "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

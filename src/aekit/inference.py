@@ -1,0 +1,163 @@
+"""Running a trained model on images: encode, decode, reconstruct, per-image error, evaluate.
+
+The one path every user of a trained model takes: the estimator, ``aekit score``,
+``denoise``, ``compare``, the report and the training loop's validation. Images come in
+batches from a tensor (n, C, H, W) in [0, 1] or an image stream (:mod:`aekit.data`); each
+batch runs on the model's device. On the CPU a batch runs through :func:`aekit.fast.on_cpu`'s
+twin in chunks of :data:`aekit.fast.CPU_CHUNK` images on one worker thread per core
+(``workers``); elsewhere in one pass. Results come back on the CPU. The model is left as it
+was (train or eval mode, memory format), and so is PyTorch's thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from aekit import distributed, fast
+from aekit import models as models_lib
+
+BATCH = 4096  # images per read from a stream, and per transfer to a GPU
+
+
+def _batches(x, batch_size: int = BATCH) -> Iterator[torch.Tensor]:
+    """``x`` (a tensor (n, ...) or an image stream) in order, ``batch_size`` rows at a time."""
+    if isinstance(x, torch.Tensor):
+        return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return iter(x.batches(batch_size))
+
+
+@contextmanager
+def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
+    """``run(fn, xb) -> [fn(chunk), ...]``: ``fn`` of the model made fast (its first
+    argument) applied to batch ``xb`` on the model's device, in eval mode, without grad."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), fast.on_cpu(model) as fast_model:
+            if device.type == "cpu":
+                n = fast.cpu_cores() if workers is None else workers
+                yield lambda fn, xb: fast.run_chunks(lambda c: fn(fast_model, c), xb, fast.CPU_CHUNK, n)
+            else:
+                yield lambda fn, xb: [fn(fast_model, xb.to(device, non_blocking=True))]
+    finally:
+        model.train(was_training)
+
+
+def _map(model: nn.Module, fn: Callable, x, workers: int | None) -> torch.Tensor:
+    with _runner(model, workers) as run:
+        out = [piece.cpu() for xb in _batches(x) for piece in run(fn, xb)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def encode(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
+    """Images (n, C, H, W) in [0, 1] -> latents (n, *model.latent_shape)."""
+    return _map(model, lambda m, c: m.encode(c), x, workers)
+
+
+def decode(model: nn.Module, z: torch.Tensor, *, workers: int | None = None) -> torch.Tensor:
+    """Latents (n, *model.latent_shape) -> images (n, C, H, W) in [0, 1]."""
+    return _map(model, lambda m, c: m.decode(c), z, workers)
+
+
+def reconstruct(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
+    """Images (n, C, H, W) in [0, 1] -> their reconstructions, the same shape, in [0, 1]."""
+    return _map(model, lambda m, c: m(c), x, workers)
+
+
+def image_errors(reconstructions, images) -> np.ndarray:
+    """The per-image error, as aekit means it everywhere (the outlier threshold in
+    metrics.json, ``score``, the estimators' ``reconstruction_error``, the report, the test
+    MSE): the mean over pixels of (reconstruction - image)², in float64, reconstructions
+    clipped to [0, 1]. Both (n, C, H, W) (or any (n, ...)), tensors or arrays -> float64 (n,)."""
+    recon = torch.as_tensor(reconstructions).detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+    target = torch.as_tensor(images).detach().to("cpu", torch.float64)
+    return ((recon - target) ** 2).flatten(1).mean(1).numpy()
+
+
+def reconstruction_errors(model: nn.Module, x, *, workers: int | None = None) -> np.ndarray:
+    """:func:`image_errors` of ``model``'s reconstructions of ``x`` -> float64 (n,)."""
+    with _runner(model, workers) as run:
+        errors = [image_errors(piece, c) for xb in _batches(x)
+                  for c, piece in zip(_chunks_of(xb, model), run(lambda m, c: m(c), xb))]
+    return np.concatenate(errors) if errors else np.zeros(0)
+
+
+def _chunks_of(xb: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``xb`` cut as the runner cuts it, to pair each chunk with its result."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return xb.split(fast.CPU_CHUNK) if on_cpu else (xb,)
+
+
+def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
+    """The error above which a fraction ``contamination`` of ``errors`` lies."""
+    if not 0 <= contamination < 0.5:
+        raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
+    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
+
+
+@dataclass
+class Evaluation:
+    mse: float         # mean per-image error (image_errors): per pixel, images in [0, 1]
+    loss: float        # the model's objective on the same images
+    collapsed: bool    # reconstructions (near-)constant across images
+    parts: dict[str, float] = field(default_factory=dict)  # the objective's named parts, if any
+
+
+def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None = None) -> Evaluation:
+    """The model's objective and reconstruction error on the images ``x``.
+
+    ``x`` is a tensor (n, C, H, W) in [0, 1] or an image stream. Under DDP each rank
+    evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
+    (it is a collective) and every rank gets the same result; a stream is read whole by
+    every rank.
+    """
+    if len(x) == 0:
+        raise ValueError("evaluate: x holds no images")
+    ranks = distributed.current()
+    split = ranks.size > 1 and isinstance(x, torch.Tensor)
+    rows, weight = x, 1.0
+    if split:
+        first, stop = ranks.span(len(x))  # this rank's rows of x; with none, one row counted 0 times
+        rows, weight, workers = (x[first:stop], 1.0, 1) if stop > first else (x[:1], 0.0, 1)
+
+    def sums(m: nn.Module, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One chunk's sums in float64: the loss and its parts, the per-image error, and per
+        pixel the sums of the reconstructions, of the images, and of their squares."""
+        out = models_lib.loss(m, c, c, objective)
+        recon, data = out.reconstruction.double().clamp(0.0, 1.0), c.double()
+        found = {"loss": out.total.double() * len(c), "error": ((recon - data) ** 2).flatten(1).mean(1).sum(),
+                 **{f"part {k}": v.double() * len(c) for k, v in out.parts.items()},
+                 "recon": recon.sum(0), "recon_sq": (recon ** 2).sum(0),
+                 "data": data.sum(0), "data_sq": (data ** 2).sum(0)}
+        return {k: v.cpu() * weight for k, v in found.items()}
+
+    total: dict[str, torch.Tensor] = {}
+    with _runner(model, workers) as run:
+        for xb in _batches(rows):
+            for piece in run(sums, xb):
+                total = piece if not total else {k: total[k] + v for k, v in piece.items()}
+    if split:  # one all-reduce of every sum, in a fixed order
+        names = sorted(total)
+        flat = ranks.sum(torch.cat([total[k].flatten() for k in names]))
+        total = dict(zip(names, (v.view_as(total[k]) for k, v in zip(names, flat.split([total[k].numel() for k in names])))))
+    n = len(x)
+    parts = {k[len("part "):]: total[k].item() / n for k in sorted(total) if k.startswith("part ")}
+    # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the
+    # reconstructions across images with the spread of the inputs themselves.
+    mean = total["recon"] / n
+    recon_spread = (total["recon_sq"] / n - mean ** 2).clamp_min(0).mean().sqrt().item()
+    data_var = (total["data_sq"] - total["data"] ** 2 / n).clamp_min(0) / max(n - 1, 1)  # unbiased, as std(0)
+    data_spread = data_var.mean().sqrt().item() if n > 1 else 0.0
+    collapsed = n > 1 and recon_spread < 0.05 * data_spread
+    return Evaluation(mse=total["error"].item() / n, loss=total["loss"].item() / n, collapsed=collapsed, parts=parts)
+
+
+__all__ = ["encode", "decode", "reconstruct", "image_errors", "reconstruction_errors", "outlier_threshold",
+           "evaluate", "Evaluation", "BATCH"]

@@ -1,0 +1,108 @@
+"""aekit.fast: the CPU speed tricks compute what the plain model computes, and leave it as it was."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from aekit import fast, inference
+from aekit.fast import ConvToOne, map_chunks
+from aekit.models import SeedAutoencoder, build_model, init_he_
+
+
+def _seed_model() -> SeedAutoencoder:
+    torch.manual_seed(0)
+    model = SeedAutoencoder()
+    init_he_(model)
+    return model
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inference_encode_is_the_encoder_and_leaves_the_model_as_it_was(workers):
+    model = _seed_model()
+    x = torch.rand(300, 1, 28, 28)  # 300 = 4 chunks of 64 and one of 44
+    with torch.no_grad():
+        expected = model.encode(x)
+    threads = torch.get_num_threads()
+    latents = inference.encode(model, x, workers=workers)
+    assert latents.shape == (300, 8, 7, 7)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    assert model.training and torch.get_num_threads() == threads
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_map_chunks_keeps_the_order():
+    x = torch.arange(10.0).reshape(10, 1)
+    assert torch.equal(map_chunks(lambda c: c * 2, x, chunk=3, workers=3), x * 2)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_to_one_matches_torch_conv2d_forward_and_backward(channels_last):
+    """The output layer's matrix-product convolution against F.conv2d, values and gradients."""
+    torch.manual_seed(0)
+    conv = ConvToOne(16)
+    x = torch.randn(5, 16, 12, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad_y = torch.randn(5, 1, 12, 8)
+    ours = conv(x)
+    reference = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_y),
+                    torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad_y)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["seed", "conv"])
+def test_the_models_are_plain_pytorch_and_on_cpu_makes_the_fast_twin(name):
+    """The model definitions hold no speed tricks (export and GPUs see plain layers); the
+    twin on_cpu yields swaps in ConvToOne, shares every parameter object, and computes the
+    same; after the block the model is contiguous and unchanged."""
+    model = build_model(name, (1, 28, 28))
+    assert not any(isinstance(m, ConvToOne) for m in model.modules())
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    with fast.on_cpu(model) as twin:
+        assert twin is not model
+        assert sum(isinstance(m, ConvToOne) for m in twin.modules()) == 1
+        assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
+        kernels = [p for p in model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), expected, rtol=1e-5, atol=1e-6)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not any(isinstance(m, ConvToOne) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_on_cpu_blocks_nest_and_carry_the_optimizer_state_along():
+    """Validation runs inside training's block: the inner block must not undo the outer
+    one's channels_last, and Adam's moments follow the parameters' layout both ways."""
+    model = _seed_model()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    with fast.on_cpu(model, optimizer) as twin:
+        twin(torch.rand(4, 1, 28, 28)).sum().backward()
+        optimizer.step()
+        with fast.on_cpu(model):
+            pass
+        kernels = [p for p in model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        assert all(optimizer.state[p]["exp_avg"].stride() == p.stride() for p in kernels)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(optimizer.state[p]["exp_avg"].stride() == p.stride() for p in model.parameters())
+
+
+def test_a_twin_trains_the_model():
+    """An optimiser of the model steps the twin's (the same) parameters."""
+    model = _seed_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with fast.on_cpu(model, optimizer) as twin:
+        twin(torch.rand(4, 1, 28, 28)).sum().backward()
+        optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -435,10 +435,10 @@ def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch
     """glibc's mallopt is the command's process-wide choice (the library never makes it)."""
     import ctypes
 
-    from aekit import models
+    from aekit import fast
 
     loaded = []
-    monkeypatch.setattr(models, "_KEPT", False)  # as in a fresh process
+    monkeypatch.setattr(fast, "_KEPT", False)  # as in a fresh process
     monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: loaded.append(name))
     assert main(["train", "--limit", "100", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert loaded == ["libc.so.6"]

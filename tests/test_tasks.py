@@ -144,7 +144,7 @@ def test_the_run_and_score_share_one_per_image_error(denoiser, mnist):
     """metrics.json's threshold and `score`'s errors are one function of the same images:
     the threshold recomputed from the estimator's errors is the recorded one, bit for bit."""
     from aekit import ConvAutoencoder
-    from aekit.training import outlier_threshold
+    from aekit.inference import outlier_threshold
 
     metrics = json.loads((denoiser / "metrics.json").read_text())
     estimator = ConvAutoencoder.load(denoiser)

@@ -116,13 +116,10 @@ def _train_plain(n: int, batch: int, device: str) -> float:
 
 
 def _aekit_model(config, device):
-    import torch
+    import dataclasses
 
-    from aekit.models import INITS, SeedAutoencoder
-    torch.manual_seed(config.seed)
-    model = SeedAutoencoder()
-    INITS[config.init](model)
-    return model.to(device)
+    from aekit.training import new_model
+    return new_model(dataclasses.replace(config, image_shape=(1, 28, 28)), device)
 
 
 def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | None) -> float:
@@ -142,7 +139,7 @@ def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | No
 def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> dict:
     import torch
 
-    from aekit.models import encode_images
+    from aekit.inference import encode
     from aekit.runs import prepare_images
     from aekit.training import TrainConfig
 
@@ -155,7 +152,7 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
         seconds = []
         for _ in range(times):
             started = time.perf_counter()
-            encode_images(model, images, workers=workers)
+            encode(model, images, workers=workers)
             sync()
             seconds.append(time.perf_counter() - started)
         return seconds
@@ -164,6 +161,36 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
     batch_rate = batch / statistics.median(rate(x, repeats))
     latency = statistics.median(rate(x[:1], 200))
     return {"images_per_second": batch_rate, "latency_ms": 1e3 * latency}
+
+
+def _transform(rounds: int = 7) -> dict:
+    """The user's encoder against the fastest path and plain PyTorch, on the 10,000 MNIST
+    test images, in one process, taking turns: ``ConvAutoencoder(model="seed").transform``
+    (uint8 (n, 28, 28) in, float32 (n, 392) out: parsing and conversion counted), the
+    bench's best path (:func:`aekit.inference.encode` on a prepared float tensor), and a
+    plain eager ``model.encode(x)`` in one pass. Images per second, medians."""
+    import torch
+
+    from aekit import ConvAutoencoder
+    from aekit.inference import encode
+    from aekit.runs import prepare_images
+
+    x_train, x_test = _mnist(1024)
+    estimator = ConvAutoencoder(model="seed", epochs=1, random_state=0).fit(x_train)
+    model, x = estimator.model_, prepare_images(x_test)
+
+    def eager():
+        with torch.inference_mode():
+            model.encode(x)
+
+    ways = {"transform": lambda: estimator.transform(x_test), "best": lambda: encode(model, x), "eager": eager}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds + 1):
+        for name, run in ways.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: len(x_test) / statistics.median(times[1:]) for name, times in seconds.items()}
 
 
 def _matmul(size: int = 2048, repeats: int = 10) -> float:
@@ -180,27 +207,36 @@ def _matmul(size: int = 2048, repeats: int = 10) -> float:
 
 def _quality(target: float, check_every: int) -> dict:
     """Seconds of training (evaluation not counted) until test MSE <= target, default recipe."""
-    import torch
-
+    from aekit import fast
     from aekit.runs import prepare_images
-    from aekit.training import (TrainConfig, default_micro_batch, evaluate, learning_rate, make_optimizer,
-                                shuffled_batches, train_step)
+    from aekit.training import TrainConfig, make_optimizer
 
     x_train, x_test = _mnist(MNIST_TRAIN)
     x_train, x_test = prepare_images(x_train), prepare_images(x_test)
     config = TrainConfig().resolved()
-    model = _aekit_model(config, "cpu").to(memory_format=torch.channels_last)
+    model = _aekit_model(config, "cpu")
     optimizer = make_optimizer(model, config)
+    with fast.on_cpu(model, optimizer) as twin:  # as fit trains: aekit.fast's twin, channels_last
+        return _train_to(model, twin, optimizer, config, x_train, x_test, target, check_every)
+
+
+def _train_to(model, twin, optimizer, config, x_train, x_test, target: float, check_every: int) -> dict:
+    import torch
+
+    from aekit import fast
+    from aekit.inference import evaluate
+    from aekit.training import learning_rate, shuffled_batches, train_step
+
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    micro = default_micro_batch(torch.device("cpu"), config.batch_size)
+    micro = fast.default_micro_batch(torch.device("cpu"), config.batch_size)
     seconds, step = 0.0, 0
     for epoch in range(config.epochs):
         for xb in shuffled_batches(x_train, config.batch_size, config.seed, epoch, torch.device("cpu")):
             started = time.perf_counter()
-            model.train()
+            twin.train()
             optimizer.param_groups[0]["lr"] = learning_rate(config, step, total)
-            train_step(model, xb, xb, config.loss, optimizer, micro)
+            train_step(twin, xb, xb, config.loss, optimizer, micro)
             seconds += time.perf_counter() - started
             step += 1
             if step % check_every == 0:
@@ -214,14 +250,22 @@ def _stream(path: str, train_batches: int) -> dict:
     """Read one whole epoch of a big .npy through NpyStream; train on its first batches."""
     import torch
 
+    from aekit import fast
     from aekit.streaming import NpyStream
-    from aekit.training import TrainConfig, default_micro_batch, make_optimizer, train_step
+    from aekit.training import TrainConfig, make_optimizer
 
     config = TrainConfig(recipe="blog").resolved()
-    model = _aekit_model(config, "cpu").to(memory_format=torch.channels_last)
+    model = _aekit_model(config, "cpu")
     optimizer = make_optimizer(model, config)
     stream = NpyStream(path)
-    micro = default_micro_batch(torch.device("cpu"), config.batch_size)
+    micro = fast.default_micro_batch(torch.device("cpu"), config.batch_size)
+    with fast.on_cpu(model, optimizer) as twin:  # as fit trains: aekit.fast's twin, channels_last
+        return _read_and_train(stream, twin, optimizer, config, micro, train_batches)
+
+
+def _read_and_train(stream, model, optimizer, config, micro: int, train_batches: int) -> dict:
+    from aekit.training import train_step
+
     started, trained, images = time.perf_counter(), 0.0, 0
     for index, xb in enumerate(stream.batches(config.batch_size, seed=0, epoch=0)):
         images += len(xb)
@@ -239,8 +283,8 @@ def worker(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
-    if kind in ("encode", "quality", "stream") or spec.get("impl") == "aekit":
-        from aekit.models import keep_freed_memory
+    if kind in ("encode", "transform", "quality", "stream") or spec.get("impl") == "aekit":
+        from aekit.fast import keep_freed_memory
 
         keep_freed_memory()  # as the aekit command does: the library leaves it to its caller
     if kind == "train":
@@ -254,6 +298,8 @@ def worker(spec: dict) -> dict:
         out = {"images_per_second": rate}
     elif kind == "encode":
         out = _encode(spec.get("device", "cpu"), spec["threads"])
+    elif kind == "transform":
+        out = _transform()
     elif kind == "matmul":
         out = {"gflops": _matmul()}
     elif kind == "quality":
@@ -429,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{stock_t} threads: {rates[best] / ref:.2f}x")
 
     print("\n## Encoding (aekit encoder, CPU)\n")
-    print("aekit.models.encode_images: channels_last, chunks of 64, N worker threads of one PyTorch thread.\n")
+    print("aekit.inference.encode: aekit.fast's twin (channels_last), chunks of 64, N worker threads of one "
+          "PyTorch thread.\n")
     print("| workers | images/s at batch 1024 | single-image latency ms | GFLOP/s | peak RSS MB |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for t in threads:
@@ -440,6 +487,21 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"| {t} | {rate:,.0f} | {median(enc, 'latency_ms'):.3f} | "
               f"{rate * _encoder_flops() / 1e9:.1f} | {median(enc, 'max_rss_mb'):.0f} |")
+
+    print("\n## The user's encoder: ConvAutoencoder(model=\"seed\").transform\n")
+    print("The 10,000 MNIST test images (uint8) in one call, against aekit.inference.encode on the same "
+          f"images as a float tensor (the path above) and a plain eager model.encode(x), in one process "
+          f"at {cores} threads, taking turns; median of 7.\n")
+    tr = [run_worker({"kind": "transform", "threads": cores}) for _ in range(args.rounds)]
+    if median(tr, "transform") is None:
+        print(f"failed: {tr[0].get('error')}")
+    else:
+        best, eager, user = median(tr, "best"), median(tr, "eager"), median(tr, "transform")
+        print("| path | images/s | transform vs it |")
+        print("| --- | ---: | ---: |")
+        print(f"| ConvAutoencoder.transform | {user:,.0f} | 1.00x |")
+        print(f"| aekit.inference.encode (best) | {best:,.0f} | {user / best:.2f}x |")
+        print(f"| plain eager model.encode | {eager:,.0f} | {user / eager:.2f}x |")
 
     if "quality" not in args.skip:
         t = threads[0]

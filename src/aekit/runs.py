@@ -525,6 +525,7 @@ def train_and_evaluate(
         "test_mse": result.mse,
         "test_psnr": psnr(result.mse),
         "test_loss": result.loss,
+        **{f"test_{name}": value for name, value in result.parts.items()},  # the objective's parts, if any
         "loss": config.loss,
         "epochs": state.epoch,
         "stopped_early": state.stopped_early,

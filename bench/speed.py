@@ -214,7 +214,7 @@ def _stream(path: str, train_batches: int) -> dict:
     """Read one whole epoch of a big .npy through NpyStream; train on its first batches."""
     import torch
 
-    from aekit.streaming import NpyStream
+    from aekit.data import NpyStream
     from aekit.training import TrainConfig, default_micro_batch, make_optimizer, train_step
 
     config = TrainConfig(recipe="blog").resolved()

@@ -10,7 +10,7 @@ from aekit.cli import main
 from aekit.data import DataError, load_dataset
 from aekit.models import SeedAutoencoder
 from aekit.runs import prepare_images
-from aekit.streaming import FolderStream, NpyStream, float_bytes, open_stream
+from aekit.data import FolderStream, NpyStream, float_bytes, open_stream
 from aekit.training import TrainConfig, evaluate, fit
 
 
@@ -120,7 +120,7 @@ def test_folder_stream_reads_every_file_once(tmp_path):
 
 def test_folder_stream_refuses_mixed_sizes_naming_the_file(tmp_path):
     folder = image_folder(tmp_path / "imgs", [(12, 16)] * 3 + [(10, 10)])
-    with pytest.raises(DataError, match=r"003.png: image is 10x10 .* pass --resize H W"):
+    with pytest.raises(DataError, match=r"003.png: image is 10x10 .* pass resize=\(H, W\)"):
         list(FolderStream(sorted(folder.iterdir())).batches(4))
 
 

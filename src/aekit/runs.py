@@ -41,7 +41,7 @@ from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
 from aekit.models import INITS, build_model
-from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
+from aekit.data import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
 from aekit.training import (EpochRecord, TrainConfig, TrainState, evaluate, fit, make_optimizer,
                             outlier_threshold, prepare_images, reconstruction_errors, resolve_device)
 

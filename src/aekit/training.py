@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit import distributed
-from aekit.data import DataError, to_float, to_nchw
+from aekit.data import DataError, epoch_permutation, prepare_images
 from aekit.models import cpu_cores, map_chunks
 from aekit.noise import add_noise, noise_generator, parse_noise
 
@@ -168,11 +168,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 # ------------------------------------------------------------------------- the data
-
-def prepare_images(x: np.ndarray) -> torch.Tensor:
-    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(to_nchw(to_float(x))))
-
 
 def _training_images(x, name: str):
     """``fit``'s ``x_train`` or ``x_val`` as a tensor (n, C, H, W) or an image stream."""
@@ -643,12 +638,6 @@ class HeldInterrupts:
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffle of epoch ``epoch``: a pure function of (seed, epoch), so resuming
-    a run at an epoch boundary replays exactly the same batches."""
-    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
 def shuffled_batches(x, batch_size: int, seed: int, epoch: int, device: torch.device):

@@ -194,12 +194,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 # ------------------------------------------------------------------------- npy / npz
 
-def read_npy(raw: bytes, source: str) -> np.ndarray:
-    """The array in the bytes of a ``.npy`` file, read without pickle and without trusting
-    its header: object dtypes (which only pickle can load) are refused, and the shape the
-    header claims must match the bytes present before anything is allocated.
-    """
-    f = io.BytesIO(raw)
+def read_npy_header(f, source: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the header of a ``.npy`` file ``f`` (binary, at
+    its start), leaving ``f`` at the first byte of data. A garbled header, a format version
+    other than 1.0 or 2.0, negative sizes and object dtypes (which only pickle can load)
+    are refused."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a garbled header's literal can warn before it fails
@@ -219,6 +218,18 @@ def read_npy(raw: bytes, source: str) -> np.ndarray:
                         "aekit never unpickles data files; save a numeric array")
     if dtype.itemsize == 0:
         raise DataError(f"{source}: dtype {dtype} has no bytes per item; save a numeric array")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{source}: header says shape {shape}, with a negative size; the file is damaged")
+    return tuple(int(d) for d in shape), fortran, dtype
+
+
+def read_npy(raw: bytes, source: str) -> np.ndarray:
+    """The array in the bytes of a ``.npy`` file, read without pickle and without trusting
+    its header (:func:`read_npy_header`): the shape the header claims must match the bytes
+    present before anything is allocated.
+    """
+    f = io.BytesIO(raw)
+    shape, fortran, dtype = read_npy_header(f, source)
     count = math.prod(shape)
     present = len(raw) - f.tell()
     if count * dtype.itemsize != present:

@@ -24,12 +24,14 @@ background thread while the current one trains.
 
 **When data streams.** With ``open_images(path, stream=True)`` (``aekit train --stream``),
 or by itself when a .npy file or an image folder would take more than
-:data:`STREAM_ABOVE_BYTES` as float32 in memory (:func:`float_bytes`). The train and test split is the one in-memory loading makes (:func:`aekit.data.holdout_indices`,
-or the folder's train/ and test/), so streaming changes the memory used, not the data.
+:data:`STREAM_ABOVE_BYTES` as float32 in memory (:func:`float_bytes`). The train and
+test split is the one in-memory loading makes (:func:`aekit.data.holdout_indices`, or the
+folder's train/ and test/), so streaming changes the memory used, not the data.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aekit.data.arrays import DataError, holdout_indices
+from aekit.data.arrays import DataError, holdout_indices, read_npy_header
 from aekit.data.formats import Format, detect
 from aekit.data.imagefiles import IMAGE_SUFFIXES, labelled_files, read_image
 from aekit.data.images import ImageStream, prepare_images
@@ -156,14 +158,10 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """(data offset, shape, dtype) of a .npy file, checked for streaming."""
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = read_npy_header(f, str(path))
             offset = f.tell()
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-    if dtype.hasobject:
-        raise DataError(f"{path}: object arrays are not images; save a numeric array")
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
         raise DataError(f"{path}: images must be uint8 or float in [0, 1] to stream, got dtype {dtype}")
     ok_shape = len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))
@@ -171,10 +169,10 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
         raise DataError(f"{path}: expected images shaped (n, H, W) or (n, H, W, C) with C 1 or 3, got {shape}")
     if fortran and len(shape) > 1:
         raise DataError(f"{path}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(x)))")
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    expected = offset + math.prod(shape) * dtype.itemsize
     if (size := path.stat().st_size) < expected:
         raise DataError(f"{path}: truncated: header says {shape} {dtype} ({expected:,} bytes), file has {size:,}")
-    return offset, tuple(int(d) for d in shape), dtype
+    return offset, shape, dtype
 
 
 class FolderStream(ImageStream):
@@ -258,7 +256,7 @@ def float_bytes(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     try:
         form = detect(path, builtins=False)
         if form is Format.NPY:
-            return int(np.prod(_npy_header(path)[1])) * 4
+            return math.prod(_npy_header(path)[1]) * 4
         if form in (Format.SPLIT_FOLDER, Format.IMAGE_FOLDER):
             files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
             return len(files) * read_image(files[0], resize).size * 4 if files else None

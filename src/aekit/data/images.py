@@ -17,6 +17,7 @@ conversion of numpy images into a float tensor.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,24 +37,25 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
-class ImageSource:
+class ImageSource(ABC):
     """Images (n, C, H, W) that come out as float32 batches in [0, 1]; see the module doc."""
 
     @property
+    @abstractmethod
     def shape(self) -> tuple[int, int, int, int]:
-        raise NotImplementedError
+        """(n, C, H, W): the number of images and the shape each comes out in."""
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    @abstractmethod
     def head(self, n: int) -> ImageSource:
         """The first ``n`` images, as a source of the same kind."""
-        raise NotImplementedError
 
+    @abstractmethod
     def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[torch.Tensor]:
         """Float32 batches (b, C, H, W), every image once: in order when ``seed`` is None,
         else in epoch ``epoch``'s shuffle of ``seed``; only the last batch is short."""
-        raise NotImplementedError
 
     def first(self, n: int) -> torch.Tensor:
         """The first ``n`` images (all of them if there are fewer) as one tensor (n, C, H, W)."""

@@ -123,7 +123,7 @@ def _aekit_model(config, device):
 
 
 def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | None) -> float:
-    from aekit.runs import prepare_images
+    from aekit.data import prepare_images
     from aekit.training import TrainConfig, fit
 
     x, x_test = _mnist(n)
@@ -140,7 +140,7 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
     import torch
 
     from aekit.inference import encode
-    from aekit.runs import prepare_images
+    from aekit.data import prepare_images
     from aekit.training import TrainConfig
 
     _, x_test = _mnist(0)
@@ -173,7 +173,7 @@ def _transform(rounds: int = 7) -> dict:
 
     from aekit import ConvAutoencoder
     from aekit.inference import encode
-    from aekit.runs import prepare_images
+    from aekit.data import prepare_images
 
     x_train, x_test = _mnist(1024)
     estimator = ConvAutoencoder(model="seed", epochs=1, random_state=0).fit(x_train)
@@ -208,7 +208,7 @@ def _matmul(size: int = 2048, repeats: int = 10) -> float:
 def _quality(target: float, check_every: int) -> dict:
     """Seconds of training (evaluation not counted) until test MSE <= target, default recipe."""
     from aekit import fast
-    from aekit.runs import prepare_images
+    from aekit.data import prepare_images
     from aekit.training import TrainConfig, make_optimizer
 
     x_train, x_test = _mnist(MNIST_TRAIN)
@@ -225,14 +225,15 @@ def _train_to(model, twin, optimizer, config, x_train, x_test, target: float, ch
 
     from aekit import fast
     from aekit.inference import evaluate
-    from aekit.training import learning_rate, shuffled_batches, train_step
+    from aekit.data import ArrayImages
+    from aekit.training import learning_rate, train_step
 
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = steps_per_epoch * config.epochs
     micro = fast.default_micro_batch(torch.device("cpu"), config.batch_size)
     seconds, step = 0.0, 0
     for epoch in range(config.epochs):
-        for xb in shuffled_batches(x_train, config.batch_size, config.seed, epoch, torch.device("cpu")):
+        for xb in ArrayImages(x_train).batches(config.batch_size, config.seed, epoch):
             started = time.perf_counter()
             twin.train()
             optimizer.param_groups[0]["lr"] = learning_rate(config, step, total)
@@ -251,7 +252,7 @@ def _stream(path: str, train_batches: int) -> dict:
     import torch
 
     from aekit import fast
-    from aekit.streaming import NpyStream
+    from aekit.data import NpyStream
     from aekit.training import TrainConfig, make_optimizer
 
     config = TrainConfig(recipe="blog").resolved()

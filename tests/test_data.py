@@ -97,7 +97,7 @@ def test_idx_header_claiming_huge_data_is_refused_without_allocating(tmp_path, m
     with pytest.raises(DataError, match=r"claims 1,000,000,000,000 bytes of data, more than this machine's memory"):
         read_idx(path)
     # ...and where one does, the reader stops at the bytes present instead of allocating.
-    monkeypatch.setattr(data_lib, "memory_bytes", lambda: 10**15)
+    monkeypatch.setattr(data_lib.arrays, "memory_bytes", lambda: 10**15)
     with pytest.raises(DataError, match="truncated"):
         read_idx(path)
 
@@ -217,7 +217,7 @@ def test_train_test_subfolders(tmp_path, rng):
 def test_mixed_sizes_need_resize(tmp_path, rng):
     save_png(tmp_path / "m" / "a.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
     save_png(tmp_path / "m" / "b.png", rng.integers(0, 256, (9, 8), dtype=np.uint8))
-    with pytest.raises(DataError, match=r"different sizes.*--resize H W"):
+    with pytest.raises(DataError, match=r"different sizes.*pass resize=\(H, W\) to bring them to one size"):
         load_dataset(tmp_path / "m")
     (xtr, _), (xte, _) = load_dataset(tmp_path / "m", resize=(4, 6))
     assert xtr.shape[1:] == (4, 6)
@@ -357,8 +357,8 @@ def test_truncated_cache_is_refused(data_home):
 def test_failed_download_leaves_nothing_behind(data_home, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("network unreachable")
-    monkeypatch.setattr(data_lib.urllib.request, "urlopen", fail)
-    monkeypatch.setattr(data_lib, "FASHION_DEBIAN", data_home / "no-debian-copy")
+    monkeypatch.setattr(data_lib.datasets.urllib.request, "urlopen", fail)
+    monkeypatch.setattr(data_lib.datasets, "FASHION_DEBIAN", data_home / "no-debian-copy")
     with pytest.raises(DataError, match=r"could not get Fashion-MNIST.*network unreachable.*apt-get install"):
         load_dataset("fashion-mnist")
     assert list(data_home.iterdir()) == []
@@ -368,7 +368,7 @@ def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
     src = tmp_path / "src.bin"
     src.write_bytes(b"not mnist")
     with pytest.raises(DataError, match="checksum mismatch"):
-        data_lib._download(src.as_uri(), tmp_path / "out" / "mnist.npz", sha256="0" * 64)
+        data_lib.datasets._download(src.as_uri(), tmp_path / "out" / "mnist.npz", sha256="0" * 64)
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -382,7 +382,7 @@ def test_mnist_is_the_real_thing(mnist):
 
 
 def test_fashion_mnist_from_debian(data_home):
-    need(data_lib.FASHION_DEBIAN.is_dir(), "Debian's dataset-fashion-mnist is not installed "
+    need(data_lib.datasets.FASHION_DEBIAN.is_dir(), "Debian's dataset-fashion-mnist is not installed "
          "(make test installs it: apt-get install dataset-fashion-mnist)")
     (xtr, ytr), (xte, _) = load_dataset("fashion-mnist")
     assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28)

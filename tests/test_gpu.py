@@ -28,7 +28,8 @@ import torch
 from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import INITS, build_model
-from aekit.runs import load_model, prepare_images
+from aekit.data import prepare_images
+from aekit.runs import load_model
 from aekit.training import TrainConfig, fit
 
 pytestmark = pytest.mark.gpu

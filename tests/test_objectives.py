@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aekit import ConvAutoencoder, models
+from aekit import ConvAutoencoder
 from aekit.cli import main
 from aekit.runs import load_model, read_history, train_and_evaluate
 from aekit.training import TrainConfig

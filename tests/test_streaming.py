@@ -7,11 +7,10 @@ import torch
 from PIL import Image
 
 from aekit.cli import main
-from aekit.data import DataError, load_dataset
+from aekit.data import DataError, FolderStream, NpyStream, float_bytes, load_dataset, open_stream, prepare_images
+from aekit.inference import evaluate
 from aekit.models import SeedAutoencoder
-from aekit.runs import prepare_images
-from aekit.streaming import FolderStream, NpyStream, float_bytes, open_stream
-from aekit.training import TrainConfig, evaluate, fit
+from aekit.training import TrainConfig, fit
 
 
 @pytest.fixture
@@ -62,7 +61,7 @@ def test_evaluate_on_a_stream_equals_evaluate_in_memory(npy):
     path, x = npy
     torch.manual_seed(0)
     model = SeedAutoencoder()
-    streamed, in_memory = evaluate(model, NpyStream(path), "bce", 700), evaluate(model, prepare_images(x), "bce")
+    streamed, in_memory = evaluate(model, NpyStream(path), "bce"), evaluate(model, prepare_images(x), "bce")
     assert streamed.mse == pytest.approx(in_memory.mse, rel=1e-6)
     assert streamed.loss == pytest.approx(in_memory.loss, rel=1e-6)
     assert streamed.collapsed == in_memory.collapsed
@@ -120,7 +119,7 @@ def test_folder_stream_reads_every_file_once(tmp_path):
 
 def test_folder_stream_refuses_mixed_sizes_naming_the_file(tmp_path):
     folder = image_folder(tmp_path / "imgs", [(12, 16)] * 3 + [(10, 10)])
-    with pytest.raises(DataError, match=r"003.png: image is 10x10 .* pass --resize H W"):
+    with pytest.raises(DataError, match=r"003.png: image is 10x10 .* pass resize=\(H, W\)"):
         list(FolderStream(sorted(folder.iterdir())).batches(4))
 
 

@@ -11,9 +11,10 @@ from torch import nn
 from aekit.fast import PoolOrNot
 from aekit.inference import evaluate
 from aekit.models import INITS, SeedAutoencoder, reconstruction_loss
-from aekit.runs import load_checkpoint, prepare_images, save_checkpoint
+from aekit.data import epoch_permutation, prepare_images
+from aekit.runs import load_checkpoint, save_checkpoint
 from aekit.training import (ADAM_EPS, RECIPES, CollapseWarning, EpochRecord, TrainConfig, TrainState,
-                            epoch_permutation, fit, learning_rate, make_optimizer, train_step)
+                            fit, learning_rate, make_optimizer, train_step)
 
 
 def tiny_config(**overrides) -> TrainConfig:

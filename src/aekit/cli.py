@@ -331,14 +331,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, check_image_shape, first_images, load_model, load_split
+    from aekit.runs import RunError, check_image_shape, load_model, load_split
 
     if args.out.exists() and not args.overwrite:
         raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
     check_image_shape(x_test, config)
-    save_reconstructions(model, first_images(x_test, args.n), args.out)
+    save_reconstructions(model, x_test.first(args.n), args.out)
     print(args.out)
     return 0
 

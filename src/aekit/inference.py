@@ -20,16 +20,18 @@ import torch
 from torch import nn
 
 from aekit import distributed, fast
+from aekit.data import ArrayImages, as_images
 from aekit import models as models_lib
 
 BATCH = 4096  # images per read from a stream, and per transfer to a GPU
 
 
 def _batches(x, batch_size: int = BATCH) -> Iterator[torch.Tensor]:
-    """``x`` (a tensor (n, ...) or an image stream) in order, ``batch_size`` rows at a time."""
-    if isinstance(x, torch.Tensor):
+    """``x`` (images for :func:`aekit.data.as_images`, or latents (n, ...)) in order,
+    ``batch_size`` rows at a time."""
+    if isinstance(x, torch.Tensor) and x.ndim != 4:  # latents for decode
         return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
-    return iter(x.batches(batch_size))
+    return iter(as_images(x).batches(batch_size))
 
 
 @contextmanager
@@ -113,19 +115,20 @@ class Evaluation:
 def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None = None) -> Evaluation:
     """The model's objective and reconstruction error on the images ``x``.
 
-    ``x`` is a tensor (n, C, H, W) in [0, 1] or an image stream. Under DDP each rank
+    ``x`` is images as :func:`aekit.data.as_images` takes them: a tensor (n, C, H, W) in
+    [0, 1], numpy images, or an image source (in memory or streamed). Under DDP each rank
     evaluates its part of a tensor and the sums are all-reduced, so every rank must call it
     (it is a collective) and every rank gets the same result; a stream is read whole by
     every rank.
     """
-    if len(x) == 0:
-        raise ValueError("evaluate: x holds no images")
     ranks = distributed.current()
-    split = ranks.size > 1 and isinstance(x, torch.Tensor)
+    x = as_images(x, "evaluate: x")
+    split = ranks.size > 1 and isinstance(x, ArrayImages)  # a stream is read whole by every rank
     rows, weight = x, 1.0
     if split:
         first, stop = ranks.span(len(x))  # this rank's rows of x; with none, one row counted 0 times
-        rows, weight, workers = (x[first:stop], 1.0, 1) if stop > first else (x[:1], 0.0, 1)
+        images = x.tensor[first:stop] if stop > first else x.tensor[:1]
+        rows, weight, workers = ArrayImages(images), (1.0 if stop > first else 0.0), 1
 
     def sums(m: nn.Module, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """One chunk's sums in float64: the loss and its parts, the per-image error, and per

@@ -22,7 +22,7 @@ from aekit import plots
 from aekit._io import write_text_atomic
 from aekit.models import count_parameters
 from aekit.noise import add_noise, parse_noise
-from aekit.runs import (CONFIG, RunError, check_image_shape, first_images, load_model, load_split,
+from aekit.runs import (CONFIG, RunError, check_image_shape, load_model, load_split,
                         read_config, read_history, read_metrics)
 from aekit.inference import encode, reconstruct, reconstruction_errors
 
@@ -88,7 +88,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     own_data = data is None or data == config.data
 
     sections = [_figure(
-        "Reconstructions", plots.reconstruction_figure(model, first_images(x_test, N_RECONSTRUCTIONS)),
+        "Reconstructions", plots.reconstruction_figure(model, x_test.first(N_RECONSTRUCTIONS)),
         f"The first {min(N_RECONSTRUCTIONS, len(x_test))} test images of {data_name} (top) and the "
         "model's reconstructions of them (bottom).")]
     sections.append(_figure(
@@ -97,7 +97,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
         "(val_loss), and the test images' mean squared error per pixel (val_mse)."))
 
     n_latents = min(N_LATENTS, len(x_test))
-    latents = encode(model, first_images(x_test, n_latents)).flatten(1).double().numpy()  # (n, d)
+    latents = encode(model, x_test.first(n_latents)).flatten(1).double().numpy()  # (n, d)
     labels = None if y_test is None else y_test[:n_latents]
     size = (f"{_shape(model.latent_shape)} = {latents.shape[1]} numbers, flattened"
             if len(model.latent_shape) > 1 else f"{latents.shape[1]} numbers")
@@ -116,7 +116,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
            "are flagged as outliers." if threshold is not None else "The run recorded no outlier threshold.")))
 
     if corruption is not None:
-        clean = first_images(x_test, N_DENOISING)
+        clean = x_test.first(N_DENOISING)
         generator = torch.Generator().manual_seed(NOISE_SEED)
         noisy = add_noise(clean, corruption, generator)
         denoised = reconstruct(model, noisy)

@@ -40,10 +40,9 @@ from aekit import data as data_lib
 from aekit import distributed
 from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
                        write_text_atomic)
-from aekit.streaming import STREAM_ABOVE_BYTES, ImageStream, float_bytes, open_stream
+from aekit.data import ImageSource, open_images
 from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
-from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model,
-                            prepare_images, resolve_device)
+from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model, resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
@@ -64,35 +63,10 @@ class RunError(ValueError):
 
 # --------------------------------------------------------------------------- data
 
-def load_split(config: TrainConfig, data: str | None = None) -> tuple[torch.Tensor | ImageStream, torch.Tensor | ImageStream, np.ndarray | None]:
-    """The run's data: (x_train, x_test, y_test), with ``config.limit`` applied.
-
-    Images are float32 tensors (n, C, H, W) in memory, or image streams of the same shape
-    (:mod:`aekit.streaming`) when ``config.stream`` is set or the data would take more than
-    :data:`~aekit.streaming.STREAM_ABOVE_BYTES` in memory; streams carry no labels.
-    """
-    source = data or config.data
-    builtin = data_lib.is_builtin(source)
-    if builtin and config.stream:
-        raise RunError(f"{source} is a built-in data set, which loads in memory; drop --stream")
-    if config.stream or (not builtin and (float_bytes(source, config.resize) or 0) > STREAM_ABOVE_BYTES):
-        if not config.stream:
-            log.info("%s would take over %d MB in memory as float32: streaming it from disk",
-                     source, STREAM_ABOVE_BYTES >> 20)
-        x_train, x_test = open_stream(source, config.resize)
-        if config.limit is not None:
-            x_train, x_test = x_train.head(config.limit), x_test.head(config.limit)
-        return x_train, x_test, None
-    (x_train, _), (x_test, y_test) = data_lib.load_dataset(source, config.resize)
-    if config.limit is not None:
-        x_train, x_test = x_train[:config.limit], x_test[:config.limit]
-        y_test = None if y_test is None else y_test[:config.limit]
-    return prepare_images(x_train), prepare_images(x_test), y_test
-
-
-def first_images(x: torch.Tensor | ImageStream, n: int) -> torch.Tensor:
-    """The first ``n`` images of a tensor or a stream, as a tensor (n, C, H, W)."""
-    return x[:n] if isinstance(x, torch.Tensor) else next(iter(x.batches(n)))
+def load_split(config: TrainConfig, data: str | None = None) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
+    """The run's data (its own, or ``data`` of the same kind): (x_train, x_test, y_test) as
+    image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`)."""
+    return open_images(data or config.data, config.resize, config.stream, config.limit)
 
 
 # ---------------------------------------------------------------------- save / load
@@ -544,7 +518,7 @@ def train_and_evaluate(
         write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
         from aekit.plots import save_reconstructions
 
-        save_reconstructions(model, first_images(x_test, 10), workdir / RECONSTRUCTIONS)
+        save_reconstructions(model, x_test.first(10), workdir / RECONSTRUCTIONS)
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 

@@ -29,13 +29,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from aekit import distributed, fast, models
 from aekit._typed import from_plain
-from aekit.data import DataError, to_float, to_nchw
+from aekit.data import as_images
 from aekit.inference import evaluate
 from aekit.models import INITS
 from aekit.noise import add_noise, noise_generator, parse_noise
@@ -87,7 +86,7 @@ class TrainConfig:
     patience: int | None = None
     device: str = "auto"
     resize: tuple[int, int] | None = None
-    stream: bool = False  # read the data from disk batch by batch (aekit.streaming)
+    stream: bool = False  # read the data from disk batch by batch (aekit.data.streams)
     image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
     data_source: str | None = None  # set by the run: where `data` was found (aekit.data.data_source)
 
@@ -163,34 +162,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 # ------------------------------------------------------------------------- the data
-
-def prepare_images(x: np.ndarray) -> torch.Tensor:
-    """uint8/float images (n, H, W) or (n, H, W, C) -> float32 tensor (n, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(to_nchw(to_float(x))))
-
-
-def _training_images(x, name: str):
-    """``fit``'s ``x_train`` or ``x_val`` as a tensor (n, C, H, W) or an image stream."""
-    if isinstance(x, np.ndarray):
-        if x.ndim == 4 and x.shape[-1] not in (1, 3):
-            raise ValueError(f"fit: {name} is a numpy array of shape {x.shape}; numpy images must be "
-                             "(n, H, W) or (n, H, W, C) with C 1 or 3, as aekit.data.load_dataset gives them: "
-                             "pass channels-first images as a float tensor (n, C, H, W)")
-        try:
-            x = prepare_images(x)
-        except DataError as exc:
-            raise ValueError(f"fit: {name}: {exc}") from None
-    elif isinstance(x, torch.Tensor):
-        if x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(f"fit: {name} must be a float tensor (n, C, H, W) in [0, 1], got shape "
-                             f"{tuple(x.shape)} {x.dtype}; aekit.training.prepare_images converts numpy images")
-    elif not (hasattr(x, "batches") and hasattr(x, "shape")):
-        raise TypeError(f"fit: {name} must be images: a numpy array (n, H, W) or (n, H, W, C), a float tensor "
-                        f"(n, C, H, W) or an image stream (aekit.streaming), got {type(x).__name__}")
-    if len(x) == 0:
-        raise ValueError(f"fit: {name} holds no images")
-    return x
-
 
 def _check_trainable(model: nn.Module, loss: str) -> torch.device:
     """The device of a model ``fit`` can train (see its docstring), or a one-line error."""
@@ -398,21 +369,6 @@ class HeldInterrupts:
             raise KeyboardInterrupt
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffle of epoch ``epoch``: a pure function of (seed, epoch), so resuming
-    a run at an epoch boundary replays exactly the same batches."""
-    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
-
-
-def shuffled_batches(x, batch_size: int, seed: int, epoch: int, device: torch.device):
-    """Epoch ``epoch``'s batches of ``x``: a tensor on ``device`` is shuffled by
-    :func:`epoch_permutation`, a stream by its own chunked shuffle (:mod:`aekit.streaming`)."""
-    if isinstance(x, torch.Tensor):
-        shuffled = x[epoch_permutation(seed, epoch, len(x)).to(device)]  # (n, C, H, W)
-        return (shuffled[start:start + batch_size] for start in range(0, len(x), batch_size))
-    return (xb.to(device, non_blocking=True) for xb in x.batches(batch_size, seed, epoch))
-
-
 def fit(
     model: nn.Module,
     x_train,
@@ -430,8 +386,8 @@ def fit(
     take its recipe's values (``fit(model, x_train, x_val, TrainConfig(epochs=5))``).
 
     ``x_train`` and ``x_val`` are each a numpy array in the loaders' layout, (n, H, W) or
-    (n, H, W, C), uint8 or float in [0, 1] (converted by :func:`prepare_images`); a float
-    tensor (n, C, H, W) in [0, 1]; or an image stream (:mod:`aekit.streaming`). Images in
+    (n, H, W, C), uint8 or float in [0, 1] (converted by :func:`aekit.data.prepare_images`); a float
+    tensor (n, C, H, W) in [0, 1]; or an image stream (:mod:`aekit.data`). Images in
     memory are moved to the model's device once, a stream is read batch by batch.
 
     What ``model`` must provide (checked first, with a one-line error naming ``fit``):
@@ -469,7 +425,7 @@ def fit(
         raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
     config = config.resolved()
     device = _check_trainable(model, config.loss)
-    x_train, x_val = _training_images(x_train, "x_train"), _training_images(x_val, "x_val")
+    x_train, x_val = as_images(x_train, "fit: x_train"), as_images(x_val, "fit: x_val")
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
     n = len(x_train)
@@ -484,10 +440,7 @@ def fit(
         raise ValueError(f"workers must be a positive number of threads, got {workers!r}; "
                          "leave it None for one per core")
     # Data in memory lives on the device as one tensor when it is not already there.
-    if isinstance(x_train, torch.Tensor):
-        x_train = x_train.to(device)
-    if isinstance(x_val, torch.Tensor):
-        x_val = x_val.to(device)
+    x_train, x_val = x_train.to(device), x_val.to(device)
     ranks = distributed.current()  # 1 of 1 unless launched by torchrun: see aekit.distributed
     progress = progress and ranks.is_main
     if ranks.size > 1:
@@ -524,7 +477,8 @@ def fit(
         while state.epoch < config.epochs and not state.stopped_early:
             epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
             fast_model.train()
-            batches = shuffled_batches(x_train, config.batch_size, config.seed, epoch, device)
+            batches = (xb.to(device, non_blocking=True)  # a stream's batches come from disk
+                       for xb in x_train.batches(config.batch_size, config.seed, epoch))
             bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
                        leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
             # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
@@ -602,5 +556,5 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
-           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "shuffled_batches",
-           "prepare_images", "epoch_permutation", "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]
+           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model",
+           "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

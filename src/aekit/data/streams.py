@@ -1,8 +1,8 @@
 """Image data read from disk while training runs, for data sets larger than memory.
 
-:func:`aekit.training.fit` and :func:`aekit.training.evaluate` take either a float tensor
-(n, C, H, W) in memory or an image stream. A stream has ``len()`` and ``shape``
-(n, C, H, W) like the tensor, and ``batches(batch_size, seed, epoch)`` yields float32
+A stream is an :class:`~aekit.data.images.ImageSource` like images in memory
+(:class:`~aekit.data.images.ArrayImages`): ``len()``, ``shape`` (n, C, H, W), ``head(n)``,
+``first(n)``, and ``batches(batch_size, seed, epoch)``, which yields float32
 (b, C, H, W) in [0, 1]; only a few thousand images are in memory at a time, so a
 1,000,000-image 28x28 set trains in well under 1 GB of resident memory (bench/speed.py
 measures it).
@@ -22,14 +22,16 @@ draws from ``mix`` chunks, not from the whole set. Folder images are separate fi
 anyway, so a folder stream shuffles all of them. The next group of images is read in a
 background thread while the current one trains.
 
-**When data streams.** ``aekit train --stream``, or by itself when a .npy file or an image
-folder would take more than :data:`STREAM_ABOVE_BYTES` as float32 in memory. The train
-and test split is the one in-memory loading makes (:func:`aekit.data.holdout_indices`,
-or the folder's train/ and test/), so streaming changes the memory used, not the data.
+**When data streams.** With ``open_images(path, stream=True)`` (``aekit train --stream``),
+or by itself when a .npy file or an image folder would take more than
+:data:`STREAM_ABOVE_BYTES` as float32 in memory (:func:`float_bytes`). The train and
+test split is the one in-memory loading makes (:func:`aekit.data.holdout_indices`, or the
+folder's train/ and test/), so streaming changes the memory used, not the data.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aekit.data import (IMAGE_SUFFIXES, DataError, _find_idx, holdout_indices, labelled_files,
-                        read_image)
-from aekit.training import prepare_images
+from aekit.data.arrays import DataError, holdout_indices, read_npy_header
+from aekit.data.formats import Format, detect
+from aekit.data.imagefiles import IMAGE_SUFFIXES, labelled_files, read_image
+from aekit.data.images import ImageStream, prepare_images
 
 STREAM_ABOVE_BYTES = 1 << 30  # 1 GiB of float32 images: 342,000 MNIST-sized images
 CHUNK = 4096
@@ -81,7 +84,7 @@ def _rebatch(groups: Iterator[np.ndarray], batch_size: int, source: object) -> I
         yield _to_tensor(carry, source)
 
 
-class NpyStream:
+class NpyStream(ImageStream):
     """Images of a ``.npy`` file (rows ``rows`` of it, default all), read chunk by chunk.
 
     Shape (n, C, H, W) as the images come out; the file holds (N, H, W) or (N, H, W, C).
@@ -111,7 +114,6 @@ class NpyStream:
         return len(self.rows)
 
     def head(self, n: int) -> NpyStream:
-        """The first ``n`` images (``--limit``)."""
         return NpyStream(self.path, self.rows[:n], self.chunk, self.mix)
 
     def _read_chunk(self, fd: int, chunk_id: int) -> np.ndarray:
@@ -132,7 +134,7 @@ class NpyStream:
 
     def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[torch.Tensor]:
         """Float32 batches (b, C, H, W); shuffled by chunks (see the module doc) when ``seed``
-        is given, in file order otherwise."""
+        is given, in file order otherwise; only the last batch is short."""
         chunk_ids = np.unique(self.rows // self.chunk)
         if seed is not None:
             chunk_ids = np.random.default_rng([seed, epoch]).permutation(chunk_ids)
@@ -156,14 +158,10 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """(data offset, shape, dtype) of a .npy file, checked for streaming."""
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = read_npy_header(f, str(path))
             offset = f.tell()
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-    if dtype.hasobject:
-        raise DataError(f"{path}: object arrays are not images; save a numeric array")
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
         raise DataError(f"{path}: images must be uint8 or float in [0, 1] to stream, got dtype {dtype}")
     ok_shape = len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))
@@ -171,13 +169,13 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
         raise DataError(f"{path}: expected images shaped (n, H, W) or (n, H, W, C) with C 1 or 3, got {shape}")
     if fortran and len(shape) > 1:
         raise DataError(f"{path}: Fortran-ordered array; save it C-ordered (np.save(path, np.ascontiguousarray(x)))")
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    expected = offset + math.prod(shape) * dtype.itemsize
     if (size := path.stat().st_size) < expected:
         raise DataError(f"{path}: truncated: header says {shape} {dtype} ({expected:,} bytes), file has {size:,}")
-    return offset, tuple(int(d) for d in shape), dtype
+    return offset, shape, dtype
 
 
-class FolderStream:
+class FolderStream(ImageStream):
     """PNG/JPEG files decoded batch by batch; shape (n, C, H, W) from the first file.
 
     All images must have the first one's size (or pass ``resize``) and, if it is gray,
@@ -211,7 +209,7 @@ class FolderStream:
             if image.shape != self._image_shape:
                 raise DataError(
                     f"{path}: image is {'x'.join(map(str, image.shape))} but {self.files[0].name} is "
-                    f"{'x'.join(map(str, self._image_shape))}; pass --resize H W, and keep a set all "
+                    f"{'x'.join(map(str, self._image_shape))}; pass resize=(H, W), and keep a set all "
                     "gray or all colour when streaming"
                 )
             images.append(image)
@@ -227,29 +225,27 @@ class FolderStream:
             yield _to_tensor(images, self.where)
 
 
-ImageStream = NpyStream | FolderStream
-
-
 def open_stream(path: str | os.PathLike, resize: tuple[int, int] | None = None) -> tuple[ImageStream, ImageStream]:
     """The train and test streams of a .npy file or an image folder, split as
     :func:`aekit.data.load_dataset` splits them."""
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".npy":
+    form = detect(path, builtins=False)
+    if form is Format.NPY:
         n = _npy_header(path)[1][0]
         train, test = holdout_indices(n)
         return NpyStream(path, train), NpyStream(path, test)
-    if path.is_dir() and _find_idx(path, "x_train") is None:
-        if (path / "train").is_dir() and (path / "test").is_dir():
-            return (FolderStream(labelled_files(path / "train")[0], resize, path / "train"),
-                    FolderStream(labelled_files(path / "test")[0], resize, path / "test"))
+    if form is Format.SPLIT_FOLDER:
+        return (FolderStream(labelled_files(path / "train")[0], resize, path / "train"),
+                FolderStream(labelled_files(path / "test")[0], resize, path / "test"))
+    if form is Format.IMAGE_FOLDER:
         files = labelled_files(path)[0]
         train, test = holdout_indices(len(files))
         return (FolderStream([files[i] for i in train], resize, path),
                 FolderStream([files[i] for i in test], resize, path))
     raise DataError(
         f"{path}: only .npy files and folders of {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} "
-        "images can be streamed; drop --stream to load it in memory, or save the images with "
-        "numpy.save(path, x) and stream that"
+        f"images can be streamed, not {form.value}; pass stream=False to load it in memory, or save the "
+        "images with numpy.save(path, x) and stream that"
     )
 
 
@@ -258,9 +254,10 @@ def float_bytes(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     None for data that cannot stream. A folder is estimated from its first image."""
     path = Path(path)
     try:
-        if path.is_file() and path.suffix.lower() == ".npy":
-            return int(np.prod(_npy_header(path)[1])) * 4
-        if path.is_dir() and _find_idx(path, "x_train") is None:
+        form = detect(path, builtins=False)
+        if form is Format.NPY:
+            return math.prod(_npy_header(path)[1]) * 4
+        if form in (Format.SPLIT_FOLDER, Format.IMAGE_FOLDER):
             files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
             return len(files) * read_image(files[0], resize).size * 4 if files else None
     except (DataError, OSError):
@@ -268,4 +265,4 @@ def float_bytes(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     return None
 
 
-__all__ = ["NpyStream", "FolderStream", "ImageStream", "open_stream", "float_bytes", "STREAM_ABOVE_BYTES"]
+__all__ = ["NpyStream", "FolderStream", "open_stream", "float_bytes", "STREAM_ABOVE_BYTES"]

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from aekit.cli import COMMANDS, main, parse_args
-from aekit.data import data_home
+from aekit.cli import COMMANDS, as_flags, build_parser, main, parse_args
+from aekit.data import DataError, data_home
 from aekit.estimator import ConvAutoencoder
 from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
 from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
@@ -309,3 +309,108 @@ def test_ci_sets_ci_and_fuzzes_with_a_fixed_seed():
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              cwd=root / "tests", env={**os.environ, "HYPOTHESIS_PROFILE": "default", **env})
         assert run.stdout.split() == expected.split(), (env, run.stdout, run.stderr)
+
+
+# ------------------------------------------------------- library parameters, CLI flags
+
+@pytest.mark.parametrize("message, command, shown", [
+    ("pass resume=True to continue it, overwrite=True to replace it", "train",
+     "pass --resume to continue it, --overwrite to replace it"),
+    ("resume=True and overwrite=True contradict each other; pass one", "train",
+     "--resume and --overwrite contradict each other; pass one"),
+    ("a built-in data set; pass stream=False", "train", "a built-in data set; drop --stream"),
+    ("the run has stream=False", "train", "the run has no --stream"),
+    ("pass data of the same size (or resize=(H, W))", "evaluate", "pass data of the same size (or --resize H W)"),
+    ("resize=(28, 28)", "denoise", "--resize 28 28"),
+    ("e.g. latent_dims=(2, 8, 32)", "compare", "e.g. --latent-dims 2,8,32"),
+    ('pass device="cpu" or device="cuda:0"', "train", "pass --device cpu or --device cuda:0"),
+    ("pass epochs=3 or more to finish it", "train", "pass --epochs 3 or more to finish it"),
+    ("pass epochs=N", "compare", "pass --epochs N"),
+    ('use recipe="default" or loss="bce"', "train", "use --recipe default or --loss bce"),
+    ("a threshold: false_positive_rate=0.1", "score", "a threshold: --fpr 0.1"),
+    ("finish the run (resume=True)", "evaluate", "finish the run (--resume)"),  # a flag of train
+    # Left alone: names no option sets, and names only another command's option sets.
+    ("X has 0 feature(s) (shape=(0, 28)); n=0", "evaluate", "X has 0 feature(s) (shape=(0, 28)); n=0"),
+    ('"seed": 1 in config.json', "evaluate", '"seed": 1 in config.json'),
+])
+def test_library_parameters_read_as_flags(message, command, shown):
+    assert as_flags(message, command) == shown
+
+
+def test_library_errors_name_parameters_and_the_cli_the_flags(trained_run, tmp_path, capsys):
+    from aekit.export import export_onnx
+    from aekit.runs import RunError, load_model, load_split
+
+    # Training into a run folder without overwrite=True / --overwrite.
+    with pytest.raises(RunError, match=r"pass resume=True to continue it, overwrite=True to replace it") as caught:
+        train_and_evaluate(TrainConfig(limit=100, epochs=1), trained_run, progress=False)
+    assert "--" not in str(caught.value)
+    assert main(["train", "--limit", "100", "--epochs", "1", "--out", str(trained_run), "--quiet"]) == 2
+    assert "pass --resume to continue it, --overwrite to replace it, or choose another folder" in one_error_line(capsys)
+
+    # A built-in data set streamed.
+    with pytest.raises(DataError, match=r"which loads in memory; pass stream=False$"):
+        load_split(TrainConfig(stream=True))
+    assert main(["train", "--stream", "--out", str(tmp_path / "streamed"), "--quiet"]) == 2
+    assert one_error_line(capsys).endswith("which loads in memory; drop --stream")
+    assert not (tmp_path / "streamed").exists()
+
+    # Exporting over earlier files.
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_text("mine")
+    with pytest.raises(RunError, match=r"model.onnx already exists; pass overwrite=True to replace it"):
+        export_onnx(trained_run, tmp_path / "onnx")
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 2
+    assert "model.onnx already exists; pass --overwrite to replace it" in one_error_line(capsys)
+
+    # Using a run that has not finished: what to train, named in the other command's flags.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained_run, unfinished)
+    (unfinished / "model.safetensors").unlink()
+    with pytest.raises(RunError, match=r"finish the run first \(train it with resume=True\)"):
+        load_model(unfinished)
+    assert main(["evaluate", str(unfinished)]) == 2
+    assert one_error_line(capsys).endswith("finish the run first (train it with --resume)")
+
+
+def test_the_seed_networks_fixed_latent_is_refused_in_flags(tmp_path, capsys):
+    assert main(["train", "--latent-dim", "16", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "use --model conv" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_choices_come_from_the_registries(monkeypatch):
+    from aekit import models, noise, training
+
+    class Tiny(models.ConvAutoencoderNet):
+        objectives = (*models.ConvAutoencoderNet.objectives, "l1")
+
+    monkeypatch.setitem(models.MODELS, "tiny", Tiny)
+    monkeypatch.setitem(models.INITS, "zeros", models.INITS["torch"])
+    monkeypatch.setitem(training.RECIPES, "fast", training.RECIPES["default"])
+    monkeypatch.setattr(training, "SCHEDULES", (*training.SCHEDULES, "step"))
+    monkeypatch.setattr(noise, "KINDS", (*noise.KINDS, "blur"))
+    args = parse_args(["train", "--model", "tiny", "--init", "zeros", "--recipe", "fast", "--loss", "l1",
+                       "--schedule", "step"])
+    assert (args.model, args.init, args.recipe, args.loss, args.schedule) == ("tiny", "zeros", "fast", "l1", "step")
+    assert parse_args(["summary", "--model", "tiny"]).model == "tiny"
+    assert "blur" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+def test_the_rank_comes_from_the_process_group_not_the_environment(monkeypatch, capsys):
+    from aekit import distributed
+
+    monkeypatch.setenv("RANK", "1")  # no process group: this is the only process, rank 0 of 1
+    assert main(["data", "fetch", "cifar"]) == 2
+    assert one_error_line(capsys).startswith("aekit: error: unknown data set")
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(rank=1, size=2))
+    monkeypatch.delenv("RANK")
+    assert main(["data", "fetch", "cifar"]) == 2
+    assert capsys.readouterr().err.startswith("aekit: error (rank 1): unknown data set")
+
+
+def test_resize_and_limit_are_one_option_each():
+    for command in (["data", "info", "x"], ["train"], ["denoise", "r", "x", "--out", "o"],
+                    ["score", "r", "x", "--out", "o"], ["compare", "--out", "o"]):
+        assert parse_args([*command, "--resize", "14", "12"]).resize == (14, 12)  # as the library takes it
+    assert parse_args(["train", "--limit", "5"]).limit == parse_args(["compare", "--out", "o", "--limit", "5"]).limit == 5

@@ -223,7 +223,7 @@ def test_save_refuses_an_existing_folder_without_overwrite(fitted, tmp_path):
     (tmp_path / "est" / "mine").mkdir(parents=True)
     (tmp_path / "est" / "notes.txt").write_text("the user's")
     before = folder_bytes(tmp_path / "est")
-    with pytest.raises(ValueError, match=r"already exists and is not empty; pass overwrite=True") as caught:
+    with pytest.raises(ValueError, match=r"already exists; pass overwrite=True") as caught:
         fitted.save(tmp_path / "est")
     assert "\n" not in str(caught.value)
     assert folder_bytes(tmp_path / "est") == before

@@ -86,7 +86,7 @@ def test_existing_files_are_kept_without_overwrite(seed_run, tmp_path, capsys):
         path.write_bytes(b"stale")
     assert main(["export", str(seed_run), "--format", "onnx", "--out", str(tmp_path)]) == 2
     assert "already holds encoder.onnx, decoder.onnx, model.onnx; pass --overwrite" in one_error_line(capsys)
-    with pytest.raises(RunError, match="pass --overwrite"):
+    with pytest.raises(RunError, match="pass overwrite=True"):
         export_onnx(seed_run, tmp_path)
     assert all(path.read_bytes() == b"stale" for path in stale.values())
 

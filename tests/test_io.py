@@ -6,6 +6,7 @@ folder) before it is renamed over the real name, fsync of the folder after the r
 """
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,133 @@ def test_a_new_folder_gets_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "maps").stat().st_mode & 0o777 == 0o755  # mkdtemp's own 0700 was private
+
+
+# ------------------------------------------------------------------ refusing to overwrite
+
+@pytest.mark.parametrize("names, kwargs, message", [
+    (["a.csv"], {}, "{tmp}/a.csv already exists; pass overwrite=True to replace it, or choose another path"),
+    (["run/config.json", "run/metrics.json"], {"what": "a run", "other": "resume=True to continue it"},
+     "{tmp}/run already holds a run (config.json, metrics.json); pass resume=True to continue it, "
+     "overwrite=True to replace it, or choose another folder"),
+    (["out/encoder.onnx", "out/model.onnx"], {},
+     "{tmp}/out already holds encoder.onnx, model.onnx; pass overwrite=True to replace them, "
+     "or choose another folder"),
+    (["a.csv", "maps/x"], {}, "{tmp}/a.csv, {tmp}/maps/x already exist; pass overwrite=True to replace them"),
+])
+def test_refuse_existing_names_what_is_there_and_the_parameter(names, kwargs, message, tmp_path):
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    with pytest.raises(_io.AlreadyExists) as caught:
+        _io.refuse_existing(*paths, tmp_path / "not-there", None, overwrite=False, **kwargs)
+    assert str(caught.value).startswith(message.format(tmp=tmp_path))
+    _io.refuse_existing(*paths, overwrite=True, **kwargs)  # asked for: nothing to refuse
+    _io.refuse_existing(tmp_path / "not-there", None, overwrite=False)  # nothing there
+
+
+def _tree(path: Path) -> dict:
+    """Every file under ``path`` (or ``path`` itself) with its bytes; folders as None."""
+    if path.is_file():
+        return {path: path.read_bytes()}
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def _scores(area, request):
+    from aekit.anomaly import write_scores
+
+    rows = [{"name": "a.png", "reconstruction_error": 0.5, "score": -0.5, "is_outlier": True}]
+    target = area / "scores.csv"
+    target.write_text("mine")
+    return target, lambda overwrite: write_scores(rows, target, overwrite=overwrite)
+
+
+def _heatmaps(area, request):
+    from aekit.anomaly import write_heatmaps
+    from aekit.estimator import ConvAutoencoder
+
+    estimator = ConvAutoencoder.load(request.getfixturevalue("small_run"))
+    x = request.getfixturevalue("mnist")[1][0][:2]  # two test digits (2, 28, 28) uint8
+    target = area / "maps"
+    target.mkdir()
+    (target / "mine.png").write_text("mine")
+    return target, lambda overwrite: write_heatmaps(estimator, x, ["a", "b"], target, overwrite=overwrite)
+
+
+def _comparison(area, request):
+    from aekit.compare import write_comparison
+
+    rows = [{"method": method, "latent_dim": 2, "test_mse": mse, "test_sse_per_image": mse * 784,
+             "knn_accuracy": None, "fit_seconds": 1.0} for method, mse in (("autoencoder", 0.02), ("pca", 0.04))]
+    (area / "compare.md").write_text("mine")
+    return area, lambda overwrite: write_comparison(rows, area, overwrite=overwrite)
+
+
+def _run_copy(area, request) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(request.getfixturevalue("small_run"), area / "run"))
+
+
+def _report(area, request):
+    from aekit.report import write_report
+
+    run = _run_copy(area, request)
+    (run / "report.html").write_text("mine")
+    return run / "report.html", lambda overwrite: write_report(run, noise=None, overwrite=overwrite)
+
+
+def _onnx(area, request):
+    from conftest import need
+
+    from aekit.export import export_onnx
+
+    need(all(find_spec(name) for name in ("onnx", "onnxscript")), "onnx, onnxscript not installed")
+    run = _run_copy(area, request)
+    (area / "onnx").mkdir()
+    (area / "onnx" / "encoder.onnx").write_text("mine")
+    return area / "onnx", lambda overwrite: export_onnx(run, area / "onnx", overwrite=overwrite)
+
+
+def _estimator(area, request):
+    from aekit.estimator import ConvAutoencoder
+
+    estimator = ConvAutoencoder.load(request.getfixturevalue("small_run"))
+    (area / "est").mkdir()
+    (area / "est" / "notes.txt").write_text("mine")
+    return area / "est", lambda overwrite: estimator.save(area / "est", overwrite=overwrite)
+
+
+def _run(area, request):
+    from aekit.runs import train_and_evaluate
+    from aekit.training import TrainConfig
+
+    request.getfixturevalue("mnist")
+    (area / "run").mkdir()
+    (area / "run" / "metrics.json").write_text("mine")
+    config = TrainConfig(limit=100, epochs=1, device="cpu")
+    return area / "run", lambda overwrite: train_and_evaluate(config, area / "run", overwrite=overwrite,
+                                                              progress=False)
+
+
+# Every library call that writes where the user names, and a target already there.
+WRITERS = {"anomaly.write_scores": _scores, "anomaly.write_heatmaps": _heatmaps,
+           "compare.write_comparison": _comparison, "report.write_report": _report,
+           "export.export_onnx": _onnx, "ConvAutoencoder.save": _estimator,
+           "runs.train_and_evaluate": _run}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_keeps_what_is_there_unless_overwrite(writer, tmp_path, request):
+    area = tmp_path / "area"
+    area.mkdir()
+    target, write = WRITERS[writer](area, request)
+    before = _tree(area)
+    refused = r"already (exists|holds .*); pass (resume=True to continue it, )?overwrite=True"
+    with pytest.raises(_io.AlreadyExists, match=refused) as caught:
+        write(overwrite=False)
+    assert "\n" not in str(caught.value) and "--" not in str(caught.value)
+    assert _tree(area) == before  # byte for byte, and nothing added beside it
+    write(overwrite=True)
+    assert "mine".encode() not in _tree(target).values()

@@ -128,12 +128,12 @@ def test_weights_from_another_run_are_noticed(run_copy, tmp_path, capsys):
     # without metrics.json the weights' own record of their config still tells
     (run_copy / METRICS).unlink()
     assert main(["evaluate", str(run_copy)]) == 2
-    assert "the weights was made with seed=1, but the run's config.json now says seed=0" in one_error_line(capsys)
+    assert "the weights was made with \"seed\": 1, but the run's config.json now says \"seed\": 0" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"image_shape": [1, 32, 32]}, "made with image_shape=[1, 28, 28], but the run's config.json now says image_shape=[1, 32, 32]"),
-    ({"lr": 0.01}, "now says lr=0.01"),
+    ({"image_shape": [1, 32, 32]}, "made with \"image_shape\": [1, 28, 28], but the run's config.json now says \"image_shape\": [1, 32, 32]"),
+    ({"lr": 0.01}, "now says \"lr\": 0.01"),
     ({"model": "resnet"}, "unknown model 'resnet'"),
     ({"seed": "zero"}, "config.seed must be int, got 'zero'"),
     ({"lr": 10 ** 400}, "config.lr must be a number a float can hold"),
@@ -178,7 +178,7 @@ def test_resume_refuses_a_checkpoint_that_no_longer_matches(run_copy, capsys):
     (run_copy / CONFIG).write_text(json.dumps({**config, "lr": 0.01}))
     before = (run_copy / CHECKPOINT).read_bytes()
     assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2
-    assert "the checkpoint was made with lr=0.003, but the run's config.json now says lr=0.01" in one_error_line(capsys)
+    assert "the checkpoint was made with \"lr\": 0.003, but the run's config.json now says \"lr\": 0.01" in one_error_line(capsys)
     flip_last_byte(run_copy / CHECKPOINT)
     (run_copy / CONFIG).write_text(json.dumps(config))
     assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2

@@ -135,7 +135,7 @@ def test_compare_both_methods_every_size(mnist, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == {"compare.csv", "compare.md", "compare.png"}
     capsys.readouterr()
     assert main(["compare", "--limit", "300", "--latent-dims", "2", "--out", str(tmp_path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds compare.csv, compare.md, compare.png; pass --overwrite" in capsys.readouterr().err
     assert main(["compare", "--latent-dims", "2,x", "--out", str(tmp_path)]) == 2
     assert "expected comma-separated positive integers, got '2,x'" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Small file helpers: atomic, durable writes and checksums.
+"""Small file helpers: atomic, durable writes, checksums, and the refusal to overwrite.
 
 Every file aekit writes goes to a temporary name in the same folder, is flushed to the disk
 (``fsync``) and then renamed into place, and the folder's entry is flushed after the rename.
@@ -49,6 +49,36 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class AlreadyExists(ValueError):
+    """A writer refused to replace what is already there: ``overwrite=True`` replaces it."""
+
+
+def refuse_existing(*paths: str | os.PathLike | None, overwrite: bool, what: str = "", other: str = "",
+                    error: type[AlreadyExists] = AlreadyExists) -> None:
+    """The one refusal of every aekit writer: raise ``error`` (an :class:`AlreadyExists`)
+    when any of ``paths`` exists, unless ``overwrite``. ``None`` entries are skipped.
+
+    One line names what is there: ``P already exists``, or ``DIR already holds a, b`` for
+    files of one folder (``DIR already holds {what} (a, b)`` with ``what``), then the fix:
+    ``pass overwrite=True to replace it``, after ``other``, another way on (``"resume=True
+    to continue it"``).
+    """
+    existing = [Path(p) for p in paths if p is not None and os.path.lexists(p)]
+    if overwrite or not existing:
+        return
+    folders = {p.parent for p in existing}
+    if len(existing) == 1 and not what:
+        subject, it, place = f"{existing[0]} already exists", "it", "path"
+    elif len(folders) == 1:
+        names = ", ".join(p.name for p in existing)
+        held = f"{what} ({names})" if what else names
+        subject, it, place = f"{existing[0].parent} already holds {held}", "it" if what else "them", "folder"
+    else:
+        subject, it, place = f"{', '.join(map(str, existing))} already exist", "them", "path"
+    ways = f"{other}, overwrite=True" if other else "overwrite=True"
+    raise error(f"{subject}; pass {ways} to replace {it}, or choose another {place}")
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -183,7 +213,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
 
     An existing ``path`` is replaced only once the new folder is complete (callers check
-    for --overwrite first). On any error the temporary folder is removed.
+    with :func:`refuse_existing` first). On any error the temporary folder is removed.
     """
     path = Path(path)
     staging = _beside(path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))

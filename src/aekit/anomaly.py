@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import atomic_folder, write_text_atomic
+from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 
 
 def run_threshold(run_dir: str | Path, contamination: float | None = None,
@@ -40,7 +40,9 @@ def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
              "is_outlier": bool(err > estimator.threshold_)} for name, err in zip(names, errors)]
 
 
-def write_scores(rows: list[dict], path: str | Path) -> None:
+def write_scores(rows: list[dict], path: str | Path, overwrite: bool = False) -> None:
+    """The rows of :func:`score_images` as CSV; an existing ``path`` is replaced only with ``overwrite``."""
+    refuse_existing(path, overwrite=overwrite)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["name", "reconstruction_error", "score", "is_outlier"],
                             lineterminator="\n")
@@ -73,8 +75,11 @@ def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float
     return np.round(row * 255).astype(np.uint8)
 
 
-def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Path) -> Path:
-    """A heatmap PNG per image into ``folder`` (built under a temporary name, then renamed)."""
+def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Path,
+                   overwrite: bool = False) -> Path:
+    """A heatmap PNG per image into ``folder`` (built under a temporary name, then renamed);
+    an existing ``folder`` is replaced only with ``overwrite``."""
+    refuse_existing(folder, overwrite=overwrite)
     from PIL import Image
 
     x_nchw = estimator._to_nchw(x)                        # (n, C, H, W) in [0, 1]

@@ -5,6 +5,9 @@ turns what goes wrong into one line on stderr:
 
 - a user error (a bad flag, ``ValueError``, a missing file): ``aekit: error: ...``, exit 2;
 - a Python warning raised during a command: ``aekit: warning: ...``, and the command goes on;
+- the library's messages name its parameters (``overwrite=True``, ``resize=(H, W)``); the
+  CLI prints them as the flags that set them (``--overwrite``, ``--resize H W``), see
+  :func:`as_flags`;
 - anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
   prints the traceback as well).
 """
@@ -12,9 +15,12 @@ turns what goes wrong into one line on stderr:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import WriteError
+from aekit._io import WriteError, refuse_existing
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -74,13 +80,32 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _Tuple(argparse.Action):
+    """Store an option's values as a tuple, as the library takes them: ``resize=(H, W)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(values))
+
+
 def _add_resize(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resize", nargs=2, type=_positive_int, metavar=("H", "W"),
+    parser.add_argument("--resize", nargs=2, type=_positive_int, action=_Tuple, metavar=("H", "W"),
                         help="resize images in a folder to H x W pixels")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
+
+
+def _loss_choices() -> tuple[str, ...]:
+    """The objectives the registered models offer; each model checks --loss against its own."""
     from aekit.models import MODELS
+
+    return tuple(dict.fromkeys(o for model in MODELS.values() for o in model.objectives))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aekit.models import INITS, MODELS
+    from aekit.noise import KINDS
     from aekit.training import RECIPES, SCHEDULES
 
     parser = Parser(prog="aekit", description="Convolutional autoencoders for images.")
@@ -88,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="print the network's layers, Keras style")
-    p.add_argument("--model", default="seed", choices=("seed", "conv"), help="model name (default: seed)")
+    p.add_argument("--model", default="seed", choices=tuple(MODELS), help="model name (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv")
     p.add_argument("--image-shape", type=_int_list, default=(28, 28, 1), metavar="H,W,C",
@@ -106,21 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     # No argparse defaults: TrainConfig's apply where the config is built, so that a flag
     # given on --resume can be told from one left out (and checked against the run).
     p.add_argument("--data", help="built-in name or path (default: mnist)")
-    p.add_argument("--model", choices=("seed", "conv"),
+    p.add_argument("--model", choices=tuple(MODELS),
                    help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
-    p.add_argument("--noise", help="train a denoiser: gaussian:STD, salt_pepper:P or mask:P")
+    p.add_argument("--noise", metavar="KIND:AMOUNT",
+                   help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--loss", choices=sorted({o for m in MODELS.values() for o in m.objectives}), help="training loss (default: the recipe's)")
-    p.add_argument("--init", choices=("keras", "he", "torch"), help="initialisation (default: the recipe's)")
+    p.add_argument("--loss", choices=_loss_choices(), help="training loss (default: the recipe's)")
+    p.add_argument("--init", choices=tuple(INITS), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
+    _add_limit(p)
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto; on --resume, the run's)")
     p.add_argument("--threads", type=_positive_int,
@@ -165,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--contamination", type=_fraction,
                        help="threshold flagging this fraction of the run's training images")
-    group.add_argument("--fpr", type=_fraction,
+    group.add_argument("--fpr", dest="false_positive_rate", metavar="F", type=_fraction,
                        help="threshold with this false-positive rate on the run's test images")
     _add_resize(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out/--heatmaps if they exist")
@@ -175,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dims", type=_int_list, default=(2, 8, 16, 32, 64),
                    help="comma-separated latent sizes (default: 2,8,16,32,64)")
     p.add_argument("--epochs", type=_positive_int, default=10, help="autoencoder epochs (default: 10)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N train and test images")
+    _add_limit(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
@@ -219,25 +245,29 @@ def cmd_data(args) -> int:
     if args.data_command == "fetch":
         print(data.fetch(args.name))
     else:
-        print(json.dumps(data.describe(args.name_or_path, tuple(args.resize) if args.resize else None), indent=2))
+        print(json.dumps(data.describe(args.name_or_path, args.resize), indent=2))
     return 0
 
 
 def cmd_train(args) -> int:
+    from aekit import distributed
     from aekit.data import data_source
     from aekit.runs import train_and_evaluate
-    from aekit.training import TrainConfig
+    from aekit.training import TrainConfig, resolve_device
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
-    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    if "resize" in given:
-        given["resize"] = tuple(given["resize"])
+    # Each TrainConfig field is set by the flag of the same name, when given.
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
     config = _resumed_config(args.out, given) if args.resume else TrainConfig(**given)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
+    # Under torchrun, join the other ranks now (train_and_evaluate would, a step later):
+    # from here on distributed.current() knows which rank this is, and rank 0 speaks.
+    distributed.setup(resolve_device(config.device))
     out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if _is_main_rank():  # which data --data names (a built-in, or a path): said first, on stdout
         print(f"data: {data_source(config.data)}", flush=True)
@@ -249,12 +279,10 @@ def cmd_train(args) -> int:
             print(_interrupted(out), file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as exc:
-        from aekit import distributed
-
         if not distributed.lost_peer(exc):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"aekit: error (rank {os.environ.get('RANK')}): lost contact with the other ranks "
+        print(f"aekit: error (rank {distributed.current().rank}): lost contact with the other ranks "
               f"({first}); the rank that failed first says why", file=sys.stderr)
         return EXIT_FAILED
     if not _is_main_rank():
@@ -264,11 +292,6 @@ def cmd_train(args) -> int:
           f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
-
-
-# The TrainConfig fields `aekit train` sets, each from the flag of the same name.
-TRAIN_FLAGS = ("data", "model", "latent_dim", "widths", "noise", "recipe", "epochs", "batch_size", "lr",
-               "loss", "init", "schedule", "seed", "limit", "patience", "device", "resize", "stream")
 
 
 def _resumed_config(out: Path, given: dict):
@@ -282,23 +305,12 @@ def _resumed_config(out: Path, given: dict):
     try:
         return resumed_config(out, given)
     except ResumeMismatch as exc:
+        flag = functools.partial(_as_flag, _options("train")[exc.field])
         raise ValueError(
-            f"{_as_flag(exc.field, exc.given)} differs from the run in {out}, which has "
-            f"{_as_flag(exc.field, exc.recorded)}: --resume continues a run as it was configured "
-            f"(only --epochs may extend it); drop {_as_flag(exc.field)}, or start a new run in another --out"
+            f"{flag(exc.given)} differs from the run in {out}, which has {flag(exc.recorded)}: --resume "
+            f"continues a run as it was configured (only --epochs may extend it); drop {flag()}, or start "
+            "a new run in another --out"
         ) from None
-
-
-def _as_flag(field: str, value: object = True) -> str:
-    """How ``aekit train`` spells ``field=value``: ``--batch-size 32``, ``--stream``, ``no --patience``."""
-    flag = "--" + field.replace("_", "-")
-    if value is None or value is False:
-        return f"no {flag}"
-    if value is True:
-        return flag
-    if isinstance(value, tuple):
-        return f"{flag} {(' ' if field == 'resize' else ',').join(map(str, value))}"
-    return f"{flag} {value}"
 
 
 def _interrupted(out: Path) -> str:
@@ -318,8 +330,14 @@ def _interrupted(out: Path) -> str:
 
 
 def _is_main_rank() -> bool:
-    """False on the ranks other than 0 of a torchrun launch: rank 0 prints for the run."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    """False on the ranks other than 0 of a torchrun launch: rank 0 prints for the run.
+
+    The rank is known once the process group is set up (cmd_train does that first); before,
+    every process answers as rank 0 of 1, and an error then is printed by every rank.
+    """
+    from aekit import distributed
+
+    return distributed.current().is_main
 
 
 def cmd_evaluate(args) -> int:
@@ -331,10 +349,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import RunError, check_image_shape, load_model, load_split
+    from aekit.runs import check_image_shape, load_model, load_split
 
-    if args.out.exists() and not args.overwrite:
-        raise RunError(f"{args.out} already exists; pass --overwrite to replace it or choose another --out")
+    refuse_existing(args.out, overwrite=args.overwrite)
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
     check_image_shape(x_test, config)
@@ -343,19 +360,13 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
-def _refuse_existing(*paths: Path | None, overwrite: bool) -> None:
-    for path in paths:
-        if path is not None and path.exists() and not overwrite:
-            raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another name")
-
-
 def cmd_denoise(args) -> int:
     from aekit.data import read_images, write_images
     from aekit.estimator import ConvAutoencoder
 
-    _refuse_existing(args.out, overwrite=args.overwrite)
+    refuse_existing(args.out, overwrite=args.overwrite)
     estimator = ConvAutoencoder.load(args.run)
-    x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
+    x, names = read_images(args.input, args.resize)
     cleaned = estimator.denoise(x)
     if x.dtype == np.uint8 and args.out.suffix.lower() in (".npy", ".npz"):
         cleaned = np.round(cleaned * 255).astype(np.uint8)  # give back what came in
@@ -368,18 +379,20 @@ def cmd_score(args) -> int:
     from aekit.data import read_images
     from aekit.estimator import ConvAutoencoder
 
-    _refuse_existing(args.out, args.heatmaps, overwrite=args.overwrite)
+    # Refused before the scoring, and before either file is written.
+    refuse_existing(args.out, args.heatmaps, overwrite=args.overwrite)
     estimator = ConvAutoencoder.load(args.run)
-    if args.contamination is not None or args.fpr is not None:
-        estimator.set_threshold(threshold=run_threshold(args.run, args.contamination, args.fpr, estimator.model_))
+    if args.contamination is not None or args.false_positive_rate is not None:
+        estimator.set_threshold(threshold=run_threshold(args.run, args.contamination, args.false_positive_rate,
+                                                        estimator.model_))
     elif estimator.threshold_ is None:
         raise ValueError(f"{args.run} records no outlier threshold (its metrics.json has none); "
                          "pass --contamination C or --fpr F to derive one from the run's own images")
-    x, names = read_images(args.input, tuple(args.resize) if args.resize else None)
+    x, names = read_images(args.input, args.resize)
     rows = score_images(estimator, x, names)
-    write_scores(rows, args.out)
+    write_scores(rows, args.out, overwrite=args.overwrite)
     if args.heatmaps is not None:
-        write_heatmaps(estimator, x, names, args.heatmaps)
+        write_heatmaps(estimator, x, names, args.heatmaps, overwrite=args.overwrite)
     flagged = sum(r["is_outlier"] for r in rows)
     print(f"{len(rows)} images scored, {flagged} outliers (threshold {estimator.threshold_:.6g} on "
           f"per-image MSE): {args.out}")
@@ -387,15 +400,13 @@ def cmd_score(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from aekit.compare import CompareConfig, compare, write_comparison
+    from aekit.compare import OUTPUTS, CompareConfig, compare, write_comparison
 
-    names = ("compare.csv", "compare.md", "compare.png")
-    _refuse_existing(*(args.out / n for n in names), overwrite=args.overwrite)
-    config = CompareConfig(data=args.data, latent_dims=tuple(args.latent_dims), epochs=args.epochs,
-                           limit=args.limit, seed=args.seed, device=args.device,
-                           resize=tuple(args.resize) if args.resize else None)
+    refuse_existing(*(args.out / name for name in OUTPUTS.values()), overwrite=args.overwrite)  # before the fits
+    config = CompareConfig(data=args.data, latent_dims=args.latent_dims, epochs=args.epochs,
+                           limit=args.limit, seed=args.seed, device=args.device, resize=args.resize)
     rows = compare(config)
-    paths = write_comparison(rows, args.out, title=f"{args.data}: autoencoder vs PCA")
+    paths = write_comparison(rows, args.out, title=f"{args.data}: autoencoder vs PCA", overwrite=args.overwrite)
     print(paths["md"].read_text(), end="")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -432,11 +443,96 @@ COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
 
 
+# ------------------------------------------------------- library parameters as flags
+
+# A library parameter and its value as aekit's messages write them: ``overwrite=True``,
+# ``device="cpu"``, ``resize=(H, W)``, ``epochs=N``, optionally after "pass ".
+_PARAMETER = re.compile(r"""(?P<passed>\bpass )?(?<![\w.-])(?P<name>[a-z][a-z0-9_]*)="""
+                        r"""(?P<value>"[^"]*"|'[^']*'|\([^()]*\)|[\w.:+-]*\w)""")
+
+
+def as_flags(text: str, command: str | None = None) -> str:
+    """A library message as the command line says it: each ``name=value`` whose ``name`` is
+    an option's destination in :func:`build_parser` becomes that option (``command``'s own
+    first, then ``train``'s), and other text is left alone:
+
+    - ``overwrite=True`` -> ``--overwrite``, ``device="cpu"`` -> ``--device cpu``,
+      ``epochs=3`` -> ``--epochs 3``;
+    - ``resize=(28, 28)`` -> ``--resize 28 28`` (an option of several values), ``latent_dims=(2,
+      8)`` -> ``--latent-dims 2,8`` (one comma-separated value);
+    - ``pass stream=False`` -> ``drop --stream``; elsewhere ``stream=False`` or ``patience=None``
+      -> ``no --stream``, ``no --patience``.
+    """
+    options = _options(command)
+
+    def flag(found: re.Match) -> str:
+        action = options.get(found["name"])
+        if action is None:
+            return found[0]
+        value = _literal(found["value"])
+        if found["passed"] and (value is False or value is None):
+            return f"drop {_as_flag(action)}"
+        return (found["passed"] or "") + _as_flag(action, value)
+
+    return _PARAMETER.sub(flag, text)
+
+
+def _literal(text: str) -> object:
+    """A value as a message writes it: True/False/None, a quoted string, a tuple of items
+    (placeholders such as H kept), or the text itself (numbers keep their spelling)."""
+    if text[0] in "\"'":
+        return text[1:-1]
+    if text[0] == "(":
+        return tuple(item.strip().strip("\"'") for item in text[1:-1].split(",") if item.strip())
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def _as_flag(action: argparse.Action, value: object = True) -> str:
+    """How the command line spells ``dest=value``: ``--batch-size 32``, ``--resize 14 14``,
+    ``--widths 8,16``, ``--stream``, ``no --patience``."""
+    flag = max(action.option_strings, key=len)
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True and action.nargs == 0:
+        return flag
+    if isinstance(value, (tuple, list)):
+        return f"{flag} {(',' if action.nargs is None else ' ').join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+@functools.cache
+def _options(command: str | None = None) -> dict[str, argparse.Action]:
+    """Option destinations (the library's parameter names) -> the option that sets them:
+    ``command``'s own, then ``train``'s (a message about a run may say how to train it:
+    ``resume=True`` while evaluating an unfinished run)."""
+    commands = _subcommands(build_parser())
+    options: dict[str, argparse.Action] = {}
+    for parser in filter(None, (commands.get(command), commands["train"])):
+        for action in parser._actions:
+            if action.option_strings and action.dest not in ("help", "version"):
+                options.setdefault(action.dest, action)
+    return options
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by name, nested ones (``data info``) included."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = sub
+                found.update(_subcommands(sub))
+    return found
+
+
+# ---------------------------------------------------------------------------- main
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except UsageError as exc:
-        return _error(exc)
+        return _error(str(exc))
+    command = getattr(args, "data_command", None) or args.command
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("aekit: %(message)s"))
     logger = logging.getLogger("aekit")
@@ -446,14 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     _tune_process(args.command)
     try:
         with warnings.catch_warnings():  # restores the caller's warning settings afterwards
-            warnings.showwarning = _show_warning
+            warnings.showwarning = functools.partial(_show_warning, command=command)
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, WriteError, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:
-        return _error(exc)
+        return _error(as_flags(str(exc), command))
     except Exception as exc:  # a bug: say so in one line, the traceback on request
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             traceback.print_exc()
@@ -473,26 +569,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _error(exc: BaseException) -> int:
+def _error(message: str) -> int:
     """A user error: one line on stderr (naming the rank under torchrun), exit code 2."""
-    where = "" if _is_main_rank() else f" (rank {os.environ['RANK']})"
-    print(f"aekit: error{where}: {_one_line(str(exc))}", file=sys.stderr)
+    from aekit import distributed
+
+    ranks = distributed.current()
+    where = "" if ranks.is_main else f" (rank {ranks.rank})"
+    print(f"aekit: error{where}: {_one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(message, category, filename, lineno, file=None, line=None, command=None) -> None:
     """A Python warning raised during a command, as one ``aekit: warning:`` line (rank 0
-    only), never the raw ``file:line: UserWarning:`` text."""
-    from aekit.training import COLLAPSE, CollapseWarning
-
-    if not _is_main_rank():
-        return
-    if issubclass(category, CollapseWarning):  # the library's remedy names parameters; ours, flags
-        text = (f"epoch {message.epoch}: {COLLAPSE}; use --recipe default (binary cross-entropy, "
-                "He init) or --loss bce")
-    else:
-        text = str(message)
-    print(f"aekit: warning: {_one_line(text)}", file=sys.stderr)
+    only, parameters named as flags), never the raw ``file:line: UserWarning:`` text."""
+    if _is_main_rank():
+        print(f"aekit: warning: {_one_line(as_flags(str(message), command))}", file=sys.stderr)
 
 
 def _one_line(text: str) -> str:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import write_text_atomic
+from aekit._io import refuse_existing, write_text_atomic
 from aekit.data import load_dataset
 from aekit.estimator import ConvAutoencoder, PCAReconstructor
 
 FIELDS = ("method", "latent_dim", "test_mse", "test_sse_per_image", "knn_accuracy", "fit_seconds")
+OUTPUTS = {"csv": "compare.csv", "md": "compare.md", "png": "compare.png"}  # what write_comparison writes
 
 
 @dataclass
@@ -37,7 +38,8 @@ class CompareConfig:
 
     def validate(self) -> None:
         if not self.latent_dims or any(not isinstance(d, int) or d < 1 for d in self.latent_dims):
-            raise ValueError(f"latent dims must be positive integers, got {self.latent_dims!r}; e.g. 2,8,32")
+            raise ValueError(f"latent_dims must be positive integers, got {self.latent_dims!r}; "
+                             "e.g. latent_dims=(2, 8, 32)")
         if self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs}")
 
@@ -100,19 +102,22 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """compare.csv, compare.md and compare.png in ``out_dir``."""
+def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "",
+                     overwrite: bool = False) -> dict[str, Path]:
+    """compare.csv, compare.md and compare.png in ``out_dir``; earlier ones are replaced
+    only with ``overwrite``."""
     from matplotlib.ticker import NullLocator
 
     from aekit.plots import _figure_module, save_figure
 
     out_dir = Path(out_dir)
+    paths = {kind: out_dir / name for kind, name in OUTPUTS.items()}
+    refuse_existing(*paths.values(), overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}
     write_text_atomic(paths["csv"], buffer.getvalue())
     write_text_atomic(paths["md"], to_markdown(rows))
 

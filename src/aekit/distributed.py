@@ -158,8 +158,8 @@ def setup(device: torch.device) -> torch.device:
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(
-                f"--device {device} names one GPU, but torchrun started {_env_int('WORLD_SIZE', 1)} "
-                "ranks that each need their own; pass --device cuda (rank r uses cuda:LOCAL_RANK)"
+                f'device="{device}" names one GPU, but torchrun started {_env_int("WORLD_SIZE", 1)} '
+                'ranks that each need their own; pass device="cuda" (rank r uses cuda:LOCAL_RANK)'
             )
         local_rank = _env_int("LOCAL_RANK", 0)
         if local_rank >= torch.cuda.device_count():
@@ -173,7 +173,8 @@ def setup(device: torch.device) -> torch.device:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ValueError(f"distributed training runs on CUDA GPUs or CPUs, not {device.type}; pass --device cpu or cuda")
+        raise ValueError(f"distributed training runs on CUDA GPUs or CPUs, not {device.type}; "
+                         'pass device="cpu" or device="cuda"')
     dist.init_process_group(backend, timeout=TIMEOUT)
     atexit.register(_teardown)
     if dist.get_rank() != 0:

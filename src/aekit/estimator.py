@@ -30,7 +30,7 @@ from sklearn.utils import check_random_state
 
 from aekit import data as data_lib
 from aekit import inference
-from aekit._io import atomic_folder, write_text_atomic
+from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
@@ -335,9 +335,7 @@ class ConvAutoencoder(_ImageReconstructor):
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder; choose another path")
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
-            raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to replace "
-                             "the whole folder, or choose another path")
+        refuse_existing(path if path.is_dir() and any(path.iterdir()) else None, overwrite=overwrite)
         params = self.get_params()
         if not isinstance(params["random_state"], (int, type(None))):
             params["random_state"] = self.config_.seed  # a RandomState: the seed it gave this fit

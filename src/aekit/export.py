@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aekit._io import atomic_path
-from aekit.runs import RunError, load_model, read_config
+from aekit._io import atomic_path, refuse_existing
+from aekit.runs import RunError, RunExists, load_model, read_config
 
 ONNX_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "model": "model.onnx"}
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1, so trace with 2
@@ -83,12 +83,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, overwrit
     read_config(run_dir)  # "not a run folder" before anything else
     out_dir = run_dir if out_dir is None else Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"{out_dir} is a file, not a folder; choose another --out")
+        raise RunError(f"{out_dir} is a file, not a folder; choose another folder")
     paths = {part: out_dir / name for part, name in ONNX_FILES.items()}
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise RunError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace "
-                       "them or choose another --out")
+    refuse_existing(*paths.values(), overwrite=overwrite, error=RunExists)
     _require_onnx()
     model, config = load_model(run_dir, device="cpu")
     x = torch.zeros(EXAMPLE_BATCH, *config.image_shape)  # (2, C, H, W); values do not matter

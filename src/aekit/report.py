@@ -19,10 +19,10 @@ import torch
 
 import aekit
 from aekit import plots
-from aekit._io import write_text_atomic
+from aekit._io import refuse_existing, write_text_atomic
 from aekit.models import count_parameters
 from aekit.noise import add_noise, parse_noise
-from aekit.runs import (CONFIG, RunError, check_image_shape, load_model, load_split,
+from aekit.runs import (CONFIG, RunExists, check_image_shape, load_model, load_split,
                         read_config, read_history, read_metrics)
 from aekit.inference import encode, reconstruct, reconstruction_errors
 
@@ -77,8 +77,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     run_dir = Path(run_dir)
     read_config(run_dir)  # a clear error for a folder that is not a run, before anything else
     path = run_dir / REPORT
-    if path.exists() and not overwrite:
-        raise RunError(f"{path} already exists; pass --overwrite to replace it")
+    refuse_existing(path, overwrite=overwrite, error=RunExists)
     corruption = parse_noise(noise)
     model, config = load_model(run_dir)
     metrics, history = read_metrics(run_dir), read_history(run_dir)

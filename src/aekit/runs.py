@@ -38,11 +38,12 @@ from torch import nn
 import aekit
 from aekit import data as data_lib
 from aekit import distributed
-from aekit._io import (atomic_path, make_folder, remove_temporaries, sha256_array, sha256_file,
-                       write_text_atomic)
+from aekit._io import (AlreadyExists, atomic_path, make_folder, refuse_existing, remove_temporaries,
+                       sha256_array, sha256_file, write_text_atomic)
 from aekit.data import ImageSource, open_images
 from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
-from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model, resolve_device)
+from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model,
+                            resolve_device)
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
@@ -59,6 +60,10 @@ log = logging.getLogger("aekit")
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked, with what to do about it."""
+
+
+class RunExists(RunError, AlreadyExists):
+    """A run folder's files that a writer would replace without ``overwrite=True``."""
 
 
 # --------------------------------------------------------------------------- data
@@ -103,7 +108,7 @@ def read_config(workdir: Path) -> TrainConfig:
     """The run's TrainConfig, checked: made by this aekit or an older one, every field valid."""
     path = Path(workdir) / CONFIG
     if not path.is_file():
-        raise RunError(f"{workdir}: not a run folder (no {CONFIG}); pass the --out folder of `aekit train`")
+        raise RunError(f"{workdir}: not a run folder (no {CONFIG}); pass the folder a run was trained into")
     payload = read_json_object(path, "run config", "config fields", "restore it or train again")
     check_version(payload.pop("aekit_version", None), path)
     try:
@@ -186,8 +191,8 @@ def _current_name(name: str) -> str:
     return name
 
 
-_REMEDY = {"weights": "; finish or repeat the run (`aekit train --out DIR --resume`, or --overwrite)",
-           "checkpoint": "; start the run again with --overwrite"}
+_REMEDY = {"weights": "; finish the run (resume=True) or train it again (overwrite=True)",
+           "checkpoint": "; start the run again with overwrite=True"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -206,8 +211,8 @@ def _check_same_config(recorded_json: str | None, config: TrainConfig, path: Pat
     for name in sorted(set(recorded) | set(current)):
         if name not in RUNTIME_FIELDS and recorded.get(name) != current.get(name):
             raise RunError(
-                f"{path}: the {kind} was made with {name}={reprlib.repr(recorded.get(name))}, but the run's "
-                f"{CONFIG} now says {name}={reprlib.repr(current.get(name))}; {CONFIG} was edited or "
+                f"{path}: the {kind} was made with \"{name}\": {reprlib.repr(recorded.get(name))}, but the "
+                f"run's {CONFIG} now says \"{name}\": {reprlib.repr(current.get(name))}; {CONFIG} was edited or "
                 f"the data changed: restore {CONFIG}, or start a new run"
             )
 
@@ -238,7 +243,7 @@ def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, Tr
     if config.image_shape is None:
         raise RunError(f"{workdir / CONFIG}: no image_shape recorded; the run never started training")
     if not (workdir / WEIGHTS).is_file():
-        raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run with `aekit train --out {workdir} --resume`")
+        raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run first (train it with resume=True)")
     _check_recorded_checksum(workdir)
     model = model_for(config)
     load_weights(model, workdir / WEIGHTS, config)
@@ -290,7 +295,7 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
         return TrainState.from_dict(raw)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise RunError(f"{path}: the checkpoint does not fit this run ({_first_line(exc)}); "
-                       "start the run again with --overwrite") from None
+                       "start the run again with overwrite=True") from None
 
 
 def saved_progress(workdir: str | Path) -> tuple[int, int, int] | None:
@@ -349,7 +354,7 @@ def read_metrics(workdir: str | Path) -> dict:
     path = Path(workdir) / METRICS
     if not path.is_file():
         raise RunError(f"{workdir}: no {METRICS}; the run has not finished, "
-                       f"complete it with `aekit train --out {workdir} --resume`")
+                       "complete it first (train it with resume=True)")
     return read_json_object(path, "metrics", "metrics", "restore it or train the run again")
 
 
@@ -370,7 +375,7 @@ def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
     if tuple(x.shape[1:]) != tuple(config.image_shape):
         raise RunError(
             f"the data's images are {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
-            f"{tuple(config.image_shape)}; pass data of the same size (or --resize)"
+            f"{tuple(config.image_shape)}; pass data of the same size (or resize=(H, W))"
         )
 
 
@@ -427,16 +432,13 @@ def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
     """
     existing = [name for name in RUN_FILES + DERIVED_FILES if (workdir / name).exists()]
     if resume and overwrite:
-        raise RunError("--resume and --overwrite contradict each other; pass one")
+        raise RunError("resume=True and overwrite=True contradict each other; pass one")
     if resume and not (workdir / CONFIG).exists():
-        raise RunError(f"{workdir}: nothing to resume (no {CONFIG}); drop --resume to start a new run")
-    if existing and not resume and not overwrite:
-        raise RunError(
-            f"{workdir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
+        raise RunError(f"{workdir}: nothing to resume (no {CONFIG}); pass resume=False to start a new run")
+    refuse_existing(*(workdir / name for name in existing), overwrite=overwrite or resume, what="a run",
+                    other="resume=True to continue it", error=RunExists)
     if workdir.exists() and not workdir.is_dir():
-        raise RunError(f"{workdir} is a file, not a folder; choose another --out")
+        raise RunError(f"{workdir} is a file, not a folder; choose another folder")
     return [] if resume else existing
 
 
@@ -476,7 +478,7 @@ def train_and_evaluate(
         state.stopped_early = False  # a longer --epochs may give early stopping another go
         if state.step and state.epoch >= config.epochs:
             raise RunError(f"{workdir / CHECKPOINT} stopped part-way through epoch {state.epoch + 1}; "
-                           f"pass --epochs {state.epoch + 1} or more to finish it")
+                           f"pass epochs={state.epoch + 1} or more to finish it")
     if main:
         for name in replaced:
             (workdir / name).unlink()

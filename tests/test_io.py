@@ -195,11 +195,35 @@ def _run(area, request):
                                                               progress=False)
 
 
+def _images(area, request):
+    import numpy as np
+
+    from aekit.data import write_images
+
+    (area / "clean").mkdir()
+    (area / "clean" / "0.png").write_text("mine")
+    x = np.zeros((2, 4, 4), np.uint8)
+    return area / "clean", lambda overwrite: write_images(x, ["0", "1"], area / "clean", overwrite=overwrite)
+
+
+def _figure(area, request):
+    import torch
+
+    from aekit.models import SeedAutoencoder
+    from aekit.plots import save_reconstructions
+
+    (area / "recon.png").write_text("mine")
+    x = torch.rand(2, 1, 28, 28)
+    return area / "recon.png", lambda overwrite: save_reconstructions(SeedAutoencoder(), x, area / "recon.png",
+                                                                      overwrite=overwrite)
+
+
 # Every library call that writes where the user names, and a target already there.
 WRITERS = {"anomaly.write_scores": _scores, "anomaly.write_heatmaps": _heatmaps,
            "compare.write_comparison": _comparison, "report.write_report": _report,
            "export.export_onnx": _onnx, "ConvAutoencoder.save": _estimator,
-           "runs.train_and_evaluate": _run}
+           "runs.train_and_evaluate": _run, "data.write_images": _images,
+           "plots.save_reconstructions (and every plots.save_*)": _figure}
 
 
 @pytest.mark.parametrize("writer", WRITERS)

@@ -355,7 +355,7 @@ def cmd_reconstruct(args) -> int:
     model, config = load_model(args.run)
     _, x_test, _ = load_split(config, args.data)
     check_image_shape(x_test, config)
-    save_reconstructions(model, x_test.first(args.n), args.out)
+    save_reconstructions(model, x_test.first(args.n), args.out, overwrite=args.overwrite)
     print(args.out)
     return 0
 
@@ -370,7 +370,7 @@ def cmd_denoise(args) -> int:
     cleaned = estimator.denoise(x)
     if x.dtype == np.uint8 and args.out.suffix.lower() in (".npy", ".npz"):
         cleaned = np.round(cleaned * 255).astype(np.uint8)  # give back what came in
-    print(write_images(cleaned, names, args.out))
+    print(write_images(cleaned, names, args.out, overwrite=args.overwrite))
     return 0
 
 

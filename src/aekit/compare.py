@@ -150,5 +150,5 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, paths["png"])
+    save_figure(fig, paths["png"], overwrite=True)  # refused or allowed with the others above
     return paths

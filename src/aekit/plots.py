@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aekit._io import atomic_path
+from aekit._io import atomic_path, refuse_existing
 
 MAX_LEGEND_CLASSES = 20  # more distinct labels than this get a colourbar instead of a legend
 
@@ -43,11 +43,13 @@ def _as_numpy(x, name: str, ndim: int) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
-def save_figure(fig, path: str | Path) -> None:
-    """Write ``fig`` atomically (format from the suffix, PNG by default) and close it."""
+def save_figure(fig, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``fig`` atomically (format from the suffix, PNG by default) and close it; an
+    existing ``path`` is replaced only with ``overwrite``."""
     plt = _figure_module()
     path = Path(path)
     try:
+        refuse_existing(path, overwrite=overwrite)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
     finally:
@@ -97,8 +99,8 @@ def reconstruction_figure(model: nn.Module, x: torch.Tensor):
     return image_rows_figure([("original", x), ("reconstruction", recon)])
 
 
-def save_reconstructions(model: nn.Module, x: torch.Tensor, path: str | Path) -> None:
-    save_figure(reconstruction_figure(model, x), path)
+def save_reconstructions(model: nn.Module, x: torch.Tensor, path: str | Path, overwrite: bool = False) -> None:
+    save_figure(reconstruction_figure(model, x), path, overwrite)
 
 
 def denoising_figure(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor,
@@ -111,8 +113,9 @@ def denoising_figure(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.T
     return image_rows_figure([("clean", clean), (noisy_label, noisy), ("denoised", denoised)])
 
 
-def save_denoising(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, path: str | Path) -> None:
-    save_figure(denoising_figure(clean, noisy, denoised), path)
+def save_denoising(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, path: str | Path,
+                   overwrite: bool = False) -> None:
+    save_figure(denoising_figure(clean, noisy, denoised), path, overwrite)
 
 
 # ------------------------------------------------------------------------------ curves
@@ -142,8 +145,8 @@ def loss_curves_figure(history: Sequence):
     return fig
 
 
-def save_loss_curves(history: Sequence, path: str | Path) -> None:
-    save_figure(loss_curves_figure(history), path)
+def save_loss_curves(history: Sequence, path: str | Path, overwrite: bool = False) -> None:
+    save_figure(loss_curves_figure(history), path, overwrite)
 
 
 # ------------------------------------------------------------------------- latent map
@@ -209,8 +212,8 @@ def latent_map_figure(latents, labels=None):
     return fig
 
 
-def save_latent_map(latents, labels, path: str | Path) -> None:
-    save_figure(latent_map_figure(latents, labels), path)
+def save_latent_map(latents, labels, path: str | Path, overwrite: bool = False) -> None:
+    save_figure(latent_map_figure(latents, labels), path, overwrite)
 
 
 # --------------------------------------------------------------------- error histogram
@@ -238,8 +241,8 @@ def error_histogram_figure(errors, threshold: float | None):
     return fig
 
 
-def save_error_histogram(errors, threshold: float | None, path: str | Path) -> None:
-    save_figure(error_histogram_figure(errors, threshold), path)
+def save_error_histogram(errors, threshold: float | None, path: str | Path, overwrite: bool = False) -> None:
+    save_figure(error_histogram_figure(errors, threshold), path, overwrite)
 
 
 __all__ = [

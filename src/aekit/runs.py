@@ -520,7 +520,7 @@ def train_and_evaluate(
         write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
         from aekit.plots import save_reconstructions
 
-        save_reconstructions(model, x_test.first(10), workdir / RECONSTRUCTIONS)
+        save_reconstructions(model, x_test.first(10), workdir / RECONSTRUCTIONS, overwrite=True)  # the run's own
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 

@@ -155,9 +155,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use device=\"cpu\"")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available; use --device cpu")
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; use device=\"cpu\"")
     return device
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit._io import atomic_folder, atomic_path
+from aekit._io import atomic_folder, atomic_path, refuse_existing
 from aekit.data.arrays import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -115,8 +115,9 @@ def labelled_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
     return flat, None
 
 
-def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike) -> Path:
-    """Write images (n, H, W) or (n, H, W, C), uint8 or float in [0, 1], to ``out``.
+def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write images (n, H, W) or (n, H, W, C), uint8 or float in [0, 1], to ``out``; an
+    existing ``out`` is replaced only with ``overwrite``.
 
     ``out`` ending in ``.npy``/``.npz`` gets one array (key ``x``) in the input's layout;
     an image suffix with one image gets that file; anything else becomes a folder of PNGs
@@ -124,6 +125,7 @@ def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike) -> Pat
     failure leaves nothing behind.
     """
     out = Path(out)
+    refuse_existing(out, overwrite=overwrite)
     suffix = out.suffix.lower()
     if suffix == ".npy":
         with atomic_path(out) as tmp, open(tmp, "wb") as f:

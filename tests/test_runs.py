@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -463,3 +464,28 @@ def test_overwrite_removes_what_other_commands_wrote_about_the_old_weights(run_c
     assert "already holds a run (estimator.json, report.html" in one_error_line(capsys)
     assert train(run_copy, "--overwrite") == 0
     assert not [name for name in DERIVED_FILES if (run_copy / name).exists()]
+
+
+# `aekit train --limit 500 --epochs 1 --seed 0` by aekit 0.1.0 (commit 2ed06ec), whose
+# models named the encoder and decoder g_a and g_s; its checkpoint and weights files carry
+# those names and their checksums.
+RUN_0_1 = Path(__file__).parent / "data" / "run-0.1.0"
+
+
+def test_a_run_folder_from_aekit_0_1_loads_and_resumes(tmp_path, mnist):
+    run = Path(shutil.copytree(RUN_0_1, tmp_path / "old"))
+    with safe_open(str(run / WEIGHTS), framework="pt") as f:
+        assert {name.split(".")[0] for name in f.keys()} == {"g_a", "g_s"}
+    written = load_file(run / WEIGHTS)
+    model, config = load_model(run)
+    state = model.state_dict()
+    assert len(state) == len(written)
+    for name, tensor in written.items():
+        today = name.replace("g_a.", "encoder.", 1).replace("g_s.", "decoder.", 1)
+        assert torch.equal(state[today], tensor), name
+    assert main(["evaluate", str(run)]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert saved_epoch(run) == 2
+    with safe_open(str(run / WEIGHTS), framework="pt") as f:
+        assert {name.split(".")[0] for name in f.keys()} == {"encoder", "decoder"}
+    load_model(run)

@@ -106,3 +106,17 @@ def test_a_twin_trains_the_model():
         twin(torch.rand(4, 1, 28, 28)).sum().backward()
         optimizer.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_inference_leaves_the_parameters_trainable():
+    """The passes run in inference mode, the layout changes around them do not: a parameter
+    whose data were replaced in inference mode would stay an inference tensor, which
+    autograd refuses to save for backward."""
+    model = _seed_model()
+    x = torch.rand(70, 1, 28, 28)
+    inference.encode(model, x)
+    inference.reconstruction_errors(model, x)
+    inference.evaluate(model, x, "bce")
+    assert not any(p.is_inference() for p in model.parameters())
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

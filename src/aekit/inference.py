@@ -41,13 +41,18 @@ def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+
+    @torch.inference_mode()  # only around the passes: parameters touched in it would stay inference tensors
+    def on_device(fn: Callable, fast_model: nn.Module, xb: torch.Tensor) -> list:
+        return [fn(fast_model, xb.to(device, non_blocking=True))]
+
     try:
-        with torch.inference_mode(), fast.on_cpu(model) as fast_model:
+        with fast.on_cpu(model) as fast_model:
             if device.type == "cpu":
                 n = fast.cpu_cores() if workers is None else workers
                 yield lambda fn, xb: fast.run_chunks(lambda c: fn(fast_model, c), xb, fast.CPU_CHUNK, n)
             else:
-                yield lambda fn, xb: [fn(fast_model, xb.to(device, non_blocking=True))]
+                yield lambda fn, xb: on_device(fn, fast_model, xb)
     finally:
         model.train(was_training)
 
@@ -55,7 +60,7 @@ def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
 def _map(model: nn.Module, fn: Callable, x, workers: int | None) -> torch.Tensor:
     with _runner(model, workers) as run:
         out = [piece.cpu() for xb in _batches(x) for piece in run(fn, xb)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def encode(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
@@ -85,16 +90,7 @@ def image_errors(reconstructions, images) -> np.ndarray:
 
 def reconstruction_errors(model: nn.Module, x, *, workers: int | None = None) -> np.ndarray:
     """:func:`image_errors` of ``model``'s reconstructions of ``x`` -> float64 (n,)."""
-    with _runner(model, workers) as run:
-        errors = [image_errors(piece, c) for xb in _batches(x)
-                  for c, piece in zip(_chunks_of(xb, model), run(lambda m, c: m(c), xb))]
-    return np.concatenate(errors) if errors else np.zeros(0)
-
-
-def _chunks_of(xb: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """``xb`` cut as the runner cuts it, to pair each chunk with its result."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return xb.split(fast.CPU_CHUNK) if on_cpu else (xb,)
+    return _map(model, lambda m, c: torch.from_numpy(image_errors(m(c), c)), x, workers).numpy()
 
 
 def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
@@ -148,8 +144,8 @@ def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None
                 total = piece if not total else {k: total[k] + v for k, v in piece.items()}
     if split:  # one all-reduce of every sum, in a fixed order
         names = sorted(total)
-        flat = ranks.sum(torch.cat([total[k].flatten() for k in names]))
-        total = dict(zip(names, (v.view_as(total[k]) for k, v in zip(names, flat.split([total[k].numel() for k in names])))))
+        flat = ranks.sum(torch.cat([total[k].flatten() for k in names])).split([total[k].numel() for k in names])
+        total = {k: v.view_as(total[k]) for k, v in zip(names, flat)}
     n = len(x)
     parts = {k[len("part "):]: total[k].item() / n for k in sorted(total) if k.startswith("part ")}
     # Collapse: every image decodes to (nearly) the same picture. Compare the spread of the

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from aekit._io import refuse_existing, write_text_atomic
-from aekit.data import load_dataset
+from aekit.data import limited, load_dataset
 from aekit.estimator import ConvAutoencoder, PCAReconstructor
 
 FIELDS = ("method", "latent_dim", "test_mse", "test_sse_per_image", "knn_accuracy", "fit_seconds")
@@ -64,10 +64,7 @@ def _knn_accuracy(z_train, y_train, z_test, y_test, config: CompareConfig) -> fl
 def compare(config: CompareConfig, log=print) -> list[dict]:
     """Fit both methods at every latent size; one row per (method, latent size)."""
     config.validate()
-    (x_train, y_train), (x_test, y_test) = load_dataset(config.data, config.resize)
-    if config.limit is not None:
-        x_train, y_train = x_train[:config.limit], None if y_train is None else y_train[:config.limit]
-        x_test, y_test = x_test[:config.limit], None if y_test is None else y_test[:config.limit]
+    (x_train, y_train), (x_test, y_test) = limited(load_dataset(config.data, config.resize), config.limit)
     pixels = int(np.prod(x_train.shape[1:]))
     labelled = y_train is not None and y_test is not None
     rows = []

@@ -502,10 +502,11 @@ def fit(
                 step_started = time.perf_counter()
                 step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
                                                    pool if use_pool else None, weight=weight)
-                if weight:  # weight 0: a stand-in row so this rank joins the all-reduce; not data
-                    loss_sum += step_loss
-                    for name, value in step_parts.items():
-                        parts_sum[name] = parts_sum.get(name, 0) + value
+                if not weight:  # a stand-in row so this rank joins the all-reduce; not data
+                    step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
+                loss_sum += step_loss
+                for name, value in step_parts.items():  # every rank names every part, for ranks.sum
+                    parts_sum[name] = parts_sum.get(name, 0) + value
                 state.step = step + 1
                 interrupts.release()
                 if chooser is not None:

@@ -33,10 +33,10 @@ from aekit.data.datasets import (BUILTINS, Builtin, data_home, data_source, fetc
 from aekit.data.formats import Format, detect, npz_image_keys
 from aekit.data.imagefiles import IMAGE_SUFFIXES, labelled_files, read_image, write_images
 from aekit.data.images import ArrayImages, ImageSource, ImageStream, as_images, epoch_permutation, prepare_images
-from aekit.data.loaders import describe, load_dataset, open_images, read_images
+from aekit.data.loaders import describe, limited, load_dataset, open_images, read_images
 from aekit.data.streams import STREAM_ABOVE_BYTES, FolderStream, NpyStream, float_bytes, open_stream
 
-__all__ = ["load_dataset", "open_images", "read_images", "write_images", "describe", "fetch",
+__all__ = ["load_dataset", "limited", "open_images", "read_images", "write_images", "describe", "fetch",
            "ImageSource", "ArrayImages", "ImageStream", "NpyStream", "FolderStream", "as_images",
            "prepare_images", "epoch_permutation", "open_stream", "float_bytes", "STREAM_ABOVE_BYTES",
            "Format", "detect", "npz_image_keys", "to_float", "to_nchw", "check_finite", "read_idx",

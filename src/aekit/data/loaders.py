@@ -66,6 +66,13 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
         raise DataError(f"{path}: permission denied ({exc.filename})") from None
 
 
+def limited(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` images of each split of ``dataset``, with their labels (all with None)."""
+    if limit is None:
+        return dataset
+    return tuple((x[:limit], None if y is None else y[:limit]) for x, y in dataset)
+
+
 def _load_idx_folder(folder: Path) -> Dataset:
     found = {key: find_idx(folder, key) for key in IDX_NAMES}
     if found["x_train"] is None or found["x_test"] is None:
@@ -133,10 +140,7 @@ def open_images(name_or_path: str | os.PathLike, resize: tuple[int, int] | None 
     if stream:
         train, test = open_stream(name_or_path, resize)
         return (train, test, None) if limit is None else (train.head(limit), test.head(limit), None)
-    (x_train, _), (x_test, y_test) = load_dataset(name_or_path, resize)
-    if limit is not None:  # cut before converting: only the images kept become float32
-        x_train, x_test = x_train[:limit], x_test[:limit]
-        y_test = None if y_test is None else y_test[:limit]
+    (x_train, _), (x_test, y_test) = limited(load_dataset(name_or_path, resize), limit)  # before converting
     return ArrayImages(prepare_images(x_train)), ArrayImages(prepare_images(x_test)), y_test
 
 

@@ -14,6 +14,10 @@ hits them all alike; the table gives each one's median. What is compared:
   ``DataLoader(shuffle=True)``, ``Adam``, ``MSELoss``, ``loss.item()`` every step.
 - ``aekit``: :func:`aekit.training.fit` on the same data, recipe and batch.
 
+Then the encoder: :func:`aekit.inference.encode` at each thread count, and the user's call,
+``ConvAutoencoder(model="seed").transform`` on the 10,000 MNIST test images, against that
+path and a plain eager ``model.encode`` in one process (issue 9: at least 0.8x the former).
+
 Each runs at every thread count in ``--threads``: thread count is the largest effect on
 a shared machine (see bench/RESULTS.md). Timings are for comparing rows of one run, never
 for tests.

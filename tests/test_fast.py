@@ -120,3 +120,14 @@ def test_inference_leaves_the_parameters_trainable():
     assert not any(p.is_inference() for p in model.parameters())
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_inference_leaves_the_random_generator_alone():
+    """Making the fast twin draws no random numbers: encoding does not move the global
+    generator that the user's own code draws from."""
+    model = _seed_model()
+    state = torch.get_rng_state()
+    inference.encode(model, torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    with fast.on_cpu(model):
+        pass
+    assert torch.equal(torch.get_rng_state(), state)

@@ -99,6 +99,14 @@ class ConvToOne(nn.Conv2d):
     def __init__(self, in_channels: int):
         super().__init__(in_channels, 1, kernel_size=3, padding=1)
 
+    @classmethod
+    def sharing(cls, conv: nn.Conv2d) -> ConvToOne:
+        """A ConvToOne holding ``conv``'s own weight and bias objects: a shallow copy of it
+        with this class's forward. No new parameters, so no draw from the random generator."""
+        twin = copy.copy(conv)
+        twin.__class__ = cls
+        return twin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
@@ -112,19 +120,22 @@ def _is_one_channel_3x3(module: nn.Module) -> bool:
 
 
 def _fast_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` holding the very same parameter and buffer objects (training
-    the twin trains the model), with its one-channel 3x3 convolutions as ConvToOne; the
-    model itself where it has none."""
-    if not any(_is_one_channel_3x3(m) for m in model.modules()):
+    """``model`` with its one-channel 3x3 convolutions as :meth:`ConvToOne.sharing`, leaving
+    ``model`` itself unchanged: the modules on the way from the model to such a convolution
+    are shallow copies with their own list of children; everything else, parameters and
+    buffers included, is the model's own (training the twin trains the model). The model
+    itself where it has no such convolution."""
+    changed = {}
+    for name, child in model._modules.items():
+        if child is None:
+            continue
+        twin_child = ConvToOne.sharing(child) if _is_one_channel_3x3(child) else _fast_twin(child)
+        if twin_child is not child:
+            changed[name] = twin_child
+    if not changed:
         return model
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    twin = copy.deepcopy(model, memo=shared)  # the memo makes deepcopy reuse those tensors
-    for parent in list(twin.modules()):
-        for name, child in parent.named_children():
-            if _is_one_channel_3x3(child):
-                fast = ConvToOne(child.in_channels)
-                fast.weight, fast.bias = child.weight, child.bias
-                setattr(parent, name, fast)
+    twin = copy.copy(model)
+    twin._modules = {**model._modules, **changed}
     return twin
 
 

@@ -314,6 +314,9 @@ class ConvAutoencoder(_ImageReconstructor):
     def _reconstruct(self, x: np.ndarray) -> np.ndarray:
         return inference.reconstruct(self.model_, torch.from_numpy(x)).numpy()
 
+    def _errors(self, x: np.ndarray) -> np.ndarray:
+        return inference.reconstruction_errors(self.model_, torch.from_numpy(x))  # as the run's threshold
+
     def denoise(self, X) -> np.ndarray:
         """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""
         return self.reconstruct(X)

@@ -162,10 +162,9 @@ def on_cpu(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
 
     Yields a twin that shares the model's parameters (so an optimiser of the model trains
     it), with one-channel 3x3 convolutions as :class:`ConvToOne` (the model itself if it
-    has none). The parameters, and the
-    ``optimizer``'s state with them, are channels_last while the block runs; after it (also
-    when it fails) those that were contiguous before are contiguous again, so blocks nest
-    (training's validation runs inside training's block).
+    has none). The parameters, and the ``optimizer``'s state with them, are channels_last
+    while the block runs; after it (also when it fails) those that were contiguous before
+    are contiguous again, so blocks nest (training's validation runs inside training's block).
     """
     if next(model.parameters()).device.type != "cpu":
         yield model

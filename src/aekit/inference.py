@@ -26,12 +26,9 @@ from aekit import models as models_lib
 BATCH = 4096  # images per read from a stream, and per transfer to a GPU
 
 
-def _batches(x, batch_size: int = BATCH) -> Iterator[torch.Tensor]:
-    """``x`` (images for :func:`aekit.data.as_images`, or latents (n, ...)) in order,
-    ``batch_size`` rows at a time."""
-    if isinstance(x, torch.Tensor) and x.ndim != 4:  # latents for decode
-        return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
-    return iter(as_images(x).batches(batch_size))
+def _batches(x) -> Iterator[torch.Tensor]:
+    """Images ``x`` (anything :func:`aekit.data.as_images` takes) in order, :data:`BATCH` at a time."""
+    return iter(as_images(x).batches(BATCH))
 
 
 @contextmanager
@@ -57,25 +54,25 @@ def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
         model.train(was_training)
 
 
-def _map(model: nn.Module, fn: Callable, x, workers: int | None) -> torch.Tensor:
+def _map(model: nn.Module, fn: Callable, batches: Iterator[torch.Tensor], workers: int | None) -> torch.Tensor:
     with _runner(model, workers) as run:
-        out = [piece.cpu() for xb in _batches(x) for piece in run(fn, xb)]
+        out = [piece.cpu() for xb in batches for piece in run(fn, xb)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def encode(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
     """Images (n, C, H, W) in [0, 1] -> latents (n, *model.latent_shape)."""
-    return _map(model, lambda m, c: m.encode(c), x, workers)
+    return _map(model, lambda m, c: m.encode(c), _batches(x), workers)
 
 
 def decode(model: nn.Module, z: torch.Tensor, *, workers: int | None = None) -> torch.Tensor:
     """Latents (n, *model.latent_shape) -> images (n, C, H, W) in [0, 1]."""
-    return _map(model, lambda m, c: m.decode(c), z, workers)
+    return _map(model, lambda m, c: m.decode(c), iter(z.split(BATCH)), workers)
 
 
 def reconstruct(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
     """Images (n, C, H, W) in [0, 1] -> their reconstructions, the same shape, in [0, 1]."""
-    return _map(model, lambda m, c: m(c), x, workers)
+    return _map(model, lambda m, c: m(c), _batches(x), workers)
 
 
 def image_errors(reconstructions, images) -> np.ndarray:
@@ -90,7 +87,7 @@ def image_errors(reconstructions, images) -> np.ndarray:
 
 def reconstruction_errors(model: nn.Module, x, *, workers: int | None = None) -> np.ndarray:
     """:func:`image_errors` of ``model``'s reconstructions of ``x`` -> float64 (n,)."""
-    return _map(model, lambda m, c: torch.from_numpy(image_errors(m(c), c)), x, workers).numpy()
+    return _map(model, lambda m, c: torch.from_numpy(image_errors(m(c), c)), _batches(x), workers).numpy()
 
 
 def outlier_threshold(errors: np.ndarray, contamination: float) -> float:

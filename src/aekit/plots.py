@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from aekit._io import atomic_path, refuse_existing
+from aekit.inference import reconstruct
 
 MAX_LEGEND_CLASSES = 20  # more distinct labels than this get a colourbar instead of a legend
 
@@ -93,8 +94,6 @@ def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]]):
 
 def reconstruction_figure(model: nn.Module, x: torch.Tensor):
     """The blog's figure: originals ``x`` (n, C, H, W) above their reconstructions."""
-    from aekit.inference import reconstruct
-
     recon = reconstruct(model, x)
     return image_rows_figure([("original", x), ("reconstruction", recon)])
 

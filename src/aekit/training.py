@@ -300,16 +300,14 @@ def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss:
     n = len(target)
     chunks = list(zip(x_in.split(micro_batch), target.split(micro_batch)))
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=target.device)
-    parts: dict[str, torch.Tensor] = {}
     if pool is None or len(chunks) == 1:
+        summed = []  # each chunk's loss and parts, summed over its images
         for chunk_in, chunk_target in chunks:
             out = models.loss(model, chunk_in, chunk_target, loss)
             scale = weight * len(chunk_target) / n
             (out.total if scale == 1 else out.total * scale).backward()
-            total += out.total.detach() * len(chunk_target)
-            for name, value in out.parts.items():
-                parts[name] = parts.get(name, 0) + value.detach() * len(chunk_target)
+            size = len(chunk_target)
+            summed.append((out.total.detach() * size, {k: v.detach() * size for k, v in out.parts.items()}))
     else:
         results = pool.gradients(chunks, lambda m, x, t: models.loss(m, x, t, loss), n, weight)
         grads = list(results[0][2])
@@ -318,12 +316,20 @@ def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss:
                 grad += more                      # the order backward() accumulates in
         for param, grad in zip(fast.trainable(model), grads):
             param.grad = grad
-        for chunk_total, chunk_parts, _ in results:
-            total += chunk_total
-            for name, value in chunk_parts.items():
-                parts[name] = parts.get(name, 0) + value
+        summed = [(chunk_total, chunk_parts) for chunk_total, chunk_parts, _ in results]
     optimizer.step()
+    total = torch.zeros((), device=target.device)
+    parts: dict[str, torch.Tensor] = {}
+    for chunk_total, chunk_parts in summed:
+        total += chunk_total
+        _add_parts(parts, chunk_parts)
     return total, parts
+
+
+def _add_parts(into: dict[str, torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
+    """Add named loss parts into a running sum of them, name by name."""
+    for name, value in parts.items():
+        into[name] = into.get(name, 0) + value
 
 
 class HeldInterrupts:
@@ -505,8 +511,7 @@ def fit(
                 if not weight:  # a stand-in row so this rank joins the all-reduce; not data
                     step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
                 loss_sum += step_loss
-                for name, value in step_parts.items():  # every rank names every part, for ranks.sum
-                    parts_sum[name] = parts_sum.get(name, 0) + value
+                _add_parts(parts_sum, step_parts)  # every rank names every part, for ranks.sum
                 state.step = step + 1
                 interrupts.release()
                 if chooser is not None:

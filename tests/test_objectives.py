@@ -2,6 +2,7 @@
 (tests/penalised_model.py) trains through the unchanged fit, run folder, checkpoints,
 estimator, CLI and DDP, and its named parts are logged."""
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -90,3 +91,42 @@ def test_two_ranks_train_the_extra_term(tmp_path):
     rows = csv_rows(out / "history.csv")
     assert list(rows[0])[-4:] == PARTS
     assert_parts_add_up(rows)
+
+
+class DataInitialised(penalised_model.PenalisedAutoencoder):
+    """Records each training_data context: (new, number of images, entered, left)."""
+
+    def __init__(self, image_shape=(1, 28, 28)):
+        super().__init__(image_shape)
+        self.contexts = []
+
+    @contextlib.contextmanager
+    def training_data(self, images, new):
+        record = {"new": new, "images": len(images), "left": False}
+        self.contexts.append(record)
+        if new:  # a data-dependent initialisation: the output bias at the images' mean
+            with torch.no_grad():
+                self.decoder.layers[-1].bias.fill_(0.123)
+        try:
+            yield
+        finally:
+            record["left"] = True
+
+
+def test_fit_gives_a_model_its_training_data_new_or_continued():
+    from aekit.training import fit
+
+    x = torch.rand(96, 1, 28, 28)
+    model = DataInitialised()
+    state = fit(model, x, x[:32], TrainConfig(epochs=1, batch_size=32), progress=False)
+    assert model.contexts == [{"new": True, "images": 96, "left": True}]
+    # The initialisation happened before the first step: one epoch of Adam moves the bias off 0.123 by little.
+    assert abs(float(model.decoder.layers[-1].bias) - 0.123) < 0.1
+    state = fit(model, x, x[:32], TrainConfig(epochs=2, batch_size=32), state=state, progress=False)
+    assert model.contexts[1] == {"new": False, "images": 96, "left": True}
+    # Left also when training fails.
+    bad = DataInitialised()
+    bad.decoder.layers[-1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(bad, x, x[:32], TrainConfig(epochs=1, batch_size=32), progress=False)
+    assert bad.contexts == [{"new": True, "images": 96, "left": True}]

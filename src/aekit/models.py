@@ -18,6 +18,7 @@ Shapes are NCHW inside PyTorch; :func:`summary` prints them NHWC, as Keras does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -118,6 +119,13 @@ def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, objective: str
     return reconstruction_loss(model, x, target, objective)
 
 
+def training_data(model: nn.Module, images, new: bool) -> contextlib.AbstractContextManager:
+    """``model.training_data(images, new)``, or nothing for a module without one: what
+    :func:`aekit.training.fit` enters around training (see :meth:`Autoencoder.training_data`)."""
+    own = getattr(model, "training_data", None)
+    return own(images, new) if callable(own) else contextlib.nullcontext()
+
+
 class Autoencoder(nn.Module):
     """``decoder(encoder(x))``: an encoder and a decoder whose last layer gives logits and
     whose forward applies the sigmoid; trained on reconstruction alone.
@@ -136,6 +144,21 @@ class Autoencoder(nn.Module):
         """The loss of reconstructing ``target`` from ``x`` (both (n, C, H, W) in [0, 1])
         under ``objective``, one of ``objectives``."""
         return reconstruction_loss(self, x, target, objective)
+
+    def training_data(self, images, new: bool) -> contextlib.AbstractContextManager:
+        """What the model takes from its training images, for as long as it trains.
+
+        :func:`aekit.training.fit` enters this context with the training images (an
+        :class:`aekit.data.ImageSource`, on the model's device or streamed) before the first
+        step, on the model itself (not yet channels_last, not yet wrapped for DDP, whose
+        wrapper then gives every rank rank 0's weights), and leaves it when training ends or
+        fails. ``new`` is True when the run starts from untrained weights: a model may then
+        initialise them from the data (e.g. from the images' principal components). It is
+        False when training continues from a checkpoint, whose weights must be kept; a model
+        rebuilds only what checkpoints do not hold (e.g. a neighbour graph). The default
+        takes nothing.
+        """
+        return contextlib.nullcontext()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) in [0, 1] -> (n, *latent_shape)."""
@@ -380,5 +403,5 @@ def summary(model: nn.Module) -> str:
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
-    "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS",
+    "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS", "training_data",
 ]

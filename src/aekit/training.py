@@ -407,6 +407,9 @@ def fit(
     On the CPU fit trains it channels_last and gives it back contiguous, also when
     training fails.
 
+    A model with ``training_data`` (:meth:`aekit.models.Autoencoder.training_data`) is given
+    ``x_train`` for as long as it trains, e.g. to initialise itself from the data.
+
     Validates on ``x_val`` after each epoch (the seed's ``validation_data=(x_test, x_test)``),
     stops early when ``config.patience`` epochs pass without a better val_loss, and calls
     ``on_epoch_end`` (e.g. to write a checkpoint). Pass ``optimizer`` and ``state`` from a
@@ -471,6 +474,9 @@ def fit(
     speed = contextlib.ExitStack()
     pool = None
     try:
+        # The model's own use of the data (e.g. an initialisation from it), on the model as
+        # it is: before it is made fast and before DDP copies rank 0's weights to every rank.
+        speed.enter_context(models.training_data(model, x_train, new=began == (0, 0)))
         fast_model = speed.enter_context(fast.on_cpu(model, optimizer))
         train_model = ranks.wrap(fast_model)
         if workers > 1:

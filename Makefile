@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 #   make demo TORCH='torch==2.14.1'
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-gpu bench venv dev system-deps clean
+.PHONY: demo test test-slow test-gpu bench bench-quality venv dev system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ test-gpu: dev
 # Training and encoding speed against stock Keras and a plain PyTorch loop (bench/RESULTS.md).
 bench: $(VENV)/.bench
 	$(PY) bench/speed.py
+
+# aekit's defaults against PCA on every kind of image: bench/QUALITY.md (about an hour on 2 cores).
+bench-quality: $(VENV)/.base
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

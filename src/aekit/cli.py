@@ -104,6 +104,7 @@ def _loss_choices() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aekit.data import BUILTINS
     from aekit.models import INITS, MODELS
     from aekit.noise import KINDS
     from aekit.training import RECIPES, SCHEDULES
@@ -197,10 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out/--heatmaps if they exist")
 
     p = sub.add_parser("compare", help="autoencoder against PCA at several latent sizes")
-    p.add_argument("--data", default="mnist", help="built-in name or path (default: mnist)")
+    p.add_argument("--data", default="mnist",
+                   help=f"built-in name ({', '.join(BUILTINS)}) or path (default: mnist)")
     p.add_argument("--latent-dims", type=_int_list, default=(2, 8, 16, 32, 64),
                    help="comma-separated latent sizes (default: 2,8,16,32,64)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="autoencoder epochs (default: 10)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")

@@ -28,7 +28,7 @@ OUTPUTS = {"csv": "compare.csv", "md": "compare.md", "png": "compare.png"}  # wh
 class CompareConfig:
     data: str = "mnist"
     latent_dims: tuple[int, ...] = (2, 8, 16, 32, 64)
-    epochs: int = 10
+    epochs: int | None = None      # None: the estimator's rule (aekit.training.default_epochs)
     limit: int | None = None       # first N train and test images
     seed: int = 0
     knn_neighbors: int = 5
@@ -40,14 +40,15 @@ class CompareConfig:
         if not self.latent_dims or any(not isinstance(d, int) or d < 1 for d in self.latent_dims):
             raise ValueError(f"latent_dims must be positive integers, got {self.latent_dims!r}; "
                              "e.g. latent_dims=(2, 8, 32)")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs}")
 
 
 def estimators(config: CompareConfig, latent_dim: int):
-    """The two contenders at one latent size, with the same verbs."""
+    """The two contenders at one latent size, with the same verbs: aekit's default autoencoder
+    and PCA."""
     return {
-        "autoencoder": ConvAutoencoder(model="conv", latent_dim=latent_dim, epochs=config.epochs,
+        "autoencoder": ConvAutoencoder(latent_dim=latent_dim, epochs=config.epochs,
                                        random_state=config.seed, device=config.device),
         "pca": PCAReconstructor(latent_dim=latent_dim, random_state=config.seed),
     }

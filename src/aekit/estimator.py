@@ -256,7 +256,7 @@ class ConvAutoencoder(_ImageReconstructor):
     left ``None`` (see ``aekit.training.RECIPES``).
     """
 
-    def __init__(self, model="conv", latent_dim=32, widths=None, epochs=10, batch_size=None, lr=None,
+    def __init__(self, model="pca-conv", latent_dim=32, widths=None, epochs=None, batch_size=None, lr=None,
                  loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
                  random_state=None, device="auto", verbose=False):
         self.model = model
@@ -274,25 +274,30 @@ class ConvAutoencoder(_ImageReconstructor):
         self.device = device
         self.verbose = verbose
 
-    def _config(self, image_shape=None, seed=0):
+    def _config(self, image_shape=None, seed=0, n_images=None):
+        """The TrainConfig of a fit on ``n_images`` images (None: as recorded, for a loaded one)."""
         from aekit.models import MODELS
-        from aekit.training import TrainConfig
+        from aekit.training import TrainConfig, default_epochs
 
         # Only the options the model takes: latent_dim's default means nothing to the seed network.
         takes = MODELS[self.model].options if self.model in MODELS else ()
         options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths)}
-        return TrainConfig(
+        config = TrainConfig(
             data="<array>", model=self.model, **{k: v for k, v in options.items() if k in takes},
             noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, loss=self.loss, seed=seed, device=self.device, image_shape=image_shape,
         ).resolved()
+        if self.epochs is None and n_images is not None:
+            config.epochs, rule = default_epochs(n_images, config.batch_size)
+            config.chosen = {"epochs": rule}
+        return config
 
     def _fit(self, x: np.ndarray) -> None:
         from aekit.training import fit, new_model, resolve_device
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
             if not isinstance(self.random_state, int) else self.random_state
-        config = self._config(image_shape=tuple(x.shape[1:]), seed=seed)
+        config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x))
         model = new_model(config, resolve_device(config.device))
         x_train = torch.from_numpy(x)
         # Monitoring only: val_loss on a fixed sample of the training images.
@@ -437,7 +442,10 @@ class ConvAutoencoder(_ImageReconstructor):
         if self.image_shape is not None and _image_shape_chw(self.image_shape) != tuple(config.image_shape):
             raise ValueError(f"image_shape {self.image_shape!r} is not {tuple(config.image_shape)} (C, H, W)")
         seed = self.random_state if isinstance(self.random_state, int) else config.seed
-        return self._config(image_shape=config.image_shape, seed=seed)
+        expected = self._config(image_shape=config.image_shape, seed=seed)
+        if self.epochs is None and "epochs" in config.chosen:  # chosen from the number of images fitted
+            expected.epochs, expected.chosen = config.epochs, dict(config.chosen)
+        return expected
 
 
 def _as_run_error(make, source: Path, fix: str = "save the estimator again"):

@@ -290,6 +290,7 @@ class ConvAutoencoderNet(Autoencoder):
 
 
 # Models by name, for configs, the estimator and the CLI; the library passes model objects around.
+# The families in modules of their own add themselves: see the imports at the end of this module.
 MODELS: dict[str, type[Autoencoder]] = {"seed": SeedAutoencoder, "conv": ConvAutoencoderNet}
 DEFAULTS = {"latent_dim": 32, "widths": (16, 32)}  # for the models whose options they are
 
@@ -405,3 +406,9 @@ __all__ = [
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS", "training_data",
 ]
+
+
+
+# The families in modules of their own, which build on the classes above and add themselves to
+# MODELS (imported last, so that importing either module first works).
+from aekit import pcaconv  # noqa: E402,F401

@@ -59,6 +59,21 @@ RECIPES = {
     "default": Recipe(loss="bce", init="he", lr=3e-3, schedule="cosine", batch_size=32, epochs=20),
 }
 SCHEDULES = ("constant", "cosine")
+
+# The estimator's number of epochs when none is given (ConvAutoencoder(epochs=None)): enough
+# epochs for EPOCH_RULE_STEPS optimiser steps, within EPOCH_RULE_RANGE. A small data set gets
+# more passes over it, a large one at least ten (README, "Defaults"; config.json records it).
+EPOCH_RULE_STEPS = 3000
+EPOCH_RULE_RANGE = (10, 100)
+
+
+def default_epochs(n_images: int, batch_size: int) -> tuple[int, str]:
+    """(epochs, the rule in words) for training on ``n_images`` in batches of ``batch_size``."""
+    steps_per_epoch = math.ceil(n_images / batch_size)
+    low, high = EPOCH_RULE_RANGE
+    epochs = min(high, max(low, math.ceil(EPOCH_RULE_STEPS / steps_per_epoch)))
+    return epochs, (f"{epochs} epochs: {EPOCH_RULE_STEPS:,} optimiser steps at {steps_per_epoch:,} a pass "
+                    f"over {n_images:,} images in batches of {batch_size}, kept within {low}..{high}")
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
@@ -89,6 +104,7 @@ class TrainConfig:
     stream: bool = False  # read the data from disk batch by batch (aekit.data.streams)
     image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
     data_source: str | None = None  # set by the run: where `data` was found (aekit.data.data_source)
+    chosen: dict[str, str] = field(default_factory=dict)  # field -> the rule that chose its value from the data
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's values filled in and every field validated."""
@@ -97,6 +113,10 @@ class TrainConfig:
         recipe = dataclasses.asdict(RECIPES[self.recipe])
         filled = {k: (recipe[k] if getattr(self, k) is None and k in recipe else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
+        # A model owns its objective: one that does not offer the recipe's loss trains on its first.
+        offered = models.MODELS[self.model].objectives if self.model in models.MODELS else ()
+        if self.loss is None and offered and recipe["loss"] not in offered:
+            filled["loss"] = offered[0]
         config = TrainConfig(**filled)
         config.validate()
         return config
@@ -568,5 +588,5 @@ def fit(
 
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
-           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model",
+           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
            "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

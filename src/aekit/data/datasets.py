@@ -1,5 +1,7 @@
-"""The built-in data sets, MNIST and Fashion-MNIST: downloaded once into a cache
-(``$AEKIT_DATA``, else ``~/.cache/aekit``), verified by checksum whenever read.
+"""The built-in data sets: MNIST and Fashion-MNIST, downloaded once into a cache
+(``$AEKIT_DATA``, else ``~/.cache/aekit``) and verified by checksum whenever read; and the
+natural-image sets of :mod:`aekit.data.photos`, cut once from bundled photographs into the
+same cache.
 
 A built-in's bare name (``mnist``) always means the built-in (see :func:`is_builtin`).
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from aekit._io import atomic_path, sha256_array, sha256_file
+from aekit.data import photos
 from aekit.data.arrays import DataError, Dataset, load_arrays_pickle, read_idx, read_npz
 
 
@@ -169,12 +172,19 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 
+# Cut from photographs bundled with scikit-image and scikit-learn (aekit.data.photos). Their
+# arrays are checked by shape only: two of the photographs are JPEGs, whose decoded pixels
+# may differ in the last bit between Pillow builds.
+BUILTINS.update({name: Builtin(name, make, {}, shapes) for name, (make, shapes) in photos.SETS.items()})
+
+
 def _verify(builtin: Builtin, arrays: dict[str, np.ndarray], source: str) -> None:
-    for key, expected in builtin.sha256.items():
+    for key, shape in builtin.shapes.items():
         if key not in arrays:
             raise DataError(f"{source}: array {key} is missing")
         array = arrays[key]
-        if array.shape != builtin.shapes[key] or sha256_array(array) != expected:
+        expected = builtin.sha256.get(key)
+        if array.shape != shape or (expected is not None and sha256_array(array) != expected):
             raise DataError(
                 f"{source}: checksum mismatch for {key} (the file is damaged or not {builtin.name}); "
                 f"delete it and run `aekit data fetch {builtin.name}` again"
@@ -200,7 +210,8 @@ def fetch(name: str) -> Path:
 
 def load_builtin(name: str) -> Dataset:
     """Built-in data set ``name`` (fetched first if need be), verified:
-    ``(x_train, y_train), (x_test, y_test)``, images uint8 (n, 28, 28), labels int64."""
+    ``(x_train, y_train), (x_test, y_test)``, images uint8 (n, H, W) or (n, H, W, 3),
+    labels int64 (n,), or None for the photograph sets, which have none."""
     fetch(name)
     return _read_cache(BUILTINS[name])
 
@@ -215,8 +226,8 @@ def _read_cache(builtin: Builtin) -> Dataset:
             f"`aekit data fetch {builtin.name}` again"
         ) from None
     _verify(builtin, arrays, str(path))
-    return ((arrays["x_train"], arrays["y_train"].astype(np.int64)),
-            (arrays["x_test"], arrays["y_test"].astype(np.int64)))
+    labels = {key: arrays[key].astype(np.int64) if key in arrays else None for key in ("y_train", "y_test")}
+    return (arrays["x_train"], labels["y_train"]), (arrays["x_test"], labels["y_test"])
 
 
 def is_builtin(name_or_path: str | os.PathLike) -> bool:

@@ -1,0 +1,143 @@
+"""The quality suite: aekit's defaults against PCA on every kind of image (`make bench-quality`).
+
+For each data set and latent size, ``ConvAutoencoder(latent_dim=d)`` with nothing else set
+(aekit's defaults, including the rules that choose from the data) and scikit-learn's PCA
+with ``d`` components, fitted on the same training images and scored on the same test
+images: test MSE per pixel, mean SSIM (scikit-image, data range 1, 7x7 windows or the
+largest odd window that fits), and fit time. Prints one markdown table and writes it, with
+the machine and the command, to bench/QUALITY.md.
+
+    python bench/quality.py                              # everything (over an hour on 2 cores)
+    python bench/quality.py --data photos32 --latent 8   # one cell
+
+Each finished cell is also appended to bench/quality-cells.jsonl, so that an interrupted run
+can go on with ``--resume`` (cells with the same data, latent size, limit and aekit version
+are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import aekit  # noqa: E402
+from aekit.data import load_dataset  # noqa: E402
+from aekit.estimator import ConvAutoencoder, PCAReconstructor  # noqa: E402
+
+DATA = ("mnist", "fashion-mnist", "digits8", "gray32", "photos32", "photos64")
+LATENTS = (2, 8, 16, 32, 64)
+# MNIST and Fashion-MNIST train on their first 10,000 training images (all 10,000 test
+# images are scored), so that the whole suite runs in about an hour on 2 cores; the others
+# are used whole (see aekit.data.photos).
+LIMITS = {"mnist": 10000, "fashion-mnist": 10000}
+CELLS = HERE / "quality-cells.jsonl"
+
+
+def ssim(reconstructions: np.ndarray, images: np.ndarray) -> float:
+    """Mean SSIM over images, both float (n, H, W[, C]) in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    side = min(images.shape[1:3])
+    window = min(7, side if side % 2 else side - 1)
+    channel = -1 if images.ndim == 4 else None
+    return float(np.mean([structural_similarity(a, b, data_range=1.0, win_size=window, channel_axis=channel)
+                          for a, b in zip(reconstructions, images)]))
+
+
+def cell(name: str, latent_dim: int, split) -> dict:
+    (x_train, _), (x_test, _) = split
+    test = x_test.astype(np.float32) / 255.0
+    row = {"data": name, "latent_dim": latent_dim, "train": len(x_train), "test": len(x_test),
+           "limit": LIMITS.get(name), "aekit": aekit.__version__}
+    for method, est in (("pca", PCAReconstructor(latent_dim=latent_dim, random_state=0)),
+                        ("aekit", ConvAutoencoder(latent_dim=latent_dim, random_state=0))):
+        started = time.perf_counter()
+        est.fit(x_train)
+        row[f"{method}_seconds"] = time.perf_counter() - started
+        reconstructions = est.reconstruct(x_test)
+        row[f"{method}_mse"] = float(est.reconstruction_error(x_test).mean())
+        row[f"{method}_ssim"] = ssim(reconstructions, test)
+        if method == "aekit":
+            row["aekit_model"], row["aekit_epochs"] = est.config_.model, est.config_.epochs
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| data | train images | latent | PCA MSE | aekit MSE | aekit / PCA | PCA SSIM | aekit SSIM "
+             "| PCA fit s | aekit fit s (epochs) | aekit wins |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['train']:,} | {r['latent_dim']} | {r['pca_mse']:.5f} | {r['aekit_mse']:.5f} "
+                     f"| {r['aekit_mse'] / max(r['pca_mse'], 1e-30):.3f} | {r['pca_ssim']:.3f} | {r['aekit_ssim']:.3f} "
+                     f"| {r['pca_seconds']:.1f} | {r['aekit_seconds']:.0f} ({r['aekit_epochs']}) "
+                     f"| {'yes' if r['aekit_mse'] < r['pca_mse'] else '**no**'} |")
+    wins = sum(r["aekit_mse"] < r["pca_mse"] for r in rows)
+    lines.append(f"\naekit's defaults beat PCA's test MSE in {wins} of {len(rows)} cells.")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads; "
+            f"Python {platform.python_version()}, PyTorch {torch.__version__}, aekit {aekit.__version__}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=",".join(DATA), help=f"comma-separated, from {', '.join(DATA)}")
+    parser.add_argument("--latent", default=",".join(map(str, LATENTS)), help="comma-separated latent sizes")
+    parser.add_argument("--out", default=str(HERE / "QUALITY.md"), help="the markdown file to write")
+    parser.add_argument("--resume", action="store_true", help=f"reuse the finished cells in {CELLS.name}")
+    args = parser.parse_args(argv)
+    names, latents = args.data.split(","), [int(d) for d in args.latent.split(",")]
+    unknown = sorted(set(names) - set(DATA))
+    if unknown:
+        parser.error(f"unknown data {unknown}; expected some of {', '.join(DATA)}")
+    done = {}
+    if args.resume and CELLS.exists():
+        for line in CELLS.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["data"], r["latent_dim"], r["limit"], r["aekit"])] = r
+    elif CELLS.exists():
+        CELLS.unlink()
+    started = time.perf_counter()
+    rows = []
+    for name in names:
+        split = load_dataset(name)
+        if name in LIMITS:
+            (x_train, y_train), test = split
+            split = ((x_train[:LIMITS[name]], None if y_train is None else y_train[:LIMITS[name]]), test)
+        for d in latents:
+            key = (name, d, LIMITS.get(name), aekit.__version__)
+            r = done.get(key) or cell(name, d, split)
+            if key not in done:
+                with open(CELLS, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+            rows.append(r)
+            print(table([r]).splitlines()[2], flush=True)
+    command = "python bench/quality.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    text = (f"# aekit's defaults against PCA\n\n`{command}` ({time.strftime('%Y-%m-%d')}, "
+            f"{(time.perf_counter() - started) / 60:.0f} min)\n\nMachine: {machine()}\n\n{table(rows)}")
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

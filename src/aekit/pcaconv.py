@@ -1,0 +1,156 @@
+"""PCA plus a convolutional correction: an autoencoder that starts where PCA ends.
+
+The code of an image is its principal-component scores plus what a convolutional encoder
+adds; the reconstruction is PCA's plus what a convolutional decoder adds::
+
+    z     = P (x - mean) + e(x)           (n, latent_dim)
+    x_hat = clip(mean + P^T z + g(z), 0, 1)
+
+``mean`` and ``P`` (the top ``latent_dim`` principal directions, orthonormal rows) are
+fitted to the training images when a run starts (:meth:`training_data`) and then kept
+fixed; ``e`` and ``g`` are :class:`~aekit.models.ConvEncoder` and
+:class:`~aekit.models.ConvDecoder`, each weighted by a learned gate that starts at 0 (as in
+ReZero, Bachlechner et al. 2020), so that the corrections grow in from nothing at any
+learning rate; ``g`` reads the scores divided by their standard deviations, ``e`` writes
+at those scales. So the untrained model *is* PCA, and training, on the squared error, only adds the non-linear part PCA cannot
+express. On natural photographs, where a plain convolutional autoencoder of the same size
+loses to PCA (bench/QUALITY.md), this one starts level and goes past it.
+
+Trained on the squared error of the unclipped output (clipping would stop the gradient of
+every pixel outside [0, 1]); ``forward`` clips, which only lowers the error of images in
+[0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aekit.models import MODELS, Autoencoder, ConvAutoencoderNet, ConvDecoder, ConvEncoder, Loss, conv3x3
+
+REFINE_WIDTH, REFINE_DEPTH = 32, 3  # the local refinement: 3 3x3 convolutions, 7x7 pixels seen
+PCA_IMAGES = 10000  # training images the principal directions are fitted to (a random sample)
+
+
+class PCAConvEncoder(nn.Module):
+    """(n, C, H, W) -> (n, latent_dim): principal-component scores plus a conv correction."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, widths: tuple[int, ...]):
+        super().__init__()
+        pixels = math.prod(image_shape)
+        self.register_buffer("mean", torch.zeros(pixels))                  # (C*H*W,)
+        self.register_buffer("components", torch.zeros(latent_dim, pixels))  # (latent_dim, C*H*W)
+        self.register_buffer("scale", torch.ones(latent_dim))   # each score's standard deviation
+        self.correction = ConvEncoder(image_shape, latent_dim, widths)
+        self.gate = nn.Parameter(torch.zeros(()))  # the correction's weight, learned from 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = (x.flatten(1) - self.mean) @ self.components.T            # (n, latent_dim)
+        return scores + self.gate * self.scale * self.correction(x)
+
+
+class PCAConvDecoder(nn.Module):
+    """(n, latent_dim) -> (n, C, H, W): PCA's reconstruction plus a conv correction.
+
+    ``raw`` is the unclipped output (what training's squared error is taken on);
+    ``forward`` clips it to [0, 1].
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, widths: tuple[int, ...],
+                 feature_shape: tuple[int, int, int]):
+        super().__init__()
+        pixels = math.prod(image_shape)
+        self.image_shape = image_shape
+        # The encoder's mean and directions again, so that the decoder stands alone (export, decode).
+        self.register_buffer("mean", torch.zeros(pixels))                  # (C*H*W,)
+        self.register_buffer("components", torch.zeros(latent_dim, pixels))  # (latent_dim, C*H*W)
+        self.register_buffer("scale", torch.ones(latent_dim))
+        self.correction = ConvDecoder(image_shape, latent_dim, widths, feature_shape)
+        self.gate = nn.Parameter(torch.zeros(()))
+        channels = image_shape[0]
+        self.refine = nn.Sequential(conv3x3(channels, REFINE_WIDTH), nn.ReLU(),
+                                    *[layer for _ in range(REFINE_DEPTH - 2)
+                                      for layer in (conv3x3(REFINE_WIDTH, REFINE_WIDTH), nn.ReLU())],
+                                    conv3x3(REFINE_WIDTH, channels))
+        self.refine_gate = nn.Parameter(torch.zeros(()))
+
+    def raw(self, z: torch.Tensor) -> torch.Tensor:
+        linear = (self.mean + z @ self.components).view(-1, *self.image_shape)  # (n, C, H, W)
+        coarse = linear + self.gate * self.correction.logits(z / self.scale)   # scores in, at unit scale
+        return coarse + self.refine_gate * self.refine(coarse)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.raw(z).clamp(0.0, 1.0)
+
+
+class PCAConvAutoencoder(Autoencoder):
+    """PCA plus a convolutional correction, for any (C, H, W); see the module docstring.
+
+    ``widths``: the correction's encoder channels per 2x downsampling, as in
+    :class:`~aekit.models.ConvAutoencoderNet`. ``encode``: (n, C, H, W) -> (n, latent_dim).
+    """
+
+    objectives = ("mse",)
+    options = ("latent_dim", "widths")
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
+                 widths: tuple[int, ...] = (16, 32)):
+        super().__init__()
+        ConvAutoencoderNet(image_shape, latent_dim, widths)  # the same checks, the same one-line errors
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.encoder = PCAConvEncoder(self.image_shape, latent_dim, tuple(widths))
+        self.decoder = PCAConvDecoder(self.image_shape, latent_dim, tuple(widths),
+                                      self.encoder.correction.feature_shape)
+
+    @property
+    def latent_shape(self) -> tuple[int]:
+        return (self.latent_dim,)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+        if objective != "mse":
+            raise ValueError(f"unknown objective {objective!r}; expected one of {self.objectives}")
+        raw = self.decoder.raw(self.encoder(x))
+        return Loss(F.mse_loss(raw, target), raw.detach().clamp(0.0, 1.0), {})
+
+    @contextlib.contextmanager
+    def training_data(self, images, new: bool):
+        """At the start of a run: the mean and principal directions of (a random sample of
+        up to :data:`PCA_IMAGES` of) the training images, and the corrections' gates closed,
+        so that the model starts as PCA. A continued run keeps its checkpoint's."""
+        if new:
+            sample = next(iter(images.batches(min(len(images), PCA_IMAGES), seed=0)))
+            self.fit_pca(sample.to(self.encoder.mean.device))
+        yield
+
+    @torch.no_grad()
+    def fit_pca(self, x: torch.Tensor) -> None:
+        """Set the mean, principal directions and score scales from images ``x``
+        (n, C, H, W), in float64, and close the corrections' gates. Directions past the
+        data's rank stay zero."""
+        flat = x.flatten(1).double()                                     # (n, C*H*W)
+        mean = flat.mean(0)
+        centred = flat - mean
+        gram = centred.shape[0] <= centred.shape[1]  # fewer images than pixels: eigh of the smaller matrix
+        values, vectors = torch.linalg.eigh(centred @ centred.T if gram else centred.T @ centred)  # ascending
+        values, vectors = values.flip(0), vectors.flip(1)
+        # Directions with variance (above float64 rounding of the largest), at most latent_dim.
+        rank = min(self.latent_dim, int((values > values[0].clamp_min(1e-300) * 1e-10).sum()))
+        values, vectors = values[:rank], vectors[:, :rank]
+        directions = (centred.T @ vectors) / values.sqrt() if gram else vectors  # (D, rank) orthonormal
+        scale = (values / len(flat)).sqrt()                                      # (rank,) each score's std
+        for pca in (self.encoder, self.decoder):
+            pca.mean.copy_(mean)
+            pca.components.zero_()
+            pca.components[:rank] = directions.T
+            pca.scale.fill_(1.0)
+            pca.scale[:rank] = scale.clamp_min(1e-6)
+            pca.gate.zero_()
+        self.decoder.refine_gate.zero_()
+
+
+MODELS["pca-conv"] = PCAConvAutoencoder

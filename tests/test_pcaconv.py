@@ -1,0 +1,99 @@
+"""PCA plus a convolutional correction (aekit.pcaconv), the estimator's default model, and
+the rules that choose its training from the data; checked against scikit-learn's PCA."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from aekit import ConvAutoencoder
+from aekit.data import as_images
+from aekit.models import build_model
+from aekit.training import EPOCH_RULE_RANGE, EPOCH_RULE_STEPS, TrainConfig, default_epochs, fit
+
+
+def started(x: torch.Tensor, latent_dim: int):
+    """A pca-conv model for images ``x`` as a new run starts it."""
+    torch.manual_seed(0)
+    model = build_model("pca-conv", tuple(x.shape[1:]), latent_dim=latent_dim)
+    with model.training_data(as_images(x), new=True):
+        pass
+    return model
+
+
+def sklearn_pca_reconstruction(x: torch.Tensor, latent_dim: int) -> np.ndarray:
+    flat = x.flatten(1).double().numpy()
+    pca = PCA(latent_dim, svd_solver="full").fit(flat)
+    return pca.inverse_transform(pca.transform(flat)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("n", [60, 400])  # fewer images than pixels (the Gram matrix), and more
+def test_an_untrained_model_is_pca(mnist, n):
+    x = torch.from_numpy(mnist[0][0][:n, ::2, ::2].astype(np.float32) / 255)[:, None]  # (n, 1, 14, 14)
+    model = started(x, latent_dim=12)
+    with torch.no_grad():
+        raw = model.decoder.raw(model.encode(x))
+        assert np.abs(raw.double().numpy() - sklearn_pca_reconstruction(x, 12)).max() < 1e-5
+        # The reconstruction is PCA's clipped to [0, 1], and the codes are the scores, up to sign.
+        torch.testing.assert_close(model(x), raw.clamp(0, 1))
+        flat = x.flatten(1).double().numpy()
+        scores = PCA(12, svd_solver="full").fit(flat).transform(flat)
+        np.testing.assert_allclose(np.abs(model.encode(x).double().numpy()), np.abs(scores), atol=1e-4)
+
+
+def test_more_latent_numbers_than_the_data_has_directions():
+    x = torch.rand(5, 3, 8, 8)
+    model = started(x, latent_dim=16)  # 5 images span 4 directions about their mean
+    assert torch.count_nonzero(model.encoder.components.abs().sum(1)) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder.raw(model.encode(x)), x, atol=1e-5, rtol=0)
+
+
+def test_training_goes_past_pca_and_a_continued_run_keeps_its_weights(mnist):
+    x = torch.from_numpy(mnist[0][0][:1024].astype(np.float32) / 255)[:, None]
+    config = TrainConfig(model="pca-conv", latent_dim=8, epochs=2, image_shape=(1, 28, 28))
+    model = build_model("pca-conv", (1, 28, 28), latent_dim=8)
+    state = fit(model, x, x[:256], config, progress=False)
+    pca_error = float(((torch.from_numpy(sklearn_pca_reconstruction(x, 8)).float().clamp(0, 1) - x) ** 2).mean())
+    with torch.no_grad():
+        assert float(((model(x) - x) ** 2).mean()) < 0.95 * pca_error
+    assert model.encoder.gate != 0 and model.decoder.gate != 0 and model.decoder.refine_gate != 0
+    components = model.encoder.components.clone()
+    model.encoder.components.mul_(-1)  # a continued run must not fit PCA again: a marker it would undo
+    fit(model, x, x[:256], TrainConfig(model="pca-conv", latent_dim=8, epochs=3, image_shape=(1, 28, 28)),
+        state=state, progress=False)
+    torch.testing.assert_close(model.encoder.components, -components)
+
+
+def test_the_model_trains_on_squared_error_only():
+    with pytest.raises(ValueError, match="unknown loss 'bce'.*mse"):
+        TrainConfig(model="pca-conv", loss="bce").resolved()
+    assert TrainConfig(model="pca-conv").resolved().loss == "mse"  # the default recipe's bce is not offered
+    assert TrainConfig(model="conv").resolved().loss == "bce"
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(60000, 32, 10), (10000, 32, 10), (5000, 32, 20),
+                                              (1500, 32, 64), (10, 32, 100), (5000, 128, 75)])
+def test_the_epoch_rule(n, batch, epochs):
+    chosen, rule = default_epochs(n, batch)
+    assert chosen == epochs
+    assert f"{n:,} images" in rule and f"{chosen} epochs" in rule
+    low, high = EPOCH_RULE_RANGE
+    steps = -(-n // batch)
+    assert chosen == min(high, max(low, -(-EPOCH_RULE_STEPS // steps)))
+
+
+def test_the_estimator_defaults_and_what_config_records(tmp_path, mnist):
+    x = mnist[0][0][:64, ::2, ::2]  # (64, 14, 14)
+    est = ConvAutoencoder(latent_dim=4, random_state=0)
+    assert est.get_params()["model"] == "pca-conv" and est.get_params()["epochs"] is None
+    est.fit(x)
+    assert est.config_.model == "pca-conv" and est.config_.loss == "mse"
+    assert est.config_.epochs == 100 and len(est.history_) == 100  # 2 batches of 32 a pass: the most epochs
+    assert "100 epochs" in est.config_.chosen["epochs"] and "64 images" in est.config_.chosen["epochs"]
+    est.save(tmp_path / "est")
+    loaded = ConvAutoencoder.load(tmp_path / "est")
+    assert loaded.get_params()["epochs"] is None and loaded.config_.chosen == est.config_.chosen
+    np.testing.assert_array_equal(loaded.transform(x[:8]), est.transform(x[:8]))
+    # Epochs given: no rule, nothing recorded.
+    assert ConvAutoencoder(latent_dim=4, epochs=1, random_state=0).fit(x).config_.chosen == {}

@@ -104,21 +104,29 @@ def main(argv=None) -> int:
     parser.add_argument("--latent", default=",".join(map(str, LATENTS)), help="comma-separated latent sizes")
     parser.add_argument("--out", default=str(HERE / "QUALITY.md"), help="the markdown file to write")
     parser.add_argument("--resume", action="store_true", help=f"reuse the finished cells in {CELLS.name}")
+    parser.add_argument("--table-only", action="store_true",
+                        help=f"run nothing: write the table of the cells finished in {CELLS.name}, "
+                             "naming those not run")
     args = parser.parse_args(argv)
     names, latents = args.data.split(","), [int(d) for d in args.latent.split(",")]
     unknown = sorted(set(names) - set(DATA))
     if unknown:
         parser.error(f"unknown data {unknown}; expected some of {', '.join(DATA)}")
     done = {}
-    if args.resume and CELLS.exists():
+    if (args.resume or args.table_only) and CELLS.exists():
         for line in CELLS.read_text().splitlines():
             r = json.loads(line)
             done[(r["data"], r["latent_dim"], r["limit"], r["aekit"])] = r
     elif CELLS.exists():
         CELLS.unlink()
     started = time.perf_counter()
-    rows = []
+    rows, missing = [], []
     for name in names:
+        if args.table_only:
+            for d in latents:
+                found = done.get((name, d, LIMITS.get(name), aekit.__version__))
+                rows.append(found) if found else missing.append(f"{name} at {d}")
+            continue
         split = load_dataset(name)
         if name in LIMITS:
             (x_train, y_train), test = split
@@ -131,9 +139,13 @@ def main(argv=None) -> int:
                     f.write(json.dumps(r) + "\n")
             rows.append(r)
             print(table([r]).splitlines()[2], flush=True)
+    rows.sort(key=lambda r: (DATA.index(r["data"]), r["latent_dim"]))
     command = "python bench/quality.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    text = (f"# aekit's defaults against PCA\n\n`{command}` ({time.strftime('%Y-%m-%d')}, "
-            f"{(time.perf_counter() - started) / 60:.0f} min)\n\nMachine: {machine()}\n\n{table(rows)}")
+    took = "" if args.table_only else f", {(time.perf_counter() - started) / 60:.0f} min"
+    text = (f"# aekit's defaults against PCA\n\n`{command}` ({time.strftime('%Y-%m-%d')}{took})\n\n"
+            f"Machine: {machine()}\n\n{table(rows)}")
+    if missing:
+        text += f"\nNot run: {', '.join(missing)}.\n"
     Path(args.out).write_text(text)
     print(text)
     return 0

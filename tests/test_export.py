@@ -36,7 +36,14 @@ def conv_run(tmp_path_factory, mnist):
     return out
 
 
-@pytest.mark.parametrize("which", ["seed_run", "conv_run"])
+@pytest.fixture(scope="module")
+def pca_conv_run(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("export") / "pca-conv"
+    train_and_evaluate(TrainConfig(model="pca-conv", latent_dim=4, epochs=1, limit=300), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run"])
 def test_onnx_files_match_pytorch(which, request, tmp_path, capsys):
     need_onnx()
     import onnxruntime as ort

@@ -249,11 +249,17 @@ class ConvAutoencoder(_ImageReconstructor):
     ``_``: ``model_`` (the PyTorch module), ``history_`` (one dict per epoch), ``threshold_``
     (outlier threshold on per-image MSE), ``image_shape_`` (C, H, W), ``layout_``.
 
-    ``model="conv"`` has a dense latent of ``latent_dim`` numbers; ``model="seed"`` is the
-    blog's network, whose latent is its 8 x H/4 x W/4 bottleneck (392 numbers on MNIST).
-    ``noise`` (e.g. ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a
-    denoiser: corrupted inputs, clean targets. ``recipe`` supplies every training choice
-    left ``None`` (see ``aekit.training.RECIPES``).
+    ``model="pca-conv"`` (the default) is PCA plus convolutional corrections
+    (:mod:`aekit.pcaconv`): it starts as PCA of the images it is fitted on and trains only
+    what PCA cannot express, on the squared error. ``model="conv"`` is a plain
+    convolutional autoencoder with a dense latent of ``latent_dim`` numbers;
+    ``model="seed"`` is the blog's network, whose latent is its 8 x H/4 x W/4 bottleneck
+    (392 numbers on MNIST). ``epochs=None`` lets the number of images decide
+    (:func:`aekit.training.default_epochs`; ``config_.chosen`` says how). ``noise`` (e.g.
+    ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a denoiser: corrupted
+    inputs, clean targets. ``recipe`` supplies every training choice left ``None`` (see
+    ``aekit.training.RECIPES``); a model that does not offer the recipe's loss trains on its
+    own (``pca-conv``: ``"mse"``).
     """
 
     def __init__(self, model="pca-conv", latent_dim=32, widths=None, epochs=None, batch_size=None, lr=None,

@@ -8,15 +8,17 @@ figures as PNG bytes (:func:`figure_png`), so a figure is drawn by one function 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from aekit._io import atomic_path, refuse_existing
-from aekit.inference import reconstruct
+from aekit._io import atomic_path, refuse_existing, write_bytes_atomic
+from aekit.inference import decode, reconstruct
 
 MAX_LEGEND_CLASSES = 20  # more distinct labels than this get a colourbar instead of a legend
 
@@ -215,6 +217,74 @@ def save_latent_map(latents, labels, path: str | Path, overwrite: bool = False) 
     save_figure(latent_map_figure(latents, labels), path, overwrite)
 
 
+# ---------------------------------------------------------------------- image sheets
+
+def tile(images, cols: int | None = None) -> np.ndarray:
+    """Images (n, C, H, W) in [0, 1] -> one uint8 sheet: (rows*H, cols*W) for one channel,
+    (rows*H, cols*W, C) for more. Image i sits at row i // cols, column i % cols; ``cols``
+    defaults to ceil(sqrt(n)); cells past the last image stay black."""
+    x = torch.as_tensor(images).detach().cpu()
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"images must be a non-empty batch (n, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pixels = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)          # (n, C, H, W)
+    sheet = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
+    sheet[:n] = pixels
+    sheet = sheet.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2)           # (rows, H, cols, W, C)
+    sheet = sheet.reshape(rows * h, cols * w, c).numpy()
+    return sheet[:, :, 0] if c == 1 else sheet
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image (H, W) or (H, W, C) as PNG bytes, pixel for pixel."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="png", optimize=True)
+    return buffer.getvalue()
+
+
+def save_image(image: np.ndarray, path: str | Path, overwrite: bool = False) -> None:
+    """Write a uint8 image (a :func:`tile` sheet, a :func:`latent_grid`) atomically as PNG."""
+    refuse_existing(path, overwrite=overwrite)
+    write_bytes_atomic(path, png_bytes(image))
+
+
+class LatentGrid(NamedTuple):
+    """A decoded grid: ``image`` (n*H, n*W[, C]) uint8, and the latent values it spans,
+    ``z0`` left to right and ``z1`` bottom to top (row 0 of the image is the top, ``z1[1]``)."""
+
+    image: np.ndarray
+    z0: tuple[float, float]
+    z1: tuple[float, float]
+
+
+def latent_grid(model: nn.Module, codes, n: int = 15, percentiles: tuple[float, float] = (1, 99)) -> LatentGrid:
+    """Decode an ``n`` x ``n`` grid of latent points spanning ``codes``' range, for a model
+    whose latent has 2 numbers. ``codes`` (m, *model.latent_shape) are latents of real images
+    (from :func:`aekit.inference.encode`); each axis runs from their ``percentiles[0]``-th to
+    ``percentiles[1]``-th percentile, so a few stray codes do not stretch the grid. Column j
+    decodes z[0] = the j-th value left to right; row i the i-th value of z[1] top to bottom,
+    so the grid reads like a scatter plot of the codes with z[1] upwards."""
+    latent_shape = tuple(model.latent_shape)
+    if math.prod(latent_shape) != 2:
+        raise ValueError(f"a latent grid needs a model whose latent has 2 numbers, this one has "
+                         f"{latent_shape}; use a model with latent_dim=2")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"n must be an integer of at least 2 (points per side), got {n!r}")
+    z = _as_numpy(codes, f"codes (m, {', '.join(map(str, latent_shape))})", 1 + len(latent_shape)).reshape(-1, 2)
+    if len(z) < 2:
+        raise ValueError(f"codes must hold at least 2 latents to span a grid, got {len(z)}")
+    low, high = np.percentile(z, percentiles, axis=0)                      # (2,), (2,)
+    z0 = np.linspace(low[0], high[0], n)
+    z1 = np.linspace(high[1], low[1], n)                                    # top row first
+    points = np.stack(np.meshgrid(z0, z1), axis=-1).reshape(n * n, *latent_shape)  # row-major
+    images = decode(model, torch.as_tensor(points, dtype=torch.float32))    # (n*n, C, H, W)
+    return LatentGrid(tile(images, cols=n), (float(low[0]), float(high[0])), (float(low[1]), float(high[1])))
+
+
 # --------------------------------------------------------------------- error histogram
 
 def error_histogram_figure(errors, threshold: float | None):
@@ -247,5 +317,6 @@ def save_error_histogram(errors, threshold: float | None, path: str | Path, over
 __all__ = [
     "save_figure", "figure_png", "image_rows_figure", "reconstruction_figure", "save_reconstructions",
     "denoising_figure", "save_denoising", "loss_curves_figure", "save_loss_curves", "project_2d",
-    "latent_map_figure", "save_latent_map", "error_histogram_figure", "save_error_histogram",
+    "latent_map_figure", "save_latent_map", "tile", "png_bytes", "save_image", "LatentGrid", "latent_grid",
+    "error_histogram_figure", "save_error_histogram",
 ]

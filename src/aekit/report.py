@@ -12,9 +12,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import time
+from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import aekit
@@ -30,6 +33,9 @@ REPORT = "report.html"
 N_RECONSTRUCTIONS = 10   # test images in the reconstruction grid (the blog shows 10)
 N_DENOISING = 8          # test images in the denoising figure
 N_LATENTS = 2000         # test images in the latent map
+GRID_SIDE = 15           # the decoded grid of a 2-D model: GRID_SIDE x GRID_SIDE latent points
+MAP_SIZE = (480, 420)    # the latent map's canvas, in CSS pixels
+MAP_VIEW_PIXELS = 120    # a hovered image is enlarged by a whole factor to about this size
 NOISE_SEED = 0           # the denoising figure's corruption is the same on every report
 
 # Counts the images that decoded once everything has loaded. Inline: it loads nothing.
@@ -42,6 +48,9 @@ window.addEventListener("load", function () {
   document.body.setAttribute("data-images-loaded", loaded + "/" + images.length);
 });
 """
+
+# The latent map's hover: inlined too. One <script> with the image counter.
+_MAP_SCRIPT = resources.files("aekit").joinpath("report_map.js").read_text(encoding="utf-8")
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -61,6 +70,17 @@ table { border-collapse: collapse; font-size: 0.9rem; }
 td, th { border: 1px solid #dde1e6; padding: 3px 10px; text-align: left; vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; }
 td.num { font-variant-numeric: tabular-nums; text-align: right; }
+.map-row { display: flex; gap: 16px; flex-wrap: wrap; align-items: flex-start; }
+.map-title { font-size: 0.85rem; color: #3c4450; margin-bottom: 4px; max-width: 480px; }
+#aekit-map { border: 1px solid #e3e6ea; max-width: 100%; cursor: crosshair; touch-action: none; }
+.legend { font-size: 0.8rem; display: flex; flex-wrap: wrap; gap: 4px 10px; max-width: 480px; }
+.legend i { display: inline-block; width: 10px; height: 10px; margin: 0 3px; border-radius: 2px; }
+.views { width: 150px; font-size: 0.8rem; }
+.views canvas { image-rendering: pixelated; background: #000; border: 1px solid #e3e6ea; display: block; }
+.view { margin-bottom: 6px; }
+.grid img { image-rendering: pixelated; width: 336px; max-width: 100%; }
+.grid .map-title { max-width: 336px; }
+img.sprite { display: none; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.85rem; }
 """
 
@@ -95,17 +115,10 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
         f"Per epoch: the training loss ({config.loss}) on the training images and on the test images "
         "(val_loss), and the test images' mean squared error per pixel (val_mse)."))
 
-    n_latents = min(N_LATENTS, len(x_test))
-    latents = encode(model, x_test.first(n_latents)).flatten(1).double().numpy()  # (n, d)
-    labels = None if y_test is None else y_test[:n_latents]
-    size = (f"{_shape(model.latent_shape)} = {latents.shape[1]} numbers, flattened"
-            if len(model.latent_shape) > 1 else f"{latents.shape[1]} numbers")
-    sections.append(_figure(
-        "Latent space", plots.latent_map_figure(latents, labels),
-        f"The latents of the first {n_latents} test images (the encoder's output: {size} per image), "
-        + ("coloured by their label." if labels is not None else "uncoloured: this data has no labels.")))
-
     errors = reconstruction_errors(model, x_test)  # (n,)
+    sections.append(_latent_section(model, x_test.first(min(N_LATENTS, len(x_test))),
+                                    None if y_test is None else y_test[:N_LATENTS], errors))
+
     threshold = metrics.get("threshold")
     sections.append(_figure(
         "Reconstruction errors", plots.error_histogram_figure(errors, threshold),
@@ -140,6 +153,87 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     return path
 
 
+def _latent_section(model, images: torch.Tensor, labels, errors) -> str:
+    """The explorable latent map of ``images`` (n, C, H, W): a canvas of their codes (2-D as
+    they are, wider ones projected by :func:`plots.project_2d`), coloured by ``labels`` (n,)
+    when given; hovering or tapping a point shows its image and reconstruction, cut from two
+    PNG sprite sheets (``report_map.js``). For a model whose latent has 2 numbers, the decoded
+    grid (:func:`plots.latent_grid`) sits beside it."""
+    n = len(images)
+    codes = encode(model, images)                                 # (n, *latent_shape)
+    points, how, (xlabel, ylabel) = plots.project_2d(codes.flatten(1))
+    recon = reconstruct(model, images)                            # (n, C, H, W)
+    cols = math.ceil(math.sqrt(n))
+    palette, colour, legend = _colours(labels, n)
+    data = {"x": [round(float(v), 5) for v in points[:, 0]], "y": [round(float(v), 5) for v in points[:, 1]],
+            "palette": palette, "colour": colour, "error": [float(f"{e:.4g}") for e in errors[:n]],
+            "label": None if labels is None else np.asarray(labels).tolist(),
+            "cols": cols, "w": images.shape[3], "h": images.shape[2]}
+    scale = max(1, MAP_VIEW_PIXELS // max(images.shape[2:]))
+    view = lambda kind: (f"<div class=\"view\"><canvas id=\"aekit-view-{kind}\" width=\"{images.shape[3] * scale}\" "
+                         f"height=\"{images.shape[2] * scale}\"></canvas><span>{kind}</span></div>")
+    sprite = lambda kind, x: (f"<img id=\"aekit-sprite-{kind}\" class=\"sprite\" alt=\"{kind}s of the mapped test images\" "
+                              f"src=\"{_png_uri(plots.png_bytes(plots.tile(x, cols)))}\">")
+    latent_shape = tuple(model.latent_shape)
+    size = (f"{_shape(latent_shape)} = {math.prod(latent_shape)} numbers, flattened" if len(latent_shape) > 1
+            else f"{latent_shape[0]} numbers")
+    grid = ""
+    if math.prod(latent_shape) == 2:
+        decoded = plots.latent_grid(model, codes, n=GRID_SIDE)
+        grid = (f"<div class=\"grid\"><div class=\"map-title\">decoded grid: z[0] from {decoded.z0[0]:.3g} to "
+                f"{decoded.z0[1]:.3g} (left to right), z[1] from {decoded.z1[0]:.3g} to {decoded.z1[1]:.3g} "
+                f"(bottom to top)</div><img src=\"{_png_uri(plots.png_bytes(decoded.image))}\" "
+                f"alt=\"decoded latent grid\"></div>")
+    caption = (f"The latents of the first {n} test images (the encoder's output: {size} per image), "
+               + ("coloured by their label." if labels is not None else "uncoloured: this data has no labels.")
+               + f" Axes: {xlabel} to the right, {ylabel} upwards. Hover over a point (or tap it) to see that "
+               "test image and the model's reconstruction of it, enlarged.")
+    if grid:
+        caption += (f" Beside it, the decoder's images of a {GRID_SIDE} x {GRID_SIDE} grid of latent points "
+                    "spanning the codes from their 1st to their 99th percentile.")
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return f"""<h2>Latent space</h2>
+<figure id="aekit-map-figure" data-shown="">
+<div class="map-row">
+<div><div class="map-title">{html.escape(how)}</div>
+<canvas id="aekit-map" width="{MAP_SIZE[0]}" height="{MAP_SIZE[1]}"></canvas>
+<div class="legend">{legend}</div></div>
+<div class="views">{view("original")}{view("reconstruction")}<div id="aekit-map-info">Hover over or tap a point.</div></div>
+{grid}
+</div>
+{sprite("original", images)}{sprite("reconstruction", recon)}
+<script type="application/json" id="aekit-map-data">{payload}</script>
+<figcaption>{html.escape(caption)}</figcaption></figure>"""
+
+
+def _colours(labels, n: int) -> tuple[list[str], list[int], str]:
+    """A palette of CSS colours, each of the ``n`` points' index into it, and the legend's HTML. Up to
+    ``plots.MAX_LEGEND_CLASSES`` distinct labels get one colour each; more a viridis scale."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    if labels is None:
+        return ["#1f77b4"], [0] * n, ""
+    labels = np.asarray(labels)
+    classes, index = np.unique(labels, return_inverse=True)
+    if len(classes) <= plots.MAX_LEGEND_CLASSES:
+        cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        palette = [to_hex(cmap(i)) for i in range(len(classes))]
+        legend = "".join(f"<span><i style=\"background:{c}\"></i>{html.escape(str(k))}</span>"
+                         for c, k in zip(palette, classes))
+        return palette, index.tolist(), legend
+    cmap = colormaps["viridis"]
+    palette = [to_hex(cmap(i / 255)) for i in range(256)]
+    rank = np.round(255 * index / (len(classes) - 1)).astype(int)
+    legend = (f"<span>label {html.escape(str(classes[0]))}<i style=\"background:{palette[0]}\"></i> to "
+              f"<i style=\"background:{palette[-1]}\"></i>{html.escape(str(classes[-1]))}</span>")
+    return palette, rank.tolist(), legend
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
 def _shape(shape) -> str:
     return " x ".join(str(s) for s in shape)
 
@@ -147,7 +241,7 @@ def _shape(shape) -> str:
 def _figure(title: str, fig, caption: str, caption_is_html: bool = False) -> str:
     """An ``<h2>`` and a ``<figure>`` holding ``fig`` as an embedded PNG. ``caption`` is
     escaped unless ``caption_is_html`` (then it is trusted markup built in this module)."""
-    uri = "data:image/png;base64," + base64.b64encode(plots.figure_png(fig)).decode("ascii")
+    uri = _png_uri(plots.figure_png(fig))
     text = caption if caption_is_html else html.escape(caption)
     return (f"<h2>{html.escape(title)}</h2>\n<figure><img src=\"{uri}\" alt=\"{html.escape(title)}\">"
             f"<figcaption>{text}</figcaption></figure>")
@@ -187,7 +281,7 @@ def _page(run_dir: Path, config: dict, metrics: dict, n_parameters: int, section
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>aekit report: {e(run_dir.resolve().name)}</title>
 <style>{_STYLE}</style>
-<script>{_COUNT_IMAGES}</script>
+<script>{_COUNT_IMAGES}{_MAP_SCRIPT}</script>
 </head>
 <body>
 <main>

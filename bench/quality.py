@@ -11,16 +11,14 @@ the machine and the command, to bench/QUALITY.md.
     python bench/quality.py --data photos32 --latent 8   # one cell
 
 Each finished cell is also appended to bench/quality-cells.jsonl, so that an interrupted run
-can go on with ``--resume`` (cells with the same data, latent size, limit and aekit version
-are reused).
+can go on with ``--resume`` (cells with the same data, latent size and limit are reused;
+each records the aekit version that made it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import aekit  # noqa: E402
 from aekit.data import load_dataset  # noqa: E402
 from aekit.estimator import ConvAutoencoder, PCAReconstructor  # noqa: E402
+from speed import machine  # noqa: E402  (bench/speed.py: the CPU, cores, torch)
 
 DATA = ("mnist", "fashion-mnist", "digits8", "gray32", "photos32", "photos64")
 LATENTS = (2, 8, 16, 32, 64)
@@ -86,18 +85,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads; "
-            f"Python {platform.python_version()}, PyTorch {torch.__version__}, aekit {aekit.__version__}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=",".join(DATA), help=f"comma-separated, from {', '.join(DATA)}")
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
     if (args.resume or args.table_only) and CELLS.exists():
         for line in CELLS.read_text().splitlines():
             r = json.loads(line)
-            done[(r["data"], r["latent_dim"], r["limit"], r["aekit"])] = r
+            done[(r["data"], r["latent_dim"], r["limit"])] = r
     elif CELLS.exists():
         CELLS.unlink()
     started = time.perf_counter()
@@ -124,7 +111,7 @@ def main(argv=None) -> int:
     for name in names:
         if args.table_only:
             for d in latents:
-                found = done.get((name, d, LIMITS.get(name), aekit.__version__))
+                found = done.get((name, d, LIMITS.get(name)))
                 rows.append(found) if found else missing.append(f"{name} at {d}")
             continue
         split = load_dataset(name)
@@ -132,7 +119,7 @@ def main(argv=None) -> int:
             (x_train, y_train), test = split
             split = ((x_train[:LIMITS[name]], None if y_train is None else y_train[:LIMITS[name]]), test)
         for d in latents:
-            key = (name, d, LIMITS.get(name), aekit.__version__)
+            key = (name, d, LIMITS.get(name))
             r = done.get(key) or cell(name, d, split)
             if key not in done:
                 with open(CELLS, "a") as f:
@@ -143,7 +130,7 @@ def main(argv=None) -> int:
     command = "python bench/quality.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     took = "" if args.table_only else f", {(time.perf_counter() - started) / 60:.0f} min"
     text = (f"# aekit's defaults against PCA\n\n`{command}` ({time.strftime('%Y-%m-%d')}{took})\n\n"
-            f"Machine: {machine()}\n\n{table(rows)}")
+            f"Machine: {machine()}, aekit {aekit.__version__}\n\n{table(rows)}")
     if missing:
         text += f"\nNot run: {', '.join(missing)}.\n"
     Path(args.out).write_text(text)

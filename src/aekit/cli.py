@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
+    p.add_argument("--beta", type=float, help="weight of the KL term for --model vae (default: 1.0)")
     p.add_argument("--noise", metavar="KIND:AMOUNT",
                    help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),

@@ -256,12 +256,13 @@ class ConvAutoencoder(_ImageReconstructor):
     left ``None`` (see ``aekit.training.RECIPES``).
     """
 
-    def __init__(self, model="conv", latent_dim=32, widths=None, epochs=10, batch_size=None, lr=None,
+    def __init__(self, model="conv", latent_dim=32, widths=None, beta=None, epochs=10, batch_size=None, lr=None,
                  loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
                  random_state=None, device="auto", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
+        self.beta = beta
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -280,7 +281,8 @@ class ConvAutoencoder(_ImageReconstructor):
 
         # Only the options the model takes: latent_dim's default means nothing to the seed network.
         takes = MODELS[self.model].options if self.model in MODELS else ()
-        options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths)}
+        options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths),
+                   "beta": self.beta}
         return TrainConfig(
             data="<array>", model=self.model, **{k: v for k, v in options.items() if k in takes},
             noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
@@ -365,7 +367,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if (path / ESTIMATOR).is_file():
             est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
-            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths,
+            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths, beta=config.beta,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}

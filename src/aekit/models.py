@@ -405,3 +405,10 @@ __all__ = [
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS", "training_data",
 ]
+
+
+# The variational autoencoder builds on the nets above (aekit.vae), so it registers here, last.
+from aekit.vae import VAE  # noqa: E402
+
+MODELS["vae"] = VAE
+DEFAULTS["beta"] = 1.0

@@ -323,6 +323,39 @@ class ConvAutoencoder(_ImageReconstructor):
         """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""
         return self.reconstruct(X)
 
+    def sample(self, n: int, random_state=None) -> np.ndarray:
+        """``n`` new images from a fitted ``model="vae"``: latents drawn from the prior
+        N(0, I), decoded; in the layout fitted on, float32 in [0, 1]. ``random_state`` (an
+        int, a RandomState or None) fixes the draw; torch's global generator is not used."""
+        self._check_is_fitted()
+        from aekit.vae import VAE
+
+        if not isinstance(self.model_, VAE):
+            raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
+                             f"model={self.config_.model!r}: fit with model='vae'")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int (images to sample), got {n!r}")
+        # None: fresh entropy from the OS, so numpy's global generator is not advanced either.
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if random_state is None \
+            else int(check_random_state(random_state).randint(2 ** 31 - 1))
+        z = torch.randn(int(n), *self.model_.latent_shape, generator=torch.Generator().manual_seed(seed))
+        return self.inverse_transform(z.numpy())
+
+    def interpolate(self, a, b, steps: int = 10) -> np.ndarray:
+        """``steps`` images along the straight latent path from image ``a`` to image ``b``
+        (the codes of ``transform``: for a VAE the posterior means), endpoints included,
+        in the layout fitted on: (steps, ...) float32 in [0, 1]. ``a`` and ``b`` are single
+        images in the layout fitted on."""
+        self._check_is_fitted()
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2 (the path's endpoints included), got {steps!r}")
+        pair = np.stack([np.asarray(a), np.asarray(b)])
+        if pair.dtype == object:
+            raise ValueError(f"a and b must be images of the same shape, got {np.shape(a)} and {np.shape(b)}")
+        ends = self.transform(pair)                                    # (2, latent)
+        t = np.linspace(0.0, 1.0, int(steps), dtype=np.float32)[:, None]
+        return self.inverse_transform((1 - t) * ends[0] + t * ends[1])  # (steps, latent) -> images
+
     # ---- persistence: the same run folder as `aekit train`
 
     def save(self, path, overwrite: bool = False) -> Path:

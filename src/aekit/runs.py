@@ -513,6 +513,9 @@ def train_and_evaluate(
         "contamination": DEFAULT_CONTAMINATION,
         "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
+    own = getattr(model, "test_metrics", None)  # a model's own test numbers (the VAE's likelihoods)
+    if callable(own):
+        metrics.update(own(x_test))
     if main:
         save_weights(model, workdir / WEIGHTS, config)
         write_history(state.history, workdir / HISTORY)

@@ -39,6 +39,17 @@ def test_cli_trains_a_vae_and_reports_its_likelihoods(tmp_path):
     assert metrics["test_loss"] == pytest.approx(metrics["test_reconstruction"] + 0.5 * metrics["test_kl"], rel=1e-4)
     assert metrics["test_iwae_nll_nats"] > 0 and metrics["test_elbo_nats"] < 0
     assert "kl" in (out / "history.csv").read_text().splitlines()[0].split(",")
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(out), "--n", "6", "--out", str(grid), "--seed", "1"]) == 0
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sample", str(out), "--n", "6", "--out", str(grid)]) == 2  # no --overwrite
+    assert main(["sample", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")]) == 2
+
+
+def test_cli_sample_refuses_a_run_without_a_prior(capsys, tmp_path):
+    assert main(["sample", "tests/data/run-0.1.0", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model vae" in err
 
 
 def test_transform_is_the_posterior_mean(fitted, mnist):

@@ -142,7 +142,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
     (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
-    (["train", "--model", "vae"], "argument --model: invalid choice: 'vae'"),
+    (["train", "--model", "no-such-model"], "argument --model: invalid choice: 'no-such-model'"),
     (["train", "--recipe"], "argument --recipe: expected one argument"),
     (["train", "--resume", "--overwrite", "--out", "r"], "argument --overwrite: not allowed with argument --resume"),
     (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.1", "--contamination", "0.1"],

@@ -253,6 +253,14 @@ def edit_state(folder, edit):
     (folder / "estimator.json").write_text(json.dumps(state))
 
 
+def test_an_estimator_saved_before_beta_existed_loads(fitted, tmp_path, digits):
+    fitted.save(tmp_path / "est")
+    edit_state(tmp_path / "est", lambda state: state["params"].pop("beta"))  # as aekit 0.2 wrote it
+    loaded = ConvAutoencoder.load(tmp_path / "est")
+    assert loaded.beta is None
+    np.testing.assert_array_equal(loaded.transform(digits[2][:8]), fitted.transform(digits[2][:8]))
+
+
 BAD_STATES = {
     "not JSON": (b"{", "unreadable"),
     "not UTF-8": (b"\xff\xfe", "unreadable"),

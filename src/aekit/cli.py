@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
+    p.add_argument("--beta", type=float, help="weight of the KL term for --model vae (default: 1.0)")
     p.add_argument("--noise", metavar="KIND:AMOUNT",
                    help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
@@ -174,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data to reconstruct (default: the run's test split)")
     p.add_argument("--n", type=_positive_int, default=10, help="number of images (default: 10)")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("sample", help="write a PNG grid of new images from a VAE run (--model vae)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    p.add_argument("--seed", type=int, help="fixes the draw (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
@@ -363,6 +371,28 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import math
+
+    import torch
+
+    from aekit.estimator import ConvAutoencoder
+    from aekit.plots import image_rows_figure, save_figure
+
+    refuse_existing(args.out, overwrite=args.overwrite)
+    estimator = ConvAutoencoder.load(args.run)
+    images = torch.from_numpy(estimator.sample(args.n, random_state=args.seed))
+    images = images.reshape(args.n, *estimator.image_shape_[1:], estimator.image_shape_[0]).permute(0, 3, 1, 2) \
+        if images.ndim == 4 else images.reshape(args.n, *estimator.image_shape_)  # (n, C, H, W)
+    columns = math.ceil(math.sqrt(args.n))
+    rows = -(-args.n // columns)
+    images = torch.cat([images, torch.ones(rows * columns - args.n, *images.shape[1:])])  # blank (white) tail
+    figure = image_rows_figure([("", row) for row in images.split(columns)])
+    save_figure(figure, args.out, overwrite=args.overwrite)
+    print(args.out)
+    return 0
+
+
 def cmd_denoise(args) -> int:
     from aekit.data import read_images, write_images
     from aekit.estimator import ConvAutoencoder
@@ -443,6 +473,7 @@ def _tune_process(command: str) -> None:
 
 COMMANDS = {"summary": cmd_summary, "data": cmd_data, "train": cmd_train,
             "evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "denoise": cmd_denoise,
+            "sample": cmd_sample,
             "score": cmd_score, "compare": cmd_compare, "report": cmd_report, "export": cmd_export}
 
 

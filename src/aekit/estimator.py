@@ -33,6 +33,7 @@ from aekit import inference
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
+_ADDED_PARAMS = {"beta": None}  # params added after 0.2.0, with the value an older save means
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
 _STATE_KEYS = ("params", "threshold", "layout", "image_shape", "history")
 
@@ -262,12 +263,13 @@ class ConvAutoencoder(_ImageReconstructor):
     own (``pca-conv``: ``"mse"``).
     """
 
-    def __init__(self, model="pca-conv", latent_dim=32, widths=None, epochs=None, batch_size=None, lr=None,
+    def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, epochs=None, batch_size=None, lr=None,
                  loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
                  random_state=None, device="auto", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
+        self.beta = beta
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -287,7 +289,8 @@ class ConvAutoencoder(_ImageReconstructor):
 
         # Only the options the model takes: latent_dim's default means nothing to the seed network.
         takes = MODELS[self.model].options if self.model in MODELS else ()
-        options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths)}
+        options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths),
+                   "beta": self.beta}
         config = TrainConfig(
             data="<array>", model=self.model, **{k: v for k, v in options.items() if k in takes},
             noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
@@ -331,6 +334,39 @@ class ConvAutoencoder(_ImageReconstructor):
     def denoise(self, X) -> np.ndarray:
         """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""
         return self.reconstruct(X)
+
+    def sample(self, n: int, random_state=None) -> np.ndarray:
+        """``n`` new images from a fitted ``model="vae"``: latents drawn from the prior
+        N(0, I), decoded; in the layout fitted on, float32 in [0, 1]. ``random_state`` (an
+        int, a RandomState or None) fixes the draw; torch's global generator is not used."""
+        self._check_is_fitted()
+        from aekit.vae import VAE
+
+        if not isinstance(self.model_, VAE):
+            raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
+                             f"model={self.config_.model!r}: fit with model='vae'")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int (images to sample), got {n!r}")
+        # None: fresh entropy from the OS, so numpy's global generator is not advanced either.
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if random_state is None \
+            else int(check_random_state(random_state).randint(2 ** 31 - 1))
+        z = torch.randn(int(n), *self.model_.latent_shape, generator=torch.Generator().manual_seed(seed))
+        return self.inverse_transform(z.numpy())
+
+    def interpolate(self, a, b, steps: int = 10) -> np.ndarray:
+        """``steps`` images along the straight latent path from image ``a`` to image ``b``
+        (the codes of ``transform``: for a VAE the posterior means), endpoints included,
+        in the layout fitted on: (steps, ...) float32 in [0, 1]. ``a`` and ``b`` are single
+        images in the layout fitted on."""
+        self._check_is_fitted()
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2 (the path's endpoints included), got {steps!r}")
+        pair = np.stack([np.asarray(a), np.asarray(b)])
+        if pair.dtype == object:
+            raise ValueError(f"a and b must be images of the same shape, got {np.shape(a)} and {np.shape(b)}")
+        ends = self.transform(pair)                                    # (2, latent)
+        t = np.linspace(0.0, 1.0, int(steps), dtype=np.float32)[:, None]
+        return self.inverse_transform((1 - t) * ends[0] + t * ends[1])  # (steps, latent) -> images
 
     # ---- persistence: the same run folder as `aekit train`
 
@@ -376,7 +412,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if (path / ESTIMATOR).is_file():
             est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
-            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths,
+            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths, beta=config.beta,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}
@@ -411,6 +447,8 @@ class ConvAutoencoder(_ImageReconstructor):
             raise RunError(f"{source}: expected an object with keys {list(_STATE_KEYS)}, got "
                            f"{reprlib.repr(found)}; save the estimator again")
         params, known = state["params"], cls().get_params()
+        if isinstance(params, dict):
+            params = {**_ADDED_PARAMS, **params}  # saved before those params existed
         if not isinstance(params, dict) or set(params) != set(known):
             found = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise RunError(f"{source}: params must hold exactly {sorted(known)}, got {reprlib.repr(found)}; "

@@ -411,4 +411,5 @@ __all__ = [
 
 # The families in modules of their own, which build on the classes above and add themselves to
 # MODELS (imported last, so that importing either module first works).
-from aekit import pcaconv  # noqa: E402,F401
+DEFAULTS["beta"] = 1.0  # model "vae": the weight of the KL term
+from aekit import pcaconv, vae  # noqa: E402,F401

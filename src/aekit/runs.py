@@ -208,6 +208,8 @@ def _check_same_config(recorded_json: str | None, config: TrainConfig, path: Pat
     if not isinstance(recorded, dict):
         raise RunError(f"{path}: no readable config recorded in the {kind}; the file is damaged{_REMEDY[kind]}")
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as recorded
+    # A field an older aekit did not record has its default (e.g. "chosen": {}, "beta": None).
+    recorded = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **recorded}
     for name in sorted(set(recorded) | set(current)):
         if name not in RUNTIME_FIELDS and recorded.get(name) != current.get(name):
             raise RunError(
@@ -513,6 +515,9 @@ def train_and_evaluate(
         "contamination": DEFAULT_CONTAMINATION,
         "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
+    own = getattr(model, "test_metrics", None)  # a model's own test numbers (the VAE's likelihoods)
+    if callable(own):
+        metrics.update(own(x_test))
     if main:
         save_weights(model, workdir / WEIGHTS, config)
         write_history(state.history, workdir / HISTORY)

@@ -87,7 +87,8 @@ class TrainConfig:
     data: str = "mnist"
     model: str = "seed"
     latent_dim: int | None = None          # model "conv" only; the seed's latent is 8 x H/4 x W/4
-    widths: tuple[int, ...] | None = None  # model "conv" only: encoder channels per level
+    widths: tuple[int, ...] | None = None  # models "conv", "vae": encoder channels per level
+    beta: float | None = None              # model "vae" only: the weight of the KL term (1.0: the plain VAE)
     noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
     recipe: str = "default"
     epochs: int | None = None
@@ -126,7 +127,7 @@ class TrainConfig:
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
-        models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths)
+        models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths, beta=self.beta)
         positive("epochs", self.epochs)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
@@ -278,7 +279,8 @@ def model_for(config: TrainConfig) -> nn.Module:
     with its options; its weights as PyTorch initialises them."""
     if config.image_shape is None:
         raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
-    return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths)
+    return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths,
+                              beta=config.beta)
 
 
 def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:

@@ -1,0 +1,185 @@
+"""The variational autoencoder (Kingma & Welling 2014), with a beta weight on the KL term
+(Higgins et al. 2017): ``model="vae"``.
+
+The encoder is :class:`aekit.models.ConvEncoder` with ``2 * latent_dim`` outputs, read as
+the mean and the log-variance of a diagonal Gaussian posterior q(z|x); the decoder is
+:class:`aekit.models.ConvDecoder`, whose logits are the means of a Bernoulli likelihood
+p(x|z) per pixel; the prior is N(0, I).
+
+The objective is the negative ELBO under that Bernoulli likelihood (binary cross-entropy
+summed over pixels, which takes grey-level pixels in [0, 1] as they are), plus ``beta``
+times the KL divergence, divided by the number of pixels: per pixel, so that the learning
+rates the recipes tuned for per-pixel mean losses fit it as they are. It is offered as the
+objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a variance).
+
+The reparameterisation noise: each call of :meth:`VAE.loss` draws it from a local
+``torch.Generator`` seeded by the model's ``noise_seed`` (drawn from torch's global generator
+when the model is built, so ``torch.manual_seed`` before building fixes it) and by the
+pixels of the batch it is given. It depends on nothing else, so the same model and images
+give the same noise in any thread, in any order of a step's chunks, in training and in
+evaluation (:func:`aekit.inference.evaluate` is deterministic: the single-sample ELBO
+estimate of the same images is the same every time), and torch's global generator is never
+touched after construction. ``encode`` (and the estimator's ``transform``) give the
+posterior mean; ``forward`` decodes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from aekit import models
+
+
+def _noise_generator(seed: int, x: torch.Tensor) -> torch.Generator:
+    """A generator on ``x``'s device seeded by ``seed`` and the contents of ``x``."""
+    flat = x.detach().flatten().double()
+    # Two sums of the pixels (plain and position-weighted): the same images give the same
+    # seed; other images almost surely another.
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=x.device) % 9973
+    key = hash((seed, tuple(x.shape), float(flat.sum()), float((flat * weights).sum()))) % (2 ** 63)
+    return torch.Generator(device=x.device).manual_seed(key)
+
+
+class VAE(models.Autoencoder):
+    """A convolutional VAE: (n, C, H, W) in [0, 1] -> q(z|x) = N(mean, exp(log_var)) with
+    z of ``latent_dim`` numbers -> Bernoulli pixel means.
+
+    ``encode``: (n, C, H, W) -> (n, latent_dim), the posterior mean. ``decode``:
+    (n, latent_dim) -> (n, C, H, W) in [0, 1], the Bernoulli means.
+    """
+
+    objectives = ("bce",)
+    options = ("latent_dim", "widths", "beta")
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
+                 widths: tuple[int, ...] = (16, 32), beta: float = 1.0):
+        super().__init__()
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {beta!r}")
+        # The plain conv net checks latent_dim, widths and the image size; it owns the decoder.
+        net = models.ConvAutoencoderNet(image_shape, latent_dim, widths)
+        self.image_shape, self.latent_dim, self.beta = net.image_shape, latent_dim, float(beta)
+        self.encoder = models.ConvEncoder(self.image_shape, 2 * latent_dim, tuple(widths))  # mean, log_var
+        self.decoder = net.decoder
+        # A plain int, not a buffer: fast.ChunkPool shares parameters only.
+        self.noise_seed = int(torch.randint(0, 2 ** 62, ()))
+
+    @property
+    def latent_shape(self) -> tuple[int]:
+        return (self.latent_dim,)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, C, H, W) -> (mean, log_var), each (n, latent_dim)."""
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        return mean, log_var
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.posterior(x)[0]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, C, H, W): the logits of the posterior mean's decoding."""
+        return self.decoder.logits(self.encode(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))
+
+    def test_metrics(self, images) -> dict:
+        """What a run reports beside its test loss: :func:`likelihood_metrics` of ``images``."""
+        return likelihood_metrics(self, images)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> models.Loss:
+        """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
+        with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel."""
+        if objective not in self.objectives:
+            raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
+        mean, log_var = self.posterior(x)                                     # (n, d) each
+        eps = torch.randn(mean.shape, generator=_noise_generator(self.noise_seed, x),
+                          device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * log_var) * eps                             # (n, d)
+        logits = self.decoder.logits(z)                                       # (n, C, H, W)
+        pixels = math.prod(self.image_shape)
+        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1) / pixels
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels  # KL(q || N(0, I))
+        total = (recon + self.beta * kl).mean()
+        return models.Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
+
+
+def elbo(model: VAE, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(n, C, H, W) -> (n,): a single-sample estimate of the ELBO (beta = 1) in nats per
+    image, log p(x|z) + log p(z) - log q(z|x), for z drawn from q(z|x) with ``generator``."""
+    return iwae_bound(model, x, k=1, generator=generator)
+
+
+@torch.no_grad()
+def iwae_bound(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, C, H, W) -> (n,): the importance-weighted lower bound on log p(x) (Burda et al.
+    2016) in nats per image, with ``k`` samples from q(z|x) drawn with ``generator``:
+    log (1/k) sum_i p(x, z_i) / q(z_i | x). k=1 is the ELBO; it rises towards log p(x) as k
+    grows, so -iwae_bound(k=100) estimates the negative log-likelihood.
+
+    The likelihood is Bernoulli per pixel with the pixels of ``x`` (in [0, 1]) as targets,
+    as in training. For grey-level images (aekit's MNIST) that is binary cross-entropy on
+    grey levels, not a normalised density of the images: compare it only with numbers
+    computed the same way, not with those of stochastically binarised MNIST.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int (samples per image), got {k!r}")
+    mean, log_var = model.posterior(x)                                        # (n, d)
+    std = torch.exp(0.5 * log_var)
+    log_weights = []
+    for _ in range(k):
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + std * eps                                                  # (n, d)
+        logits = model.decoder.logits(z)
+        log_px_z = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
+        log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(1)
+        log_weights.append(log_px_z + log_pz - log_qz)                        # (n,)
+    return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(k)
+
+
+IWAE_K = 100       # importance samples per image for the run's NLL estimate
+IWAE_IMAGES = 500  # on the first this many test images (IWAE_K decodes each)
+
+
+@torch.no_grad()
+def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwae: int = IWAE_IMAGES,
+                       batch_size: int = 256) -> dict:
+    """A VAE's test ELBO and importance-weighted NLL estimate, in nats per image, under the
+    Bernoulli likelihood on the pixels as given (see :func:`iwae_bound`).
+
+    ``images``: an :class:`aekit.data.ImageSource`. ``test_elbo_nats``: mean single-sample
+    ELBO over every image; ``test_iwae_nll_nats``: mean of -iwae_bound(k) over the first
+    ``n_iwae`` images, beside ``test_elbo_nats_iwae_images``, the ELBO on those same images.
+    Deterministic: a local generator seeded by ``seed``; the model is left in the mode found.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        generator = None
+        elbos, iwae, iwae_elbo = [], [], []
+        for batch in images.batches(batch_size):
+            batch = batch.to(next(model.parameters()).device)
+            if generator is None:
+                generator = torch.Generator(device=batch.device).manual_seed(seed)
+            elbos.append(elbo(model, batch, generator))
+            take = n_iwae - sum(len(b) for b in iwae)
+            if take > 0:
+                iwae.append(iwae_bound(model, batch[:take], k, generator))
+                iwae_elbo.append(elbos[-1][:take])
+    finally:
+        model.train(was_training)
+    return {"test_elbo_nats": float(torch.cat(elbos).mean()),
+            "test_iwae_nll_nats": float(-torch.cat(iwae).mean()),
+            "test_elbo_nats_iwae_images": float(torch.cat(iwae_elbo).mean()),
+            "iwae_k": k, "iwae_images": int(sum(len(b) for b in iwae)),
+            "likelihood": "Bernoulli per pixel on grey-level pixels in [0, 1] (not binarised)"}
+
+
+__all__ = ["VAE", "elbo", "iwae_bound", "likelihood_metrics"]
+
+
+models.MODELS["vae"] = VAE

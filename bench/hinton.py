@@ -1,7 +1,7 @@
 """Hinton & Salakhutdinov's bar: a 30-number code on MNIST, squared error per test image
 (their deep autoencoder 3.00, their PCA 13.87), with aekit's defaults for that latent size.
 
-    python bench/hinton.py            # about 15 minutes on 2 cores
+    python bench/hinton.py            # about 6 minutes on 2 idle cores (bench/HINTON.md)
 
 Trains ``ConvAutoencoder(latent_dim=30, random_state=0)``'s configuration on the 60,000
 training images (the same config the estimator makes: its model, recipe and epoch rule),

@@ -1,20 +1,23 @@
-"""PCA plus a convolutional correction: an autoencoder that starts where PCA ends.
+"""PCA plus convolutional corrections: an autoencoder that starts where PCA ends.
 
 The code of an image is its principal-component scores plus what a convolutional encoder
-adds; the reconstruction is PCA's plus what a convolutional decoder adds::
+adds; the reconstruction is PCA's plus what a convolutional decoder adds, refined by a few
+local convolutions::
 
-    z     = P (x - mean) + e(x)           (n, latent_dim)
-    x_hat = clip(mean + P^T z + g(z), 0, 1)
+    z      = P (x - mean) + a * s * e(x)                      (n, latent_dim)
+    coarse = mean + P^T z + b * g(z / s)                      (n, C, H, W)
+    x_hat  = clip(coarse + c * r(coarse), 0, 1)
 
-``mean`` and ``P`` (the top ``latent_dim`` principal directions, orthonormal rows) are
-fitted to the training images when a run starts (:meth:`training_data`) and then kept
-fixed; ``e`` and ``g`` are :class:`~aekit.models.ConvEncoder` and
-:class:`~aekit.models.ConvDecoder`, each weighted by a learned gate that starts at 0 (as in
-ReZero, Bachlechner et al. 2020), so that the corrections grow in from nothing at any
-learning rate; ``g`` reads the scores divided by their standard deviations, ``e`` writes
-at those scales. So the untrained model *is* PCA, and training, on the squared error, only adds the non-linear part PCA cannot
-express. On natural photographs, where a plain convolutional autoencoder of the same size
-loses to PCA (bench/QUALITY.md), this one starts level and goes past it.
+``mean``, ``P`` (the top ``latent_dim`` principal directions, orthonormal rows) and ``s``
+(each score's standard deviation) are fitted to the training images when a run starts
+(:meth:`PCAConvAutoencoder.training_data`) and then kept fixed. ``e`` and ``g`` are
+:class:`~aekit.models.ConvEncoder` and :class:`~aekit.models.ConvDecoder`, ``r`` is
+:data:`REFINE_DEPTH` 3x3 convolutions; the gates ``a``, ``b``, ``c`` are learned scalars that
+start at 0 (as in ReZero, Bachlechner et al. 2020), so the corrections grow in from nothing
+at any learning rate, and the untrained model *is* PCA. Training, on the squared error,
+adds what PCA cannot express: on MNIST most of the gain is the refinement ``r``. On
+photographs it carries over to unseen pictures only when the training images are varied
+enough (bench/QUALITY.md says where it does and does not beat PCA).
 
 Trained on the squared error of the unclipped output (clipping would stop the gradient of
 every pixel outside [0, 1]); ``forward`` clips, which only lowers the error of images in
@@ -88,7 +91,7 @@ class PCAConvDecoder(nn.Module):
 
 
 class PCAConvAutoencoder(Autoencoder):
-    """PCA plus a convolutional correction, for any (C, H, W); see the module docstring.
+    """PCA plus convolutional corrections, for any (C, H, W); see the module docstring.
 
     ``widths``: the correction's encoder channels per 2x downsampling, as in
     :class:`~aekit.models.ConvAutoencoderNet`. ``encode``: (n, C, H, W) -> (n, latent_dim).

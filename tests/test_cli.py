@@ -222,7 +222,8 @@ def test_collapse_is_reported_once_with_flags(tmp_path, mnist, capsys):
 def test_collapse_warns_an_estimator_user_once_in_parameters(mnist):
     (x_train, _), _ = mnist
     with pytest.warns(CollapseWarning) as caught:
-        ConvAutoencoder(recipe="blog", epochs=2, device="cpu").fit(x_train[:300])
+        # The plain conv model: pca-conv starts as PCA, never at a blank output.
+        ConvAutoencoder(model="conv", recipe="blog", epochs=2, device="cpu").fit(x_train[:300])
     assert len(caught) == 1
     message = str(caught[0].message)
     assert message.startswith("epoch 1: the reconstructions are nearly constant")

@@ -294,7 +294,7 @@ def test_broken_image_file(tmp_path, rng):
 
 
 def test_missing_path_names_builtins(tmp_path):
-    with pytest.raises(DataError, match=r"no data at .*not a built-in name \(fashion-mnist, mnist\)"):
+    with pytest.raises(DataError, match=r"no data at .*not a built-in name \(digits8, fashion-mnist, gray32, mnist, photos32, photos64\)"):
         load_dataset(tmp_path / "nope")
 
 

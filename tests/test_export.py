@@ -43,7 +43,14 @@ def pca_conv_run(tmp_path_factory, mnist):
     return out
 
 
-@pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run"])
+@pytest.fixture(scope="module")
+def map_run(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("export") / "map"
+    train_and_evaluate(TrainConfig(model="map", latent_dim=2, epochs=1, limit=300), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run", "map_run"])
 def test_onnx_files_match_pytorch(which, request, tmp_path, capsys):
     need_onnx()
     import onnxruntime as ort

@@ -93,10 +93,20 @@ def reconstruction_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     binary cross-entropy on ``model.logits(x)`` for ``"bce"``, squared error of ``model(x)``
     for ``"mse"``. ``x`` is ``target`` itself, or a corrupted copy when training a denoiser."""
     if objective == "bce":
-        logits = model.logits(x)
-        return Loss(F.binary_cross_entropy_with_logits(logits, target), torch.sigmoid(logits), {})
+        return logits_loss(model.logits(x), target, objective)
     if objective == "mse":
         reconstruction = model(x)
+        return Loss(F.mse_loss(reconstruction, target), reconstruction, {})
+    raise ValueError(f"unknown objective {objective!r}; expected one of {RECONSTRUCTION_OBJECTIVES}")
+
+
+def logits_loss(logits: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
+    """:func:`reconstruction_loss` from a decoder's logits (n, C, H, W) already computed:
+    the reconstruction is their sigmoid."""
+    reconstruction = torch.sigmoid(logits)
+    if objective == "bce":
+        return Loss(F.binary_cross_entropy_with_logits(logits, target), reconstruction, {})
+    if objective == "mse":
         return Loss(F.mse_loss(reconstruction, target), reconstruction, {})
     raise ValueError(f"unknown objective {objective!r}; expected one of {RECONSTRUCTION_OBJECTIVES}")
 
@@ -124,6 +134,19 @@ def training_data(model: nn.Module, images, new: bool) -> contextlib.AbstractCon
     :func:`aekit.training.fit` enters around training (see :meth:`Autoencoder.training_data`)."""
     own = getattr(model, "training_data", None)
     return own(images, new) if callable(own) else contextlib.nullcontext()
+
+
+def batch_generator(seed: int, x: torch.Tensor) -> torch.Generator:
+    """A generator on ``x``'s device seeded by ``seed`` and the contents of ``x``: for a
+    model's own randomness in :meth:`Autoencoder.loss` (a VAE's noise, a map's edges), the
+    same for the same images in any thread and any order of a step's chunks, and never
+    touching torch's global generator."""
+    flat = x.detach().flatten().double()
+    # Two sums of the pixels (plain and position-weighted): the same images give the same
+    # seed; other images almost surely another.
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=x.device) % 9973
+    key = hash((seed, tuple(x.shape), float(flat.sum()), float((flat * weights).sum()))) % (2 ** 63)
+    return torch.Generator(device=x.device).manual_seed(key)
 
 
 class Autoencoder(nn.Module):
@@ -404,7 +427,8 @@ def summary(model: nn.Module) -> str:
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
-    "Loss", "loss", "objectives", "reconstruction_loss", "check_options", "DEFAULTS", "training_data",
+    "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "DEFAULTS", "training_data",
+    "batch_generator",
 ]
 
 
@@ -412,4 +436,4 @@ __all__ = [
 # The families in modules of their own, which build on the classes above and add themselves to
 # MODELS (imported last, so that importing either module first works).
 DEFAULTS["beta"] = 1.0  # model "vae": the weight of the KL term
-from aekit import pcaconv, vae  # noqa: E402,F401
+from aekit import neighbours, pcaconv, vae  # noqa: E402,F401

@@ -86,8 +86,8 @@ class TrainConfig:
 
     data: str = "mnist"
     model: str = "seed"
-    latent_dim: int | None = None          # dense-latent models (conv, pca-conv, vae); the seed's is 8 x H/4 x W/4
-    widths: tuple[int, ...] | None = None  # models "conv", "pca-conv", "vae": encoder channels per level
+    latent_dim: int | None = None          # dense-latent models (conv, pca-conv, vae, map); the seed's is 8 x H/4 x W/4
+    widths: tuple[int, ...] | None = None  # models "conv", "pca-conv", "vae", "map": encoder channels per level
     beta: float | None = None              # model "vae" only: the weight of the KL term (1.0: the plain VAE)
     noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
     recipe: str = "default"

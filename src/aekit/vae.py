@@ -33,16 +33,6 @@ import torch.nn.functional as F
 from aekit import models
 
 
-def _noise_generator(seed: int, x: torch.Tensor) -> torch.Generator:
-    """A generator on ``x``'s device seeded by ``seed`` and the contents of ``x``."""
-    flat = x.detach().flatten().double()
-    # Two sums of the pixels (plain and position-weighted): the same images give the same
-    # seed; other images almost surely another.
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=x.device) % 9973
-    key = hash((seed, tuple(x.shape), float(flat.sum()), float((flat * weights).sum()))) % (2 ** 63)
-    return torch.Generator(device=x.device).manual_seed(key)
-
-
 class VAE(models.Autoencoder):
     """A convolutional VAE: (n, C, H, W) in [0, 1] -> q(z|x) = N(mean, exp(log_var)) with
     z of ``latent_dim`` numbers -> Bernoulli pixel means.
@@ -96,7 +86,7 @@ class VAE(models.Autoencoder):
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
         mean, log_var = self.posterior(x)                                     # (n, d) each
-        eps = torch.randn(mean.shape, generator=_noise_generator(self.noise_seed, x),
+        eps = torch.randn(mean.shape, generator=models.batch_generator(self.noise_seed, x),
                           device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps                             # (n, d)
         logits = self.decoder.logits(z)                                       # (n, C, H, W)

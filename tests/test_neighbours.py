@@ -11,6 +11,7 @@ from aekit import ConvAutoencoder, models
 from aekit.data import NpyStream, prepare_images
 from aekit.neighbours import MapAutoencoder, NeighbourGraph
 from aekit.training import TrainConfig, fit
+from conftest import one_error_line
 
 
 def knn_accuracy(estimator, x_train, y_train, x_test, y_test) -> float:
@@ -87,6 +88,29 @@ def test_map_codes_keep_neighbours_better_than_the_plain_autoencoders(mnist):
     for model in ("map", "conv"):
         estimator = ConvAutoencoder(model=model, latent_dim=2, epochs=8, random_state=0).fit(x_train)
         accuracy[model] = knn_accuracy(estimator, x_train, y_train, x_test, y_test)
-    print(accuracy)
     assert accuracy["map"] > accuracy["conv"] + 0.2, accuracy
 
+
+def test_cli_trains_a_map_and_draws_its_decoded_grid(tmp_path, capsys, mnist):
+    """`aekit train --model map` and `aekit sample RUN --grid SIDE`: the grid the report shows,
+    decoded from the codes of the run's test images; a run without a 2-number code is refused."""
+    from PIL import Image
+
+    from aekit.cli import main
+    from aekit.inference import encode
+    from aekit.plots import latent_grid
+    from aekit.runs import load_model, load_split
+
+    run, grid = tmp_path / "run", tmp_path / "grid.png"
+    assert main(["train", "--model", "map", "--latent-dim", "2", "--limit", "300", "--epochs", "1",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "--grid", "4", "--out", str(grid)]) == 0
+    model, config = load_model(run)
+    expected = latent_grid(model, encode(model, load_split(config, None)[1].first(2000)), n=4).image
+    assert np.array_equal(np.asarray(Image.open(grid)), expected) and expected.shape == (112, 112)
+    capsys.readouterr()
+    assert main(["sample", "tests/data/run-0.1.0", "--grid", "4", "--out", str(tmp_path / "g.png")]) == 2
+    assert "a latent grid needs a model whose latent has 2 numbers" in one_error_line(capsys)
+    assert main(["sample", str(run), "--grid", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--grid must be at least 2" in one_error_line(capsys)
+    assert not (tmp_path / "g.png").exists()

@@ -177,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = sub.add_parser("sample", help="write a PNG grid of new images from a VAE run (--model vae)")
+    p = sub.add_parser("sample", help="write a PNG grid of new images from a VAE run (--model vae), or the "
+                                      "decoded latent grid of a run whose latent has 2 numbers (--grid)")
     p.add_argument("run", type=Path)
     p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--grid", type=_positive_int, metavar="SIDE",
+                   help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
+                        "test images (1st to 99th percentile), for any run with --latent-dim 2, e.g. 15")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     p.add_argument("--seed", type=int, help="fixes the draw (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -205,11 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out/--heatmaps if they exist")
 
-    p = sub.add_parser("compare", help="autoencoder against PCA at several latent sizes")
+    p = sub.add_parser("compare", help="autoencoders against PCA at several latent sizes")
     p.add_argument("--data", default="mnist",
                    help=f"built-in name ({', '.join(BUILTINS)}) or path (default: mnist)")
     p.add_argument("--latent-dims", type=_int_list, default=(2, 8, 16, 32, 64),
                    help="comma-separated latent sizes (default: 2,8,16,32,64)")
+    p.add_argument("--methods", type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+                   default=("autoencoder", "pca"),
+                   help="comma-separated: autoencoder (aekit's default model), pca, or a model with a latent "
+                        "size, e.g. conv,vae,map (default: autoencoder,pca)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
@@ -380,6 +388,8 @@ def cmd_sample(args) -> int:
     from aekit.plots import image_rows_figure, save_figure
 
     refuse_existing(args.out, overwrite=args.overwrite)
+    if args.grid is not None:
+        return _sample_grid(args)
     estimator = ConvAutoencoder.load(args.run)
     images = torch.from_numpy(estimator.sample(args.n, random_state=args.seed))
     images = images.reshape(args.n, *estimator.image_shape_[1:], estimator.image_shape_[0]).permute(0, 3, 1, 2) \
@@ -390,6 +400,24 @@ def cmd_sample(args) -> int:
     figure = image_rows_figure([("", row) for row in images.split(columns)])
     save_figure(figure, args.out, overwrite=args.overwrite)
     print(args.out)
+    return 0
+
+
+def _sample_grid(args) -> int:
+    """`aekit sample RUN --grid SIDE`: the decoded latent grid that the run's report shows."""
+    from aekit.inference import encode
+    from aekit.plots import latent_grid, save_image
+    from aekit.report import N_LATENTS
+    from aekit.runs import load_model, load_split
+
+    if args.grid < 2:
+        raise ValueError(f"--grid must be at least 2 (latent points per side), got {args.grid}")
+    model, config = load_model(args.run)
+    _, x_test, _ = load_split(config, None)
+    grid = latent_grid(model, encode(model, x_test.first(N_LATENTS)), n=args.grid)
+    save_image(grid.image, args.out, overwrite=args.overwrite)
+    print(f"{args.out}: z[0] from {grid.z0[0]:.3g} to {grid.z0[1]:.3g} (left to right), "
+          f"z[1] from {grid.z1[0]:.3g} to {grid.z1[1]:.3g} (bottom to top)")
     return 0
 
 
@@ -436,10 +464,11 @@ def cmd_compare(args) -> int:
     from aekit.compare import OUTPUTS, CompareConfig, compare, write_comparison
 
     refuse_existing(*(args.out / name for name in OUTPUTS.values()), overwrite=args.overwrite)  # before the fits
-    config = CompareConfig(data=args.data, latent_dims=args.latent_dims, epochs=args.epochs,
-                           limit=args.limit, seed=args.seed, device=args.device, resize=args.resize)
+    config = CompareConfig(data=args.data, latent_dims=args.latent_dims, epochs=args.epochs, limit=args.limit,
+                           seed=args.seed, device=args.device, resize=args.resize, methods=args.methods)
     rows = compare(config)
-    paths = write_comparison(rows, args.out, title=f"{args.data}: autoencoder vs PCA", overwrite=args.overwrite)
+    paths = write_comparison(rows, args.out, title=f"{args.data}: {' vs '.join(config.methods)}",
+                             overwrite=args.overwrite)
     print(paths["md"].read_text(), end="")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0

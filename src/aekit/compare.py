@@ -1,9 +1,11 @@
-"""Escaping the curse of dimensionality, measured: the autoencoder against PCA.
+"""Escaping the curse of dimensionality, measured: the autoencoders against PCA.
 
-For each latent size, fit both estimators on the training split and report the test
+For each latent size, fit each method on the training split and report the test
 reconstruction error (per pixel, and summed over the pixels of an image as Hinton &
 Salakhutdinov (2006) report it) and, where labels exist, the accuracy of a k-nearest-
-neighbour classifier on the latents, beside kNN on the raw pixels.
+neighbour classifier on the latents, beside kNN on the raw pixels. The methods: PCA,
+``"autoencoder"`` (aekit's default model), and any model of :data:`aekit.models.MODELS` with
+a latent size of its own (``"conv"``, ``"vae"``, ``"map"``, ...), each with its defaults.
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ class CompareConfig:
     knn_train: int = 10000         # training latents the kNN classifier keeps
     device: str = "auto"
     resize: tuple[int, int] | None = None
+    methods: tuple[str, ...] = ("autoencoder", "pca")  # "autoencoder": aekit's default model
 
     def validate(self) -> None:
+        choices = methods()
+        unknown = [m for m in self.methods if m not in choices]
+        if unknown or not self.methods or len(set(self.methods)) < len(self.methods):
+            what = f"unknown method {unknown[0]!r}" if unknown else f"methods {', '.join(self.methods) or 'none'}"
+            raise ValueError(f"{what}; expected distinct names from {', '.join(choices)}, "
+                             "e.g. methods=('autoencoder', 'pca')")
         if not self.latent_dims or any(not isinstance(d, int) or d < 1 for d in self.latent_dims):
             raise ValueError(f"latent_dims must be positive integers, got {self.latent_dims!r}; "
                              "e.g. latent_dims=(2, 8, 32)")
@@ -44,14 +53,21 @@ class CompareConfig:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs}")
 
 
-def estimators(config: CompareConfig, latent_dim: int):
-    """The two contenders at one latent size, with the same verbs: aekit's default autoencoder
-    and PCA."""
-    return {
-        "autoencoder": ConvAutoencoder(latent_dim=latent_dim, epochs=config.epochs,
-                                       random_state=config.seed, device=config.device),
-        "pca": PCAReconstructor(latent_dim=latent_dim, random_state=config.seed),
-    }
+def methods() -> tuple[str, ...]:
+    """What :class:`CompareConfig` ``methods`` may name: PCA, aekit's default autoencoder, and
+    every model that takes a latent size."""
+    from aekit.models import MODELS
+
+    return ("autoencoder", "pca", *(name for name, cls in MODELS.items() if "latent_dim" in cls.options))
+
+
+def estimator(config: CompareConfig, method: str, latent_dim: int):
+    """The estimator of ``method`` at one latent size; all answer the same verbs."""
+    if method == "pca":
+        return PCAReconstructor(latent_dim=latent_dim, random_state=config.seed)
+    model = {} if method == "autoencoder" else {"model": method}
+    return ConvAutoencoder(latent_dim=latent_dim, epochs=config.epochs, random_state=config.seed,
+                           device=config.device, **model)
 
 
 def _knn_accuracy(z_train, y_train, z_test, y_test, config: CompareConfig) -> float:
@@ -63,7 +79,7 @@ def _knn_accuracy(z_train, y_train, z_test, y_test, config: CompareConfig) -> fl
 
 
 def compare(config: CompareConfig, log=print) -> list[dict]:
-    """Fit both methods at every latent size; one row per (method, latent size)."""
+    """Fit every method at every latent size; one row per (method, latent size)."""
     config.validate()
     (x_train, y_train), (x_test, y_test) = limited(load_dataset(config.data, config.resize), config.limit)
     pixels = int(np.prod(x_train.shape[1:]))
@@ -75,7 +91,8 @@ def compare(config: CompareConfig, log=print) -> list[dict]:
                      "knn_accuracy": _knn_accuracy(flat(x_train), y_train, flat(x_test), y_test, config),
                      "fit_seconds": 0.0})
     for latent_dim in config.latent_dims:
-        for method, est in estimators(config, latent_dim).items():
+        for method in config.methods:
+            est = estimator(config, method, latent_dim)
             started = time.perf_counter()
             est.fit(x_train)
             seconds = time.perf_counter() - started
@@ -121,7 +138,8 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "",
 
     plt = _figure_module()
     fig, (ax_mse, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, marker in (("autoencoder", "o"), ("pca", "s")):
+    for method, marker in zip(dict.fromkeys(r["method"] for r in rows if r["method"] != "raw pixels"),
+                              "os^vD<>ph*"):
         sel = [r for r in rows if r["method"] == method]
         dims = [r["latent_dim"] for r in sel]
         ax_mse.plot(dims, [r["test_mse"] for r in sel], marker=marker, label=method)

@@ -137,7 +137,7 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "",
     write_text_atomic(paths["md"], to_markdown(rows))
 
     plt = _figure_module()
-    fig, (ax_mse, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_mse, ax_knn) = plt.subplots(1, 2, figsize=(11.5, 4))
     for method, marker in zip(dict.fromkeys(r["method"] for r in rows if r["method"] != "raw pixels"),
                               "os^vD<>ph*"):
         sel = [r for r in rows if r["method"] == method]
@@ -160,11 +160,16 @@ def write_comparison(rows: list[dict], out_dir: str | Path, title: str = "",
         ax.set_xticks(dims, [str(d) for d in dims])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("latent dimensions")
-        if ax.has_data():
-            ax.legend()
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = [], []
+    for ax in (ax_mse, ax_knn):  # one legend beside both panels, each method once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     save_figure(fig, paths["png"], overwrite=True)  # refused or allowed with the others above
     return paths

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +18,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # machine says nothing. Fixtures such as tmp_path are reused across examples on purpose.
 _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
              print_blob=True)
+# A non-interactive shell starts background jobs (`make test &`) with SIGINT ignored, and
+# the training subprocesses would inherit that: the Ctrl-C tests need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 settings.register_profile("default", max_examples=100, derandomize=IN_CI, **_FUZZ)
 settings.register_profile("slow", max_examples=5000, derandomize=False, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

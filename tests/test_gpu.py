@@ -155,6 +155,23 @@ def test_the_estimator_on_cuda(mnist):
     assert gpu.predict(x_test[:100]).shape == (100,)
 
 
+@pytest.mark.parametrize("model", ["map", "vae", "pca-conv"])
+def test_the_model_families_train_on_cuda(model, mnist):
+    """The families with randomness or data of their own (a map's graph and edge draws, a
+    VAE's noise, pca-conv's principal directions) train on CUDA: their generators and
+    graph indices are on the devices they are used on. Their random draws are seeded by
+    the batch's pixel sums, which CUDA may round differently from the CPU, so the result
+    is compared loosely: the mean test error within 20% of the CPU's."""
+    (x_train, _), (x_test, _) = mnist
+    errors = {}
+    for device in ("cpu", "cuda"):
+        fitted = ConvAutoencoder(model=model, latent_dim=2, epochs=1, random_state=0,
+                                 device=device).fit(x_train[:512])
+        assert next(fitted.model_.parameters()).device.type == device
+        errors[device] = float(fitted.reconstruction_error(x_test[:100]).mean())
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.2), errors
+
+
 def test_the_bench_cuda_rows():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--quick",
                              "--skip", "keras", "quality", "stream"],

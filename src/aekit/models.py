@@ -136,17 +136,17 @@ def training_data(model: nn.Module, images, new: bool) -> contextlib.AbstractCon
     return own(images, new) if callable(own) else contextlib.nullcontext()
 
 
-def batch_generator(seed: int, x: torch.Tensor) -> torch.Generator:
-    """A generator on ``x``'s device seeded by ``seed`` and the contents of ``x``: for a
-    model's own randomness in :meth:`Autoencoder.loss` (a VAE's noise, a map's edges), the
-    same for the same images in any thread and any order of a step's chunks, and never
-    touching torch's global generator."""
+def batch_generator(seed: int, x: torch.Tensor, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on ``device`` (default: ``x``'s) seeded by ``seed`` and the contents of
+    ``x``: for a model's own randomness in :meth:`Autoencoder.loss` (a VAE's noise, a map's
+    edges), the same for the same images in any thread and any order of a step's chunks,
+    and never touching torch's global generator."""
     flat = x.detach().flatten().double()
     # Two sums of the pixels (plain and position-weighted): the same images give the same
     # seed; other images almost surely another.
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=x.device) % 9973
     key = hash((seed, tuple(x.shape), float(flat.sum()), float((flat * weights).sum()))) % (2 ** 63)
-    return torch.Generator(device=x.device).manual_seed(key)
+    return torch.Generator(device=x.device if device is None else device).manual_seed(key)
 
 
 class Autoencoder(nn.Module):

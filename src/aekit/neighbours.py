@@ -162,7 +162,7 @@ class MapAutoencoder(models.Autoencoder):
         recon = models.logits_loss(self.decoder.logits(z_batch), target, objective)
         if self.graph is None or not self.training:
             return recon
-        generator = models.batch_generator(self.graph_seed, x)
+        generator = models.batch_generator(self.graph_seed, x, device="cpu")  # the graph's indices live on the CPU
         index, edges = self.graph.sample(SEEDS_PER_IMAGE * len(x), PER_SEED, generator)
         z = self.encoder(self.graph.images[index])                                       # (g, d)
         head, tail = z[edges[:, 0]], z[edges[:, 1]]                                      # (m, d)

@@ -29,25 +29,26 @@ def seed_run(small_run, tmp_path_factory):
     return out
 
 
+def trained_run(tmp_path_factory, model: str, latent_dim: int):
+    """A run folder of ``model``: one epoch on 300 MNIST images."""
+    out = tmp_path_factory.mktemp("export") / model
+    train_and_evaluate(TrainConfig(model=model, latent_dim=latent_dim, epochs=1, limit=300), out, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def conv_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("export") / "conv"
-    train_and_evaluate(TrainConfig(model="conv", latent_dim=2, epochs=1, limit=300), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory, "conv", latent_dim=2)
 
 
 @pytest.fixture(scope="module")
 def pca_conv_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("export") / "pca-conv"
-    train_and_evaluate(TrainConfig(model="pca-conv", latent_dim=4, epochs=1, limit=300), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory, "pca-conv", latent_dim=4)
 
 
 @pytest.fixture(scope="module")
 def map_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("export") / "map"
-    train_and_evaluate(TrainConfig(model="map", latent_dim=2, epochs=1, limit=300), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory, "map", latent_dim=2)
 
 
 @pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run", "map_run"])

@@ -281,6 +281,22 @@ class ConvDecoder(nn.Module):
         return torch.sigmoid(self.logits(z))
 
 
+def check_conv_options(image_shape: tuple[int, int, int], latent_dim: int, widths) -> tuple[int, ...]:
+    """``widths`` as a tuple, or a one-line error for a ``latent_dim``, ``widths`` or image
+    size that a :class:`ConvEncoder` / :class:`ConvDecoder` pair cannot take: the checks of
+    every model built on them."""
+    if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+    widths = tuple(widths)
+    if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"widths must be positive integers, one per downsampling, got {widths!r}")
+    _, height, width = image_shape
+    if min(height, width) < 2 ** len(widths) // 2:
+        raise ValueError(f"images of {height}x{width} are too small for {len(widths)} downsamplings; "
+                         "pass fewer widths")
+    return widths
+
+
 class ConvAutoencoderNet(Autoencoder):
     """A convolutional autoencoder with a dense latent of any size, for any (C, H, W).
 
@@ -293,15 +309,7 @@ class ConvAutoencoderNet(Autoencoder):
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
                  widths: tuple[int, ...] = (16, 32)):
         super().__init__()
-        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        widths = tuple(widths)
-        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths must be positive integers, one per downsampling, got {widths!r}")
-        channels, height, width = image_shape
-        if min(height, width) < 2 ** len(widths) // 2:
-            raise ValueError(f"images of {height}x{width} are too small for {len(widths)} downsamplings; "
-                             "pass fewer widths")
+        widths = check_conv_options(image_shape, latent_dim, widths)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.encoder = ConvEncoder(self.image_shape, latent_dim, widths)
@@ -427,7 +435,8 @@ def summary(model: nn.Module) -> str:
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
-    "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "DEFAULTS", "training_data",
+    "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "check_conv_options",
+    "DEFAULTS", "training_data",
     "batch_generator",
 ]
 

@@ -124,7 +124,7 @@ class MapAutoencoder(models.Autoencoder):
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
                  widths: tuple[int, ...] = (16, 32)):
         super().__init__()
-        models.ConvAutoencoderNet(image_shape, latent_dim, widths)  # the same checks, the same one-line errors
+        models.check_conv_options(image_shape, latent_dim, widths)
         self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
         features = models.ConvEncoder(self.image_shape, HIDDEN, tuple(widths))      # (n, HIDDEN)
         self.encoder = nn.Sequential(features, nn.ReLU(), nn.Linear(HIDDEN, latent_dim))
@@ -141,13 +141,8 @@ class MapAutoencoder(models.Autoencoder):
     def training_data(self, images, new: bool):
         """The neighbour graph of a random sample of the training images, while the model
         trains. A continued run builds the same graph again (checkpoints hold weights only)."""
-        pixels = math.prod(self.image_shape)
-        batches = iter(images.batches(min(len(images), GRAPH_IMAGES, GRAPH_BYTES // (4 * pixels)), seed=0))
-        try:
-            sample = next(batches)                                                   # (n, C, H, W)
-        finally:  # a stream's reader is let go now
-            getattr(batches, "close", lambda: None)()
-        self.graph = NeighbourGraph.build(sample.to(next(self.parameters()).device))
+        sample = images.sample(min(GRAPH_IMAGES, GRAPH_BYTES // (4 * math.prod(self.image_shape))), seed=0)
+        self.graph = NeighbourGraph.build(sample.to(next(self.parameters()).device))  # (n, C, H, W) images
         try:
             yield
         finally:

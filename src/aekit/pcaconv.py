@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aekit.models import MODELS, Autoencoder, ConvAutoencoderNet, ConvDecoder, ConvEncoder, Loss, conv3x3
+from aekit.models import MODELS, Autoencoder, ConvDecoder, ConvEncoder, Loss, check_conv_options, conv3x3
 
 REFINE_WIDTH, REFINE_DEPTH = 32, 3  # the local refinement: 3 3x3 convolutions, 7x7 pixels seen
 PCA_IMAGES = 10000  # training images the principal directions are fitted to (a random sample)
@@ -103,7 +103,7 @@ class PCAConvAutoencoder(Autoencoder):
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
                  widths: tuple[int, ...] = (16, 32)):
         super().__init__()
-        ConvAutoencoderNet(image_shape, latent_dim, widths)  # the same checks, the same one-line errors
+        check_conv_options(image_shape, latent_dim, widths)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.encoder = PCAConvEncoder(self.image_shape, latent_dim, tuple(widths))
@@ -126,8 +126,7 @@ class PCAConvAutoencoder(Autoencoder):
         up to :data:`PCA_IMAGES` of) the training images, and the corrections' gates closed,
         so that the model starts as PCA. A continued run keeps its checkpoint's."""
         if new:
-            sample = next(iter(images.batches(min(len(images), PCA_IMAGES), seed=0)))
-            self.fit_pca(sample.to(self.encoder.mean.device))
+            self.fit_pca(images.sample(PCA_IMAGES, seed=0).to(self.encoder.mean.device))
         yield
 
     @torch.no_grad()

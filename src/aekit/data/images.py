@@ -2,7 +2,8 @@
 answer the same calls, so training, evaluation and the report take either.
 
 An :class:`ImageSource` has ``shape`` (n, C, H, W), ``len()``, ``head(n)`` (the first n
-images, as a source), ``first(n)`` (the first n images as one tensor), ``to(device)`` and
+images, as a source), ``first(n)`` (the first n images as one tensor), ``sample(n, seed)``
+(n random ones, likewise), ``to(device)`` and
 ``batches(batch_size, seed=None, epoch=0)``, which yields float32 tensors (b, C, H, W) in
 [0, 1]: in order without a seed, shuffled by a pure function of (seed, epoch) with one.
 
@@ -59,7 +60,16 @@ class ImageSource(ABC):
 
     def first(self, n: int) -> torch.Tensor:
         """The first ``n`` images (all of them if there are fewer) as one tensor (n, C, H, W)."""
-        batches = iter(self.batches(n))
+        return self._one_batch(n, seed=None)
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` images drawn at random without replacement (all of them if there are fewer),
+        the same for the same ``seed``, as one tensor (n, C, H, W): the first batch of
+        ``seed``'s shuffle."""
+        return self._one_batch(n, seed=seed)
+
+    def _one_batch(self, n: int, seed: int | None) -> torch.Tensor:
+        batches = iter(self.batches(n, seed=seed))
         try:
             return next(batches)
         finally:  # a stream's reader thread and file are let go now, not when collected

@@ -93,7 +93,8 @@ def test_map_codes_keep_neighbours_better_than_the_plain_autoencoders(mnist):
 
 def test_cli_trains_a_map_and_draws_its_decoded_grid(tmp_path, capsys, mnist):
     """`aekit train --model map` and `aekit sample RUN --grid SIDE`: the grid the report shows,
-    decoded from the codes of the run's test images; a run without a 2-number code is refused."""
+    decoded from the codes of the run's test images; a run without a 2-number code, and --n or
+    --seed beside --grid, are refused."""
     from PIL import Image
 
     from aekit.cli import main
@@ -113,4 +114,7 @@ def test_cli_trains_a_map_and_draws_its_decoded_grid(tmp_path, capsys, mnist):
     assert "a latent grid needs a model whose latent has 2 numbers" in one_error_line(capsys)
     assert main(["sample", str(run), "--grid", "1", "--out", str(tmp_path / "g.png")]) == 2
     assert "--grid must be at least 2" in one_error_line(capsys)
+    for extra in (["--n", "9"], ["--seed", "0"]):  # --grid draws nothing at random
+        assert main(["sample", str(run), "--grid", "4", *extra, "--out", str(tmp_path / "g.png")]) == 2
+        assert "--n and --seed do not apply" in one_error_line(capsys)
     assert not (tmp_path / "g.png").exists()

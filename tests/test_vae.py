@@ -106,7 +106,7 @@ def test_loss_noise_is_reproducible_and_evaluation_deterministic(fitted, mnist):
 
 def test_trained_samples_beat_untrained_ones_on_a_classifier(fitted, mnist):
     x_train, y_train, _ = mnist
-    clf = LogisticRegression(max_iter=100).fit(x_train.reshape(len(x_train), -1) / 255.0, y_train)
+    clf = LogisticRegression(max_iter=1000).fit(x_train.reshape(len(x_train), -1) / 255.0, y_train)
     untrained = ConvAutoencoder(model="vae", latent_dim=8, epochs=1, lr=1e-9, random_state=0).fit(x_train[:64])
 
     def score(est) -> float:
@@ -116,4 +116,4 @@ def test_trained_samples_beat_untrained_ones_on_a_classifier(fitted, mnist):
         proba = clf.predict_proba(est.sample(300, random_state=0).reshape(300, -1)) + 1e-12
         return float(np.exp((proba * (np.log(proba) - np.log(proba.mean(0)))).sum(1).mean()))
 
-    assert score(fitted) > score(untrained) + 0.25  # measured 1.95 vs 1.53
+    assert score(fitted) > score(untrained) + 0.25  # measured 1.95 vs 1.55

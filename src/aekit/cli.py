@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write a PNG grid of new images from a VAE run (--model vae), or the "
                                       "decoded latent grid of a run whose latent has 2 numbers (--grid)")
     p.add_argument("run", type=Path)
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--n", type=_positive_int, help="number of images (default: 64)")
     p.add_argument("--grid", type=_positive_int, metavar="SIDE",
                    help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
                         "test images (1st to 99th percentile), for any run with --latent-dim 2, e.g. 15")
@@ -387,16 +387,21 @@ def cmd_sample(args) -> int:
     from aekit.estimator import ConvAutoencoder
     from aekit.plots import image_rows_figure, save_figure
 
-    refuse_existing(args.out, overwrite=args.overwrite)
     if args.grid is not None:
+        if args.n is not None or args.seed is not None:
+            raise ValueError("--grid decodes a fixed grid of latent points and draws nothing at random, so --n and "
+                             "--seed do not apply; drop them, or drop --grid to draw --n images from a VAE run")
+        refuse_existing(args.out, overwrite=args.overwrite)
         return _sample_grid(args)
+    refuse_existing(args.out, overwrite=args.overwrite)
+    n = 64 if args.n is None else args.n
     estimator = ConvAutoencoder.load(args.run)
-    images = torch.from_numpy(estimator.sample(args.n, random_state=args.seed))
-    images = images.reshape(args.n, *estimator.image_shape_[1:], estimator.image_shape_[0]).permute(0, 3, 1, 2) \
-        if images.ndim == 4 else images.reshape(args.n, *estimator.image_shape_)  # (n, C, H, W)
-    columns = math.ceil(math.sqrt(args.n))
-    rows = -(-args.n // columns)
-    images = torch.cat([images, torch.ones(rows * columns - args.n, *images.shape[1:])])  # blank (white) tail
+    images = torch.from_numpy(estimator.sample(n, random_state=args.seed))
+    images = images.reshape(n, *estimator.image_shape_[1:], estimator.image_shape_[0]).permute(0, 3, 1, 2) \
+        if images.ndim == 4 else images.reshape(n, *estimator.image_shape_)  # (n, C, H, W)
+    columns = math.ceil(math.sqrt(n))
+    rows = -(-n // columns)
+    images = torch.cat([images, torch.ones(rows * columns - n, *images.shape[1:])])  # blank (white) tail
     figure = image_rows_figure([("", row) for row in images.split(columns)])
     save_figure(figure, args.out, overwrite=args.overwrite)
     print(args.out)

@@ -9,7 +9,8 @@ from sklearn.decomposition import PCA
 from aekit import ConvAutoencoder
 from aekit.data import as_images
 from aekit.models import build_model
-from aekit.training import EPOCH_RULE_RANGE, EPOCH_RULE_STEPS, TrainConfig, default_epochs, fit
+from aekit.training import (EPOCH_RULE_RANGE, EPOCH_RULE_STEPS, HELD_OUT_SHARE, TrainConfig, default_epochs,
+                            default_held_out, fit)
 
 
 def started(x: torch.Tensor, latent_dim: int):
@@ -89,11 +90,36 @@ def test_the_estimator_defaults_and_what_config_records(tmp_path, mnist):
     assert est.get_params()["model"] == "pca-conv" and est.get_params()["epochs"] is None
     est.fit(x)
     assert est.config_.model == "pca-conv" and est.config_.loss == "mse"
-    assert est.config_.epochs == 100 and len(est.history_) == 100  # 2 batches of 32 a pass: the most epochs
-    assert "100 epochs" in est.config_.chosen["epochs"] and "64 images" in est.config_.chosen["epochs"]
+    # 6 of the 64 held out (the rule below); 2 batches of 32 a pass over the other 58: the most epochs.
+    assert est.config_.epochs == 100 and len(est.history_) == 100
+    assert "100 epochs" in est.config_.chosen["epochs"] and "58 images" in est.config_.chosen["epochs"]
+    assert "6 of the 64 images (10%) held out" in est.config_.chosen["held_out"]
     est.save(tmp_path / "est")
     loaded = ConvAutoencoder.load(tmp_path / "est")
     assert loaded.get_params()["epochs"] is None and loaded.config_.chosen == est.config_.chosen
     np.testing.assert_array_equal(loaded.transform(x[:8]), est.transform(x[:8]))
-    # Epochs given: no rule, nothing recorded.
+    # Epochs given: no rule, nothing held out, nothing recorded.
     assert ConvAutoencoder(latent_dim=4, epochs=1, random_state=0).fit(x).config_.chosen == {}
+
+
+@pytest.mark.parametrize("n, batch, held", [(60000, 32, 0), (10000, 32, 0), (9599, 32, 0), (9568, 32, 956),
+                                            (2000, 32, 200), (64, 32, 6), (9, 32, 0), (5000, 128, 500)])
+def test_the_held_out_rule(n, batch, held):
+    """Images are held out exactly when the epoch rule gives more than its minimum."""
+    assert default_held_out(n, batch) == held
+    assert (held > 0) == (default_epochs(n, batch)[0] > EPOCH_RULE_RANGE[0] and n * HELD_OUT_SHARE >= 1)
+
+
+def test_the_estimator_keeps_the_epoch_best_on_the_held_out_images(mnist):
+    """Few images: the weights kept are those of the epoch with the lowest held-out loss, a
+    random 10% drawn from random_state, not the last epoch's."""
+    x = mnist[0][0][:200, ::2, ::2]  # (200, 14, 14): 20 held out, 100 epochs over the other 180
+    est = ConvAutoencoder(latent_dim=4, random_state=0).fit(x)
+    held = x[torch.randperm(200, generator=torch.Generator().manual_seed(0))[:20].numpy()]
+    losses = [h["val_loss"] for h in est.history_]
+    best = int(np.argmin(losses)) + 1
+    assert best < len(losses) - 5, losses  # it learns the 180 images later on, so the choice matters
+    assert f"kept epoch {best} of 100" in est.config_.chosen["held_out"]
+    kept = est.reconstruction_error(held).mean()
+    assert kept == pytest.approx(est.history_[best - 1]["val_mse"], rel=1e-4)
+    assert kept < est.history_[-1]["val_mse"] * 0.99

@@ -256,7 +256,11 @@ class ConvAutoencoder(_ImageReconstructor):
     convolutional autoencoder with a dense latent of ``latent_dim`` numbers;
     ``model="seed"`` is the blog's network, whose latent is its 8 x H/4 x W/4 bottleneck
     (392 numbers on MNIST). ``epochs=None`` lets the number of images decide
-    (:func:`aekit.training.default_epochs`; ``config_.chosen`` says how). ``noise`` (e.g.
+    (:func:`aekit.training.default_epochs`; ``config_.chosen`` says how); when that gives
+    more than the rule's minimum of 10 epochs (fewer than about 9,600 images), a random 10%
+    of the images, drawn from ``random_state``, is held out and the weights of the epoch with
+    the lowest loss on them are kept (:func:`aekit.training.default_held_out`), so that many
+    passes over few images do not end on weights that learned those images. ``noise`` (e.g.
     ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a denoiser: corrupted
     inputs, clean targets. ``recipe`` supplies every training choice left ``None`` (see
     ``aekit.training.RECIPES``); a model that does not offer the recipe's loss trains on its
@@ -302,15 +306,33 @@ class ConvAutoencoder(_ImageReconstructor):
         return config
 
     def _fit(self, x: np.ndarray) -> None:
-        from aekit.training import fit, new_model, resolve_device
+        from aekit.training import HELD_OUT_SHARE, default_held_out, fit, new_model, resolve_device
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
             if not isinstance(self.random_state, int) else self.random_state
         config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x))
+        held = default_held_out(len(x), config.batch_size) if self.epochs is None else 0
+        if held:  # the epoch rule counts the images trained on
+            config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x) - held)
         model = new_model(config, resolve_device(config.device))
-        x_train = torch.from_numpy(x)
-        # Monitoring only: val_loss on a fixed sample of the training images.
-        state = fit(model, x_train, x_train[:2048], config, progress=bool(self.verbose))
+        images = torch.from_numpy(x)
+        if held:  # few images, many epochs: choose the epoch on images it does not train on
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+            x_train, x_val = images[order[held:]], images[order[:held]]
+        else:  # monitoring only: val_loss on a fixed sample of the training images
+            x_train, x_val = images, images[:2048]
+        best = {}
+
+        def keep_best(model, _optimizer, state) -> None:
+            if held and state.epochs_since_best == 0:  # this epoch's held-out loss is the lowest so far
+                best.update(epoch=state.epoch, weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+        state = fit(model, x_train, x_val, config, progress=bool(self.verbose), on_epoch_end=keep_best)
+        if best:
+            model.load_state_dict(best["weights"])
+            config.chosen["held_out"] = (
+                f"{held:,} of the {len(x):,} images ({HELD_OUT_SHARE:.0%}) held out, as the epoch rule gave more "
+                f"than its minimum; kept epoch {best['epoch']} of {config.epochs}, the lowest loss on them")
         self.model_ = model.eval()
         self.config_ = config
         self.history_ = [dataclasses.asdict(r) for r in state.history]

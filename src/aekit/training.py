@@ -74,6 +74,21 @@ def default_epochs(n_images: int, batch_size: int) -> tuple[int, str]:
     epochs = min(high, max(low, math.ceil(EPOCH_RULE_STEPS / steps_per_epoch)))
     return epochs, (f"{epochs} epochs: {EPOCH_RULE_STEPS:,} optimiser steps at {steps_per_epoch:,} a pass "
                     f"over {n_images:,} images in batches of {batch_size}, kept within {low}..{high}")
+
+
+# When the epoch rule gives more than its minimum (fewer than about 9,600 images at batch 32),
+# many passes over few images can learn those images rather than what they have in common.
+# The estimator then holds out HELD_OUT_SHARE of them, at random, and keeps the weights of the
+# epoch with the lowest loss on them (README, "Defaults"; config.json records it).
+HELD_OUT_SHARE = 0.1
+
+
+def default_held_out(n_images: int, batch_size: int) -> int:
+    """How many of ``n_images`` the estimator holds out to choose its epoch (0: none)."""
+    epochs, _ = default_epochs(n_images, batch_size)
+    return int(n_images * HELD_OUT_SHARE) if epochs > EPOCH_RULE_RANGE[0] else 0
+
+
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
@@ -591,4 +606,5 @@ def fit(
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
            "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
+           "default_held_out",
            "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]

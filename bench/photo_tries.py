@@ -17,14 +17,19 @@ over to unseen photographs:
                            the default)
 ``per-channel-refine-only``  both of the above
 ``held-out``               the default trained on 90% of the training patches and also scored
-                           on the other 10% after every epoch: would a validation guard (keep
-                           the best epoch, PCA's start included) have helped?
+                           on the other 10% after every epoch: which epoch would the
+                           estimator's held-out rule keep, and how does it do on the test?
+``per-channel-held-out``   both of the above
 =========================  ===================================================================
 
     python bench/photo_tries.py photos64 8 refine-only [--epochs 24]
 
-Prints one JSON line per run and appends it to bench/photo-tries.jsonl (git-ignored). The
-runs and what they showed are in bench/PHOTOS.md.
+Every variant but the held-out ones trains on all the training patches and is judged by its
+last epoch, as the estimator did before its held-out rule; the held-out ones split and choose
+the epoch as the estimator now does (``ConvAutoencoder``, ``aekit.training.default_held_out``).
+PCA is fitted to all the training patches, as in the suite. Prints one JSON line per run and
+appends it to bench/photo-tries.jsonl (git-ignored). The runs and what they showed are in
+bench/PHOTOS.md.
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ from sklearn.decomposition import PCA  # noqa: E402
 from aekit.data import load_dataset  # noqa: E402
 from aekit.models import conv3x3  # noqa: E402
 from aekit.pcaconv import REFINE_DEPTH, REFINE_WIDTH  # noqa: E402
-from aekit.training import TrainConfig, default_epochs, fit, new_model, resolve_device  # noqa: E402
+from aekit.training import (TrainConfig, default_epochs, default_held_out, fit, new_model,  # noqa: E402
+                            resolve_device)
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)
 
-VARIANTS = ("default", "refine-only", "no-refine", "dec-only", "per-channel", "per-channel-refine-only", "held-out")
+VARIANTS = ("default", "refine-only", "no-refine", "dec-only", "per-channel", "per-channel-refine-only", "held-out",
+            "per-channel-held-out")
 FROZEN = {  # variant -> the gates kept at 0 (the untrained model is PCA, so a shut part is absent)
     "refine-only": ("encoder.gate", "decoder.gate"),
     "per-channel-refine-only": ("encoder.gate", "decoder.gate"),
@@ -92,20 +99,23 @@ def mse(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def pca_mse(pca: PCA, x: torch.Tensor) -> float:
+    """PCA's test MSE as the suite's PCAReconstructor scores it: reconstructions clipped to [0, 1]."""
     flat = x.flatten(1).numpy()
-    return float(((pca.inverse_transform(pca.transform(flat)) - flat) ** 2).mean())
+    return float(((np.clip(pca.inverse_transform(pca.transform(flat)), 0.0, 1.0) - flat) ** 2).mean())
 
 
 def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
     (x_train, _), (x_test, _) = load_dataset(data)
     x_train = x_train[:LIMITS.get(data)]
-    epochs = epochs or default_epochs(len(x_train), 32)[0]  # the rule counts the whole training set
+    # PCA on all the training patches, as in the suite (and on the trained ones beside held-out images).
+    pca = PCA(latent_dim, random_state=0).fit(as_tensor(x_train).flatten(1).numpy())
     held = None
-    if variant == "held-out":
-        order = np.random.default_rng(0).permutation(len(x_train))
-        held, x_train = as_tensor(x_train[order[:len(order) // 10]]), x_train[order[len(order) // 10:]]
+    if variant.endswith("held-out"):  # the estimator's split (10% when its rule holds none out)
+        count = default_held_out(len(x_train), 32) or len(x_train) // 10
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0)).numpy()
+        held, x_train = as_tensor(x_train[order[:count]]), x_train[order[count:]]
+    epochs = epochs or default_epochs(len(x_train), 32)[0]  # the rule counts the images trained on
     train, test = as_tensor(x_train), as_tensor(x_test)
-    pca = PCA(latent_dim, random_state=0).fit(train.flatten(1).numpy())
     config = TrainConfig(data=data, model="pca-conv", latent_dim=latent_dim, epochs=epochs, seed=0,
                          image_shape=tuple(train.shape[1:])).resolved()
     torch.manual_seed(0)
@@ -121,11 +131,11 @@ def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
                 on_epoch_end=lambda m, _optimizer, _state: test_curve.append(mse(m, test)))
     row = {"data": data, "latent_dim": latent_dim, "variant": variant, "epochs": epochs, "train": len(train),
            "seconds": round(time.perf_counter() - started), "pca_test": pca_mse(pca, test), "test": test_curve}
-    if held is not None:
-        row["pca_held"], row["held"] = pca_mse(pca, held), [r.val_mse for r in state.history]
-        best = int(np.argmin(row["held"]))
-        row["guard_epoch"] = best + 1 if row["held"][best] < row["pca_held"] else 0  # 0: PCA's start
-        row["guard_test"] = test_curve[best] if row["guard_epoch"] else row["pca_test"]
+    if held is not None:  # the estimator keeps the epoch with the lowest held-out loss
+        pca_train = PCA(latent_dim, random_state=0).fit(train.flatten(1).numpy())
+        row["pca_held"], row["held"] = pca_mse(pca_train, held), [r.val_loss for r in state.history]
+        row["kept_epoch"] = int(np.argmin(row["held"])) + 1
+        row["kept_test"] = test_curve[row["kept_epoch"] - 1]
     return row
 
 
@@ -144,9 +154,10 @@ def main(argv=None) -> int:
     print(f"{args.data} at {args.latent_dim}, {args.variant}: test MSE {final:.5f} after {row['epochs']} epochs "
           f"({final / row['pca_test']:.3f} of PCA's {row['pca_test']:.5f}); best {min(row['test']):.5f} "
           f"at epoch {int(np.argmin(row['test'])) + 1}; {row['seconds']} s", flush=True)
-    if "guard_test" in row:
-        print(f"  a validation guard would keep epoch {row['guard_epoch']} (0: PCA): test "
-              f"{row['guard_test']:.5f} ({row['guard_test'] / row['pca_test']:.3f} of PCA's)", flush=True)
+    if "kept_epoch" in row:
+        print(f"  lowest held-out loss at epoch {row['kept_epoch']} ({min(row['held']):.5f}; PCA's "
+              f"{row['pca_held']:.5f}): test {row['kept_test']:.5f} ({row['kept_test'] / row['pca_test']:.3f} "
+              f"of PCA's)", flush=True)
     print(line)
     return 0
 

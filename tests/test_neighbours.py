@@ -62,6 +62,7 @@ def test_the_neighbourhood_term_counts_only_while_training(rng):
     assert copy.deepcopy(model).graph is model.graph  # fast.ChunkPool's copies share it, not copy it
 
 
+@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # 1 epoch of 19 steps: not about quality
 def test_fit_builds_the_graph_from_a_stream_and_lets_it_go(tmp_path, mnist, monkeypatch):
     """A stream is read for the graph's sample, then trained on batch by batch; the graph
     (the sample of images) is held only while training."""

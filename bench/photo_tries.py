@@ -20,6 +20,8 @@ over to unseen photographs:
                            on the other 10% after every epoch: which epoch would the
                            estimator's held-out rule keep, and how does it do on the test?
 ``per-channel-held-out``   both of the above
+``both-refines``           the default refinement plus the per-channel one behind its own
+                           gate, which starts at 0
 =========================  ===================================================================
 
     python bench/photo_tries.py photos64 8 refine-only [--epochs 24]
@@ -57,7 +59,7 @@ from aekit.training import (TrainConfig, default_epochs, default_held_out, fit, 
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)
 
 VARIANTS = ("default", "refine-only", "no-refine", "dec-only", "per-channel", "per-channel-refine-only", "held-out",
-            "per-channel-held-out")
+            "per-channel-held-out", "both-refines")
 FROZEN = {  # variant -> the gates kept at 0 (the untrained model is PCA, so a shut part is absent)
     "refine-only": ("encoder.gate", "decoder.gate"),
     "per-channel-refine-only": ("encoder.gate", "decoder.gate"),
@@ -81,6 +83,18 @@ class PerChannelRefine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         return self.net(x.reshape(n * c, 1, h, w)).reshape(n, c, h, w)
+
+
+class BothRefines(nn.Module):
+    """pca-conv's refinement plus a :class:`PerChannelRefine` behind a gate that starts at 0."""
+
+    def __init__(self, mixing: nn.Module):
+        super().__init__()
+        self.mixing, self.shared = mixing, PerChannelRefine()
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixing(x) + self.gate * self.shared(x)
 
 
 def as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -122,6 +136,8 @@ def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
     model = new_model(config, resolve_device("cpu"))
     if variant.startswith("per-channel"):
         model.decoder.refine = PerChannelRefine()
+    elif variant == "both-refines":
+        model.decoder.refine = BothRefines(model.decoder.refine)
     for name, parameter in model.named_parameters():
         if name in FROZEN.get(variant, ()):
             parameter.requires_grad_(False)

@@ -49,11 +49,10 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from sklearn.decomposition import PCA  # noqa: E402
-
-from aekit.data import load_dataset  # noqa: E402
-from aekit.models import conv3x3  # noqa: E402
-from aekit.pcaconv import REFINE_DEPTH, REFINE_WIDTH  # noqa: E402
+from aekit.data import load_dataset, prepare_images  # noqa: E402
+from aekit.estimator import PCAReconstructor  # noqa: E402
+from aekit.inference import evaluate  # noqa: E402
+from aekit.pcaconv import refine_net  # noqa: E402
 from aekit.training import (TrainConfig, default_epochs, default_held_out, fit, new_model,  # noqa: E402
                             resolve_device)
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)
@@ -75,10 +74,7 @@ class PerChannelRefine(nn.Module):
 
     def __init__(self):
         super().__init__()
-        layers = [conv3x3(1, REFINE_WIDTH), nn.ReLU()]
-        for _ in range(REFINE_DEPTH - 2):
-            layers += [conv3x3(REFINE_WIDTH, REFINE_WIDTH), nn.ReLU()]
-        self.net = nn.Sequential(*layers, conv3x3(REFINE_WIDTH, 1))
+        self.net = refine_net(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -97,39 +93,22 @@ class BothRefines(nn.Module):
         return self.mixing(x) + self.gate * self.shared(x)
 
 
-def as_tensor(x: np.ndarray) -> torch.Tensor:
-    """uint8 (n, H, W[, C]) -> float32 (n, C, H, W) in [0, 1]."""
-    x = x.astype(np.float32) / 255.0
-    return torch.from_numpy(x if x.ndim == 4 else x[..., None]).permute(0, 3, 1, 2).contiguous()
-
-
-@torch.no_grad()
-def mse(model: nn.Module, x: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    total = sum(float(((model(c) - c) ** 2).sum()) for c in x.split(500))
-    model.train(was)
-    return total / x.numel()
-
-
-def pca_mse(pca: PCA, x: torch.Tensor) -> float:
-    """PCA's test MSE as the suite's PCAReconstructor scores it: reconstructions clipped to [0, 1]."""
-    flat = x.flatten(1).numpy()
-    return float(((np.clip(pca.inverse_transform(pca.transform(flat)), 0.0, 1.0) - flat) ** 2).mean())
+def pca_mse(train: np.ndarray, test: np.ndarray, latent_dim: int) -> float:
+    """The test MSE of PCA fitted to ``train``, as the suite scores it (uint8 images)."""
+    return float(PCAReconstructor(latent_dim=latent_dim, random_state=0).fit(train).reconstruction_error(test).mean())
 
 
 def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
     (x_train, _), (x_test, _) = load_dataset(data)
     x_train = x_train[:LIMITS.get(data)]
-    # PCA on all the training patches, as in the suite (and on the trained ones beside held-out images).
-    pca = PCA(latent_dim, random_state=0).fit(as_tensor(x_train).flatten(1).numpy())
-    held = None
+    pca_test = pca_mse(x_train, x_test, latent_dim)  # PCA on all the training patches, as in the suite
+    x_held = None
     if variant.endswith("held-out"):  # the estimator's split (10% when its rule holds none out)
         count = default_held_out(len(x_train), 32) or len(x_train) // 10
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0)).numpy()
-        held, x_train = as_tensor(x_train[order[:count]]), x_train[order[count:]]
+        x_held, x_train = x_train[order[:count]], x_train[order[count:]]
     epochs = epochs or default_epochs(len(x_train), 32)[0]  # the rule counts the images trained on
-    train, test = as_tensor(x_train), as_tensor(x_test)
+    train, test = prepare_images(x_train), prepare_images(x_test)
     config = TrainConfig(data=data, model="pca-conv", latent_dim=latent_dim, epochs=epochs, seed=0,
                          image_shape=tuple(train.shape[1:])).resolved()
     torch.manual_seed(0)
@@ -143,13 +122,12 @@ def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
             parameter.requires_grad_(False)
     test_curve: list[float] = []
     started = time.perf_counter()
-    state = fit(model, train, held if held is not None else test, config, progress=False,
-                on_epoch_end=lambda m, _optimizer, _state: test_curve.append(mse(m, test)))
+    state = fit(model, train, test if x_held is None else prepare_images(x_held), config, progress=False,
+                on_epoch_end=lambda m, _optimizer, _state: test_curve.append(evaluate(m, test).mse))
     row = {"data": data, "latent_dim": latent_dim, "variant": variant, "epochs": epochs, "train": len(train),
-           "seconds": round(time.perf_counter() - started), "pca_test": pca_mse(pca, test), "test": test_curve}
-    if held is not None:  # the estimator keeps the epoch with the lowest held-out loss
-        pca_train = PCA(latent_dim, random_state=0).fit(train.flatten(1).numpy())
-        row["pca_held"], row["held"] = pca_mse(pca_train, held), [r.val_loss for r in state.history]
+           "seconds": round(time.perf_counter() - started), "pca_test": pca_test, "test": test_curve}
+    if x_held is not None:  # the estimator keeps the epoch with the lowest held-out loss
+        row["pca_held"], row["held"] = pca_mse(x_train, x_held, latent_dim), [r.val_loss for r in state.history]
         row["kept_epoch"] = int(np.argmin(row["held"])) + 1
         row["kept_test"] = test_curve[row["kept_epoch"] - 1]
     return row

@@ -324,10 +324,11 @@ class ConvAutoencoder(_ImageReconstructor):
         best = {}
 
         def keep_best(model, _optimizer, state) -> None:
-            if held and state.epochs_since_best == 0:  # this epoch's held-out loss is the lowest so far
+            if state.epochs_since_best == 0:  # this epoch's held-out loss is the lowest so far
                 best.update(epoch=state.epoch, weights={k: v.detach().clone() for k, v in model.state_dict().items()})
 
-        state = fit(model, x_train, x_val, config, progress=bool(self.verbose), on_epoch_end=keep_best)
+        state = fit(model, x_train, x_val, config, progress=bool(self.verbose),
+                    on_epoch_end=keep_best if held else None)
         if best:
             model.load_state_dict(best["weights"])
             config.chosen["held_out"] = (

@@ -39,6 +39,15 @@ REFINE_WIDTH, REFINE_DEPTH = 32, 3  # the local refinement: 3 3x3 convolutions, 
 PCA_IMAGES = 10000  # training images the principal directions are fitted to (a random sample)
 
 
+def refine_net(channels: int) -> nn.Sequential:
+    """(n, channels, H, W) -> the same: the local refinement, :data:`REFINE_DEPTH` 3x3
+    convolutions of :data:`REFINE_WIDTH` channels with ReLUs between them."""
+    return nn.Sequential(conv3x3(channels, REFINE_WIDTH), nn.ReLU(),
+                         *[layer for _ in range(REFINE_DEPTH - 2)
+                           for layer in (conv3x3(REFINE_WIDTH, REFINE_WIDTH), nn.ReLU())],
+                         conv3x3(REFINE_WIDTH, channels))
+
+
 class PCAConvEncoder(nn.Module):
     """(n, C, H, W) -> (n, latent_dim): principal-component scores plus a conv correction."""
 
@@ -74,11 +83,7 @@ class PCAConvDecoder(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
         self.correction = ConvDecoder(image_shape, latent_dim, widths, feature_shape)
         self.gate = nn.Parameter(torch.zeros(()))
-        channels = image_shape[0]
-        self.refine = nn.Sequential(conv3x3(channels, REFINE_WIDTH), nn.ReLU(),
-                                    *[layer for _ in range(REFINE_DEPTH - 2)
-                                      for layer in (conv3x3(REFINE_WIDTH, REFINE_WIDTH), nn.ReLU())],
-                                    conv3x3(REFINE_WIDTH, channels))
+        self.refine = refine_net(image_shape[0])
         self.refine_gate = nn.Parameter(torch.zeros(()))
 
     def raw(self, z: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,12 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
     def _to_nchw(self, X) -> np.ndarray:
         """Images for a fitted estimator -> float32 (n, C, H, W) in [0, 1]."""
+        return self._parse_fitted(X)[0]
+
+    def _parse_fitted(self, X) -> tuple[np.ndarray, str]:
+        """Images for a fitted estimator -> (float32 (n, C, H, W) in [0, 1], the layout of ``X``)."""
         self._check_is_fitted()
-        x, _ = self._parse(X)
+        x, layout = self._parse(X)
         if tuple(x.shape[1:]) != self.image_shape_:
             c, h, w = self.image_shape_
             features = int(np.prod(x.shape[1:]))
@@ -68,7 +72,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                      f"{self.n_features_in_} features as input: " if features != self.n_features_in_ else "")
             raise ValueError(f"{count}X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
                              f"but the estimator was fitted on {h}x{w}x{c}")
-        return x
+        return x, layout
 
     def _parse(self, X) -> tuple[np.ndarray, str]:
         """Any accepted input -> (float32 (n, C, H, W) in [0, 1], its layout name)."""
@@ -129,13 +133,15 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                              "rows can be read as images")
         return _image_shape_chw(self.image_shape)
 
-    def _from_nchw(self, x: np.ndarray) -> np.ndarray:
-        """(n, C, H, W) -> the layout the estimator was fitted on."""
-        if self.layout_ == "nhw":
+    def _from_nchw(self, x: np.ndarray, layout: str | None = None) -> np.ndarray:
+        """(n, C, H, W) -> ``layout``, by default the one the estimator was fitted on
+        (answers that have no ``X`` to take the layout of: inverse_transform, sample)."""
+        layout = self.layout_ if layout is None else layout
+        if layout == "nhw":
             return x[:, 0]
-        if self.layout_ == "nhwc":
+        if layout == "nhwc":
             return x.transpose(0, 2, 3, 1)
-        if self.layout_ == "flat":
+        if layout == "flat":
             return x.transpose(0, 2, 3, 1).reshape(len(x), -1)
         return x
 
@@ -172,8 +178,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return self._from_nchw(np.clip(self._decode(Z), 0.0, 1.0).astype(np.float32, copy=False))
 
     def reconstruct(self, X) -> np.ndarray:
-        """Images -> their reconstructions, same layout, float32 in [0, 1]."""
-        return self._from_nchw(self._reconstruct(self._to_nchw(X)))
+        """Images -> their reconstructions in the layout of ``X`` (not necessarily the one
+        fitted on), float32 in [0, 1]."""
+        x, layout = self._parse_fitted(X)
+        return self._from_nchw(self._reconstruct(x), layout)
 
     def reconstruction_error(self, X) -> np.ndarray:
         """Mean squared error per image, float64 (n,)."""

@@ -31,6 +31,7 @@ from sklearn.utils import check_random_state
 from aekit import data as data_lib
 from aekit import inference
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
+from aekit._typed import is_int, is_real, plain
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
 _ADDED_PARAMS = {"beta": None}  # params added after 0.2.0, with the value an older save means
@@ -240,7 +241,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return inference.outlier_threshold(errors, self.contamination)
 
     def _validate_contamination(self) -> None:
-        if not isinstance(self.contamination, (int, float)) or not 0 <= self.contamination < 0.5:
+        if not is_real(self.contamination) or not 0 <= self.contamination < 0.5:
             raise ValueError(f"contamination must be a fraction in [0, 0.5), got {self.contamination!r}")
 
     def __sklearn_tags__(self):
@@ -317,7 +318,7 @@ class ConvAutoencoder(_ImageReconstructor):
         from aekit.training import HELD_OUT_SHARE, default_held_out, fit, new_model, resolve_device
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
-            if not isinstance(self.random_state, int) else self.random_state
+            if not is_int(self.random_state) else int(self.random_state)
         config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x))
         held = default_held_out(len(x), config.batch_size) if self.epochs is None else 0
         if held:  # the epoch rule counts the images trained on
@@ -376,7 +377,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if not isinstance(self.model_, VAE):
             raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
                              f"model={self.config_.model!r}: fit with model='vae'")
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int (images to sample), got {n!r}")
         # None: fresh entropy from the OS, so numpy's global generator is not advanced either.
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if random_state is None \
@@ -390,7 +391,7 @@ class ConvAutoencoder(_ImageReconstructor):
         in the layout fitted on: (steps, ...) float32 in [0, 1]. ``a`` and ``b`` are single
         images in the layout fitted on."""
         self._check_is_fitted()
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 2:
+        if not is_int(steps) or steps < 2:
             raise ValueError(f"steps must be an int >= 2 (the path's endpoints included), got {steps!r}")
         pair = np.stack([np.asarray(a), np.asarray(b)])
         if pair.dtype == object:
@@ -417,7 +418,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder; choose another path")
         refuse_existing(path if path.is_dir() and any(path.iterdir()) else None, overwrite=overwrite)
-        params = self.get_params()
+        params = {k: plain(v) for k, v in self.get_params().items()}  # numpy numbers as JSON's
         if not isinstance(params["random_state"], (int, type(None))):
             params["random_state"] = self.config_.seed  # a RandomState: the seed it gave this fit
         state = {"params": params, "threshold": self.threshold_, "layout": self.layout_,
@@ -516,7 +517,7 @@ class ConvAutoencoder(_ImageReconstructor):
         self._validate_contamination()
         if self.image_shape is not None and _image_shape_chw(self.image_shape) != tuple(config.image_shape):
             raise ValueError(f"image_shape {self.image_shape!r} is not {tuple(config.image_shape)} (C, H, W)")
-        seed = self.random_state if isinstance(self.random_state, int) else config.seed
+        seed = int(self.random_state) if is_int(self.random_state) else config.seed
         expected = self._config(image_shape=config.image_shape, seed=seed)
         if self.epochs is None and "epochs" in config.chosen:  # chosen from the number of images fitted
             expected.epochs, expected.chosen = config.epochs, dict(config.chosen)
@@ -535,7 +536,8 @@ def _as_run_error(make, source: Path, fix: str = "save the estimator again"):
 
 def _is_threshold(value) -> bool:
     """Whether ``value`` can be a per-image error threshold: a finite number >= 0."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= sys.float_info.max
+    value = plain(value)  # a numpy float32 compared with float_info.max would overflow
+    return is_real(value) and 0 <= value <= sys.float_info.max
 
 
 def _check_threshold(value, source: Path) -> float:
@@ -566,7 +568,7 @@ class PCAReconstructor(_ImageReconstructor):
         from sklearn.decomposition import PCA
 
         n, features = len(x), int(np.prod(x.shape[1:]))
-        if not isinstance(self.latent_dim, int) or not 1 <= self.latent_dim <= min(n, features):
+        if not is_int(self.latent_dim) or not 1 <= self.latent_dim <= min(n, features):
             raise ValueError(f"latent_dim must be an integer in [1, min(n_samples, n_features)] = "
                              f"[1, {min(n, features)}], got {self.latent_dim!r}")
         self.pca_ = PCA(n_components=self.latent_dim, random_state=self.random_state).fit(x.reshape(n, -1))

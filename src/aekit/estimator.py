@@ -5,7 +5,8 @@ Both answer the same verbs, so a comparison loops over them with no special case
     fit(X) -> self
     transform(X) -> Z (n, latent_dim) float32
     inverse_transform(Z) -> images in [0, 1], in the layout fitted on
-    reconstruct(X), reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
+    reconstruct(X) -> images in [0, 1], in the layout of X
+    reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
     decision_function(X) (< 0 = outlier), predict(X) -> +1 inlier / -1 outlier
 
 ``X`` may be ``(n, H, W)``, ``(n, H, W, C)`` (the seed's Keras layout), ``(n, C, H, W)``

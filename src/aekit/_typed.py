@@ -1,5 +1,6 @@
 """Typed JSON: a dataclass built from JSON-decoded data, every field checked against its
-type hint (config.json, the checkpoint's training state, estimator.json)."""
+type hint (config.json, the checkpoint's training state, estimator.json); and the numbers a
+hyperparameter may be, Python's or numpy's (is_int, is_real), made plain for JSON (plain)."""
 
 from __future__ import annotations
 

@@ -455,3 +455,147 @@ def test_scikit_learn_estimator_checks(estimator, expected_failed):
     assert set(checks.get("xfail", [])) == set(expected_failed)  # a waived check that passes is noticed
     assert set(checks.get("skipped", [])) <= ALLOWED_SKIPS
     assert MUST_PASS - set(expected_failed) <= set(checks["passed"])
+
+
+# ---- layouts of the answers (Trust II, item 1 and 3) and numpy hyperparameters (item 10)
+
+def _in_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """(n, C, H, W) -> ``layout``, written out here independently of the estimator."""
+    if layout == "nhw":
+        return x[:, 0]
+    if layout == "nchw":
+        return x
+    nhwc = x.transpose(0, 2, 3, 1)
+    return nhwc if layout == "nhwc" else nhwc.reshape(len(x), -1)
+
+
+def _colour_images(n: int = 40, size: int = 12, channels: int = 3) -> np.ndarray:
+    """uint8 (n, C, H, W): noise, different in every channel so a mixed-up axis shows."""
+    return np.random.default_rng(7).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("channels, fitted_on, asked", [
+    (3, "nhwc", ("nhwc", "nchw", "flat")),
+    (3, "nchw", ("nhwc", "nchw", "flat")),
+    (3, "flat", ("nhwc", "nchw", "flat")),
+    (1, "nhwc", ("nhw", "nhwc", "nchw", "flat")),  # an NHW X to a model fitted NHWC comes back NHW
+])
+def test_reconstruct_and_denoise_answer_in_the_layout_of_x(channels, fitted_on, asked):
+    x = _colour_images(channels=channels)
+    size = (12, 12, channels)
+    est = ConvAutoencoder(model="conv", latent_dim=4, widths=(8,), epochs=1, random_state=0,
+                          image_shape=size, device="cpu").fit(_in_layout(x, fitted_on))
+    assert est.layout_ == fitted_on
+    reference = _in_layout(est.reconstruct(_in_layout(x, "nchw")), "nchw")  # (n, C, H, W)
+    for layout in asked:
+        X = _in_layout(x, layout)
+        for verb in (est.reconstruct, est.denoise):
+            out = verb(X)
+            assert out.shape == X.shape, (verb.__name__, layout)
+            # The same float32 input bytes through the same model: the same operations, bit for bit.
+            np.testing.assert_array_equal(out, _in_layout(reference, layout), err_msg=f"{verb.__name__} {layout}")
+    # Without an X, the fitted layout: inverse_transform
+    assert est.inverse_transform(est.transform(_in_layout(x, "nchw"))).shape == _in_layout(x, fitted_on).shape
+
+
+def test_cli_denoise_answers_in_the_layout_of_its_input(tmp_path):
+    """The review's cases: a model fitted NHWC grey given an (n, H, W) file; fitted NCHW
+    colour given a folder of PNGs and an (n, H, W, C) file."""
+    from aekit.cli import main
+    from aekit.data import read_images, write_images
+
+    grey, colour = _colour_images(channels=1), _colour_images(channels=3)
+    runs = {}
+    for name, fit_on in (("grey", grey.transpose(0, 2, 3, 1)), ("colour", colour)):  # NHWC (40, 12, 12, 1); NCHW
+        runs[name] = tmp_path / name
+        ConvAutoencoder(model="conv", latent_dim=4, epochs=1, random_state=0, device="cpu").fit(fit_on).save(runs[name])
+    np.save(tmp_path / "grey.npy", grey[:5, 0])                         # (5, 12, 12)
+    np.save(tmp_path / "colour.npy", colour[:5].transpose(0, 2, 3, 1))  # (5, 12, 12, 3)
+    write_images(colour[:5].transpose(0, 2, 3, 1), [f"{i}.png" for i in range(5)], tmp_path / "pngs")
+    cases = [("grey", "grey.npy", "dn", (5, 12, 12)), ("grey", "grey.npy", "dn.npy", (5, 12, 12)),
+             ("colour", "pngs", "dn-pngs", (5, 12, 12, 3)), ("colour", "colour.npy", "dn-colour.npy", (5, 12, 12, 3))]
+    for run, source, out, shape in cases:
+        assert main(["denoise", str(runs[run]), str(tmp_path / source), "--out", str(tmp_path / out)]) == 0, out
+        cleaned, _ = read_images(tmp_path / out)
+        assert cleaned.shape == shape and cleaned.dtype == np.uint8, out
+
+
+@pytest.mark.parametrize("fitted_on", ["nchw", "flat"])
+def test_cli_sample_draws_each_image_in_its_own_pixels(fitted_on, tmp_path, monkeypatch):
+    """`aekit sample` of a VAE fitted on NCHW or flat colour images shows the samples
+    themselves, not their pixels read in another layout (the review: red images gave a
+    grey grid)."""
+    import torch
+
+    from aekit import plots
+    from aekit.cli import main
+
+    red = np.zeros((40, 3, 8, 8), np.uint8)
+    red[:, 0] = 230
+    red[:, 1:] = np.random.default_rng(0).integers(0, 60, (40, 2, 8, 8))
+    run = tmp_path / "vae"
+    ConvAutoencoder(model="vae", latent_dim=2, widths=(8,), epochs=1, random_state=0, image_shape=(8, 8, 3),
+                    device="cpu").fit(_in_layout(red, fitted_on)).save(run)
+    shown = []
+    draw = plots.image_rows_figure
+    monkeypatch.setattr(plots, "image_rows_figure", lambda rows: shown.append(rows) or draw(rows))
+    assert main(["sample", str(run), "--n", "6", "--seed", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    drawn = torch.cat([images for _, images in shown[0]])[:6].numpy()   # (6, 3, 8, 8) and a blank tail
+    samples = ConvAutoencoder.load(run).sample(6, random_state=3)       # in the layout fitted on
+    expected = samples if fitted_on == "nchw" else samples.reshape(6, 8, 8, 3).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(drawn, expected)
+
+
+def test_numpy_hyperparameters_are_accepted_and_saved_as_plain_numbers(tmp_path):
+    """GridSearchCV hands out numpy scalars (np.arange); both estimators take them as
+    scikit-learn's own do, and config.json / estimator.json hold plain JSON numbers."""
+    x = _colour_images(n=40, size=8, channels=1)[:, 0]
+    conv = ConvAutoencoder(model="vae", widths=(8,), epochs=np.int64(1), batch_size=np.int32(16),
+                           lr=np.float32(0.003), beta=np.float32(0.5), contamination=np.float32(0.05),
+                           random_state=np.int64(0), device="cpu")
+    for est in (conv, PCAReconstructor(contamination=np.float32(0.05), random_state=np.int64(0))):
+        search = GridSearchCV(est, {"latent_dim": np.arange(2, 4)}, cv=2).fit(x)
+        assert search.best_params_["latent_dim"] in (2, 3)
+    best = search.best_estimator_
+    assert best.pca_.n_components_ == best.latent_dim
+    # random_state=np.int64(0) is the seed 0, as random_state=0 is
+    conv.set_params(latent_dim=np.int64(2)).fit(x)
+    assert conv.config_.seed == 0 and type(conv.config_.latent_dim) is int and type(conv.config_.lr) is float
+    conv.save(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["epochs"], config["latent_dim"], config["batch_size"]) == (1, 2, 16)
+    assert config["lr"] == pytest.approx(0.003, rel=1e-7) and config["beta"] == 0.5  # float32(0.003) as a float
+    state = json.loads((tmp_path / "run" / "estimator.json").read_text())
+    assert state["params"]["latent_dim"] == 2 and state["params"]["random_state"] == 0
+    loaded = ConvAutoencoder.load(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.transform(x), conv.transform(x))
+
+
+@pytest.mark.parametrize("params", [
+    dict(latent_dim=np.bool_(True)), dict(latent_dim=True), dict(epochs=np.True_), dict(lr=np.float64(1.5)),
+    dict(latent_dim=np.float64(2.0)), dict(contamination=np.bool_(False)),
+])
+def test_numpy_hyperparameters_are_still_checked(params):
+    x = _colour_images(n=8, size=8, channels=1)[:, 0]
+    with pytest.raises(ValueError, match=next(iter(params))):
+        ConvAutoencoder(model="conv", widths=(8,), device="cpu", **{"epochs": 1, **params}).fit(x)
+
+
+def test_compare_takes_numpy_latent_sizes():
+    from aekit.compare import CompareConfig
+
+    CompareConfig(latent_dims=tuple(np.arange(2, 4)), epochs=np.int64(1)).validate()
+    for bad in (dict(latent_dims=(True,)), dict(epochs=True), dict(epochs=1.5)):
+        with pytest.raises(ValueError):
+            CompareConfig(**bad).validate()
+
+
+def test_a_numpy_float32_threshold_is_taken():
+    """set_threshold(threshold=...) takes a numpy float (a float32 error, say) as a number."""
+    x = _colour_images(n=20, size=8, channels=1)[:, 0]
+    est = PCAReconstructor(latent_dim=2).fit(x)
+    assert est.set_threshold(threshold=np.float32(0.25)).threshold_ == 0.25
+    assert type(est.threshold_) is float
+    for bad in (np.bool_(True), np.float32("nan"), np.float32(-1.0), np.float64("inf"), 10 ** 400):
+        with pytest.raises(ValueError, match="threshold must be"):
+            est.set_threshold(threshold=bad)

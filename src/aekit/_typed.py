@@ -1,9 +1,11 @@
 """Typed JSON: a dataclass built from JSON-decoded data, every field checked against its
-type hint (config.json, the checkpoint's training state, estimator.json)."""
+type hint (config.json, the checkpoint's training state, estimator.json); and the numbers a
+hyperparameter may be, Python's or numpy's (is_int, is_real), made plain for JSON (plain)."""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import reprlib
 import types
 import typing
@@ -58,4 +60,25 @@ def _conform(value: object, hint, where: str):
     raise ValueError(f"{where} must be {name}, got {reprlib.repr(value)}")
 
 
-__all__ = ["from_plain"]
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer hyperparameter: a Python or numpy integer (what
+    GridSearchCV hands out from ``np.arange``), not a bool (numpy's bool is no Integral)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real-number hyperparameter: a Python or numpy int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plain(value):
+    """``value`` with numpy numbers (also inside tuples and lists) as Python's int and float,
+    which JSON can write (``json.dumps(np.int64(2))`` fails); anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float, complex)):
+        return value.item() if callable(getattr(value, "item", None)) else value
+    return value
+
+
+__all__ = ["from_plain", "is_int", "is_real", "plain"]

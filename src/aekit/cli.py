@@ -396,9 +396,8 @@ def cmd_sample(args) -> int:
     refuse_existing(args.out, overwrite=args.overwrite)
     n = 64 if args.n is None else args.n
     estimator = ConvAutoencoder.load(args.run)
-    images = torch.from_numpy(estimator.sample(n, random_state=args.seed))
-    images = images.reshape(n, *estimator.image_shape_[1:], estimator.image_shape_[0]).permute(0, 3, 1, 2) \
-        if images.ndim == 4 else images.reshape(n, *estimator.image_shape_)  # (n, C, H, W)
+    # sample() answers in the layout fitted on (NHWC, NCHW, flat...): the estimator reads it back.
+    images = torch.from_numpy(estimator._to_nchw(estimator.sample(n, random_state=args.seed)))  # (n, C, H, W)
     columns = math.ceil(math.sqrt(n))
     rows = -(-n // columns)
     images = torch.cat([images, torch.ones(rows * columns - n, *images.shape[1:])])  # blank (white) tail

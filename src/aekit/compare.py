@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from aekit._io import refuse_existing, write_text_atomic
+from aekit._typed import is_int
 from aekit.data import limited, load_dataset
 from aekit.estimator import ConvAutoencoder, PCAReconstructor
 
@@ -46,11 +47,11 @@ class CompareConfig:
             what = f"unknown method {unknown[0]!r}" if unknown else f"methods {', '.join(self.methods) or 'none'}"
             raise ValueError(f"{what}; expected distinct names from {', '.join(choices)}, "
                              "e.g. methods=('autoencoder', 'pca')")
-        if not self.latent_dims or any(not isinstance(d, int) or d < 1 for d in self.latent_dims):
+        if not self.latent_dims or any(not is_int(d) or d < 1 for d in self.latent_dims):
             raise ValueError(f"latent_dims must be positive integers, got {self.latent_dims!r}; "
                              "e.g. latent_dims=(2, 8, 32)")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs}")
+        if self.epochs is not None and (not is_int(self.epochs) or self.epochs < 1):
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
 
 
 def methods() -> tuple[str, ...]:

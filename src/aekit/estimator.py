@@ -5,7 +5,8 @@ Both answer the same verbs, so a comparison loops over them with no special case
     fit(X) -> self
     transform(X) -> Z (n, latent_dim) float32
     inverse_transform(Z) -> images in [0, 1], in the layout fitted on
-    reconstruct(X), reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
+    reconstruct(X) -> images in [0, 1], in the layout of X
+    reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
     decision_function(X) (< 0 = outlier), predict(X) -> +1 inlier / -1 outlier
 
 ``X`` may be ``(n, H, W)``, ``(n, H, W, C)`` (the seed's Keras layout), ``(n, C, H, W)``
@@ -31,6 +32,7 @@ from sklearn.utils import check_random_state
 from aekit import data as data_lib
 from aekit import inference
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
+from aekit._typed import is_int, is_real, plain
 
 LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
 _ADDED_PARAMS = {"beta": None}  # params added after 0.2.0, with the value an older save means
@@ -59,8 +61,12 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
     def _to_nchw(self, X) -> np.ndarray:
         """Images for a fitted estimator -> float32 (n, C, H, W) in [0, 1]."""
+        return self._parse_fitted(X)[0]
+
+    def _parse_fitted(self, X) -> tuple[np.ndarray, str]:
+        """Images for a fitted estimator -> (float32 (n, C, H, W) in [0, 1], the layout of ``X``)."""
         self._check_is_fitted()
-        x, _ = self._parse(X)
+        x, layout = self._parse(X)
         if tuple(x.shape[1:]) != self.image_shape_:
             c, h, w = self.image_shape_
             features = int(np.prod(x.shape[1:]))
@@ -68,7 +74,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                      f"{self.n_features_in_} features as input: " if features != self.n_features_in_ else "")
             raise ValueError(f"{count}X holds images of {x.shape[2]}x{x.shape[3]}x{x.shape[1]} (H x W x C) "
                              f"but the estimator was fitted on {h}x{w}x{c}")
-        return x
+        return x, layout
 
     def _parse(self, X) -> tuple[np.ndarray, str]:
         """Any accepted input -> (float32 (n, C, H, W) in [0, 1], its layout name)."""
@@ -129,13 +135,15 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                              "rows can be read as images")
         return _image_shape_chw(self.image_shape)
 
-    def _from_nchw(self, x: np.ndarray) -> np.ndarray:
-        """(n, C, H, W) -> the layout the estimator was fitted on."""
-        if self.layout_ == "nhw":
+    def _from_nchw(self, x: np.ndarray, layout: str | None = None) -> np.ndarray:
+        """(n, C, H, W) -> ``layout``, by default the one the estimator was fitted on
+        (answers that have no ``X`` to take the layout of: inverse_transform, sample)."""
+        layout = self.layout_ if layout is None else layout
+        if layout == "nhw":
             return x[:, 0]
-        if self.layout_ == "nhwc":
+        if layout == "nhwc":
             return x.transpose(0, 2, 3, 1)
-        if self.layout_ == "flat":
+        if layout == "flat":
             return x.transpose(0, 2, 3, 1).reshape(len(x), -1)
         return x
 
@@ -172,8 +180,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return self._from_nchw(np.clip(self._decode(Z), 0.0, 1.0).astype(np.float32, copy=False))
 
     def reconstruct(self, X) -> np.ndarray:
-        """Images -> their reconstructions, same layout, float32 in [0, 1]."""
-        return self._from_nchw(self._reconstruct(self._to_nchw(X)))
+        """Images -> their reconstructions in the layout of ``X`` (not necessarily the one
+        fitted on), float32 in [0, 1]."""
+        x, layout = self._parse_fitted(X)
+        return self._from_nchw(self._reconstruct(x), layout)
 
     def reconstruction_error(self, X) -> np.ndarray:
         """Mean squared error per image, float64 (n,)."""
@@ -232,7 +242,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return inference.outlier_threshold(errors, self.contamination)
 
     def _validate_contamination(self) -> None:
-        if not isinstance(self.contamination, (int, float)) or not 0 <= self.contamination < 0.5:
+        if not is_real(self.contamination) or not 0 <= self.contamination < 0.5:
             raise ValueError(f"contamination must be a fraction in [0, 0.5), got {self.contamination!r}")
 
     def __sklearn_tags__(self):
@@ -309,7 +319,7 @@ class ConvAutoencoder(_ImageReconstructor):
         from aekit.training import HELD_OUT_SHARE, default_held_out, fit, new_model, resolve_device
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
-            if not isinstance(self.random_state, int) else self.random_state
+            if not is_int(self.random_state) else int(self.random_state)
         config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x))
         held = default_held_out(len(x), config.batch_size) if self.epochs is None else 0
         if held:  # the epoch rule counts the images trained on
@@ -368,7 +378,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if not isinstance(self.model_, VAE):
             raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
                              f"model={self.config_.model!r}: fit with model='vae'")
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int (images to sample), got {n!r}")
         # None: fresh entropy from the OS, so numpy's global generator is not advanced either.
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if random_state is None \
@@ -382,7 +392,7 @@ class ConvAutoencoder(_ImageReconstructor):
         in the layout fitted on: (steps, ...) float32 in [0, 1]. ``a`` and ``b`` are single
         images in the layout fitted on."""
         self._check_is_fitted()
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 2:
+        if not is_int(steps) or steps < 2:
             raise ValueError(f"steps must be an int >= 2 (the path's endpoints included), got {steps!r}")
         pair = np.stack([np.asarray(a), np.asarray(b)])
         if pair.dtype == object:
@@ -409,7 +419,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder; choose another path")
         refuse_existing(path if path.is_dir() and any(path.iterdir()) else None, overwrite=overwrite)
-        params = self.get_params()
+        params = {k: plain(v) for k, v in self.get_params().items()}  # numpy numbers as JSON's
         if not isinstance(params["random_state"], (int, type(None))):
             params["random_state"] = self.config_.seed  # a RandomState: the seed it gave this fit
         state = {"params": params, "threshold": self.threshold_, "layout": self.layout_,
@@ -508,7 +518,7 @@ class ConvAutoencoder(_ImageReconstructor):
         self._validate_contamination()
         if self.image_shape is not None and _image_shape_chw(self.image_shape) != tuple(config.image_shape):
             raise ValueError(f"image_shape {self.image_shape!r} is not {tuple(config.image_shape)} (C, H, W)")
-        seed = self.random_state if isinstance(self.random_state, int) else config.seed
+        seed = int(self.random_state) if is_int(self.random_state) else config.seed
         expected = self._config(image_shape=config.image_shape, seed=seed)
         if self.epochs is None and "epochs" in config.chosen:  # chosen from the number of images fitted
             expected.epochs, expected.chosen = config.epochs, dict(config.chosen)
@@ -527,7 +537,8 @@ def _as_run_error(make, source: Path, fix: str = "save the estimator again"):
 
 def _is_threshold(value) -> bool:
     """Whether ``value`` can be a per-image error threshold: a finite number >= 0."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= sys.float_info.max
+    value = plain(value)  # a numpy float32 compared with float_info.max would overflow
+    return is_real(value) and 0 <= value <= sys.float_info.max
 
 
 def _check_threshold(value, source: Path) -> float:
@@ -558,7 +569,7 @@ class PCAReconstructor(_ImageReconstructor):
         from sklearn.decomposition import PCA
 
         n, features = len(x), int(np.prod(x.shape[1:]))
-        if not isinstance(self.latent_dim, int) or not 1 <= self.latent_dim <= min(n, features):
+        if not is_int(self.latent_dim) or not 1 <= self.latent_dim <= min(n, features):
             raise ValueError(f"latent_dim must be an integer in [1, min(n_samples, n_features)] = "
                              f"[1, {min(n, features)}], got {self.latent_dim!r}")
         self.pca_ = PCA(n_components=self.latent_dim, random_state=self.random_state).fit(x.reshape(n, -1))

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aekit._typed import is_int
+
 
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     """Keras' ``Conv2D(out, (3, 3), padding='same')``: stride 1, spatial size kept."""
@@ -285,10 +287,10 @@ def check_conv_options(image_shape: tuple[int, int, int], latent_dim: int, width
     """``widths`` as a tuple, or a one-line error for a ``latent_dim``, ``widths`` or image
     size that a :class:`ConvEncoder` / :class:`ConvDecoder` pair cannot take: the checks of
     every model built on them."""
-    if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+    if not is_int(latent_dim) or latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
     widths = tuple(widths)
-    if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+    if not widths or any(not is_int(w) or w < 1 for w in widths):
         raise ValueError(f"widths must be positive integers, one per downsampling, got {widths!r}")
     _, height, width = image_shape
     if min(height, width) < 2 ** len(widths) // 2:

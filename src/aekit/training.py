@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from aekit import distributed, fast, models
-from aekit._typed import from_plain
+from aekit._typed import from_plain, is_int, is_real, plain
 from aekit.data import as_images
 from aekit.inference import evaluate
 from aekit.models import INITS
@@ -127,7 +127,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
         recipe = dataclasses.asdict(RECIPES[self.recipe])
-        filled = {k: (recipe[k] if getattr(self, k) is None and k in recipe else getattr(self, k))
+        # plain: numpy numbers (a grid search's np.arange) become the Python ones config.json can hold.
+        filled = {k: plain(recipe[k] if getattr(self, k) is None and k in recipe else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         # A model owns its objective: one that does not offer the recipe's loss trains on its first.
         offered = models.MODELS[self.model].objectives if self.model in models.MODELS else ()
@@ -138,24 +139,24 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        def positive(name: str, value, kind=int) -> None:
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+        def positive(name: str, value) -> None:
+            if value is not None and (not is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
         models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths, beta=self.beta)
         positive("epochs", self.epochs)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
             if shape is not None and (len(shape) != size or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+                    is_int(v) and v > 0 for v in shape)):
                 raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
         positive("latent_dim", self.latent_dim)
         parse_noise(self.noise)
         positive("batch_size", self.batch_size)
         positive("limit", self.limit)
         positive("patience", self.patience)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+        if self.lr is not None and not (is_real(self.lr) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a number in (0, 1), got {self.lr!r}")
         for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("init", self.init, tuple(INITS))):
             if value is not None and value not in allowed:

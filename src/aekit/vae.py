@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from aekit import models
+from aekit._typed import is_real
 
 
 class VAE(models.Autoencoder):
@@ -47,7 +48,7 @@ class VAE(models.Autoencoder):
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
                  widths: tuple[int, ...] = (16, 32), beta: float = 1.0):
         super().__init__()
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < math.inf:
+        if not is_real(beta) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {beta!r}")
         # The plain conv net checks latent_dim, widths and the image size; it owns the decoder.
         net = models.ConvAutoencoderNet(image_shape, latent_dim, widths)

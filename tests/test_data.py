@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aekit import data as data_lib
@@ -233,9 +234,10 @@ def test_odd_image_modes(tmp_path, rng):
     Image.fromarray(gray).convert("LA").save(folder / "alpha.png")
     (xtr, _), (xte, _) = load_dataset(folder)
     images = np.concatenate([xtr, xte])
-    assert images.shape == (5, 6, 6) and images.dtype == np.uint8
-    for name in ("gray.png", "sixteen.png", "palette.png", "alpha.png"):
+    assert images.shape == (5, 6, 6, 3) and images.dtype == np.uint8  # a palette file is colour
+    for name in ("gray.png", "sixteen.png", "alpha.png"):
         np.testing.assert_array_equal(data_lib.read_image(folder / name, None), gray, err_msg=name)
+    np.testing.assert_array_equal(data_lib.read_image(folder / "palette.png", None), np.stack([gray] * 3, axis=2))
     np.testing.assert_array_equal(data_lib.read_image(folder / "bilevel.png", None), (gray > 128) * 255)
 
 
@@ -427,3 +429,65 @@ def test_the_run_says_and_records_which_data_it_used(local_mnist, mnist, capsys)
         config = json.loads((out / "config.json").read_text())
         assert config["data"] == data and config["data_source"] == source
         assert config["image_shape"] == ([1, 28, 28] if data == "mnist" else [1, 8, 8])
+
+
+# ------------------------------------------------------- a file's channels are what it says
+
+@pytest.mark.parametrize("mode, channels", [("1", 1), ("L", 1), ("LA", 1), ("I;16", 1),
+                                            ("RGB", 3), ("RGBA", 3), ("P", 3)])
+def test_a_files_channels_are_its_mode_not_its_pixels(tmp_path, mode, channels):
+    """A black frame saved as RGB is a colour image (3 channels), whatever its pixels."""
+    black = Image.new("I;16" if mode == "I;16" else mode, (6, 4))
+    black.save(tmp_path / "black.png")
+    image = data_lib.read_image(tmp_path / "black.png", None)
+    assert image.shape == ((4, 6) if channels == 1 else (4, 6, 3)) and not image.any()
+    x, names = data_lib.read_images(tmp_path / "black.png")
+    assert x.shape == (1, *image.shape) and names == ["black.png"]
+
+
+def test_a_cmyk_or_grey_looking_rgb_jpeg_is_colour(tmp_path, rng):
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "rgb.jpg")
+    Image.fromarray(grey).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(grey).save(tmp_path / "grey.jpg")
+    assert data_lib.read_image(tmp_path / "rgb.jpg", None).shape == (8, 8, 3)
+    assert data_lib.read_image(tmp_path / "cmyk.jpg", None).shape == (8, 8, 3)
+    assert data_lib.read_image(tmp_path / "grey.jpg", None).shape == (8, 8)
+
+
+def test_a_set_with_any_colour_file_is_colour_in_memory_and_streamed(tmp_path, rng):
+    """One rule for a mixed set, in memory and streamed alike: colour if any file is colour
+    (by its mode), the grey files' pixel repeated in R, G and B. The first file is grey, so
+    a reader that decides from the first file cannot pass."""
+    grey = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    for i, image in enumerate(grey):
+        save_png(tmp_path / "mixed" / f"{i}.png", image)
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "9.png")  # a black RGB frame, last
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "mixed")
+    assert xtr.shape[1:] == xte.shape[1:] == (8, 8, 3)
+    train, test, _ = data_lib.open_images(tmp_path / "mixed", stream=True)
+    assert train.shape == (len(xtr), 3, 8, 8) and test.shape == (len(xte), 3, 8, 8)
+    streamed = torch.cat(list(train.batches(4)))
+    assert torch.equal(streamed, data_lib.prepare_images(xtr))
+
+
+def test_a_split_folder_with_grey_train_and_colour_test_is_colour(tmp_path, rng):
+    """train/ grey and test/ colour: one data set, so the same rule as one folder; it used
+    to be refused with 'pass resize=(H, W)', which changes sizes, not channels."""
+    for i in range(4):
+        save_png(tmp_path / "d" / "train" / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    for i in range(2):
+        save_png(tmp_path / "d" / "test" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "d")
+    assert xtr.shape == (4, 8, 8, 3) and xte.shape == (2, 8, 8, 3)
+    assert (xtr[..., 0] == xtr[..., 2]).all()  # grey pixels, repeated
+    train, test, _ = data_lib.open_images(tmp_path / "d", stream=True)
+    assert train.shape == (4, 3, 8, 8) and test.shape == (2, 3, 8, 8)
+    assert torch.equal(torch.cat(list(train.batches(3))), data_lib.prepare_images(xtr))
+
+
+def test_a_split_folder_of_other_sizes_says_resize(tmp_path, rng):
+    save_png(tmp_path / "d" / "train" / "0.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    save_png(tmp_path / "d" / "test" / "0.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train images are 8x8 but test images are 6x6; pass resize=\(H, W\)"):
+        load_dataset(tmp_path / "d")

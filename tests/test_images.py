@@ -3,6 +3,7 @@ calls; one format detection and one npz rule for every reader; open_images as a 
 its data."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -198,3 +199,27 @@ def test_streaming_what_cannot_stream_says_to_pass_stream_false(tmp_path):
     with pytest.raises(DataError, match=r"only \.npy files and folders .* not a \.npz file of arrays; "
                                         r"pass stream=False to load it in memory"):
         open_images(tmp_path / "x.npz", stream=True)
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A run trained for one epoch on 40 random RGB 8x8 images."""
+    from aekit.cli import main
+
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    assert main(["train", "--data", str(root), "--epochs", "1", "--out", str(root / "run"), "--quiet"]) == 0
+    return root / "run"
+
+
+def test_score_and_denoise_a_black_rgb_frame_with_a_colour_model(colour_run, tmp_path, capsys):
+    """An RGB file of grey pixels is a colour image: a colour model takes it."""
+    from aekit.cli import main
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "black.png")
+    assert main(["score", str(colour_run), str(tmp_path / "black.png"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1"]) == 0, capsys.readouterr().err
+    assert main(["denoise", str(colour_run), str(tmp_path / "black.png"), "--out", str(tmp_path / "d.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "d.png")).shape == (8, 8, 3)

@@ -24,7 +24,7 @@ from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, h
                                read_npz)
 from aekit.data.datasets import load_builtin
 from aekit.data.formats import IDX_NAMES, Format, detect, find_idx, npz_image_keys
-from aekit.data.imagefiles import image_files, labelled_files, read_image, read_image_set
+from aekit.data.imagefiles import grey_to_rgb, image_files, labelled_files, read_image, read_image_set
 from aekit.data.images import ArrayImages, ImageSource, prepare_images
 from aekit.data.streams import STREAM_ABOVE_BYTES, float_bytes, open_stream
 
@@ -110,10 +110,12 @@ def _load_labelled_folder(folder: Path, resize) -> tuple[np.ndarray, np.ndarray 
 def _load_split_folder(folder: Path, resize) -> Dataset:
     xtr, ytr = _load_labelled_folder(folder / "train", resize)
     xte, yte = _load_labelled_folder(folder / "test", resize)
-    if xtr.shape[1:] != xte.shape[1:]:
+    if xtr.ndim != xte.ndim:  # one data set: colour if any of its files is, as one folder is
+        xtr, xte = (grey_to_rgb(x) if x.ndim == 3 else x for x in (xtr, xte))
+    if xtr.shape[1:3] != xte.shape[1:3]:
         raise DataError(
-            f"{folder}: train images are {xtr.shape[1:]} but test images are {xte.shape[1:]}; "
-            "pass resize=(H, W)"
+            f"{folder}: train images are {xtr.shape[1]}x{xtr.shape[2]} but test images are "
+            f"{xte.shape[1]}x{xte.shape[2]}; pass resize=(H, W) to bring them to one size"
         )
     return (xtr, ytr), (xte, yte)
 

@@ -201,6 +201,21 @@ def test_streaming_what_cannot_stream_says_to_pass_stream_false(tmp_path):
         open_images(tmp_path / "x.npz", stream=True)
 
 
+# ------------------------------------------------------ score and denoise: names and channels
+
+def test_output_names_are_unique_and_keep_the_stem_when_they_can():
+    from aekit.data.imagefiles import output_names
+
+    assert output_names(["a.png", "b.jpg", "0"]) == ["a.png", "b.png", "0.png"]
+    assert output_names(["x.png", "x.jpg", "y.png"]) == ["x.png.png", "x.jpg.png", "y.png"]
+    assert output_names(["a/1.png", "b/1.png"]) == ["a_1.png.png", "b_1.png.png"]
+    # however the names fall, no two outputs share a name (nor differ only in case)
+    names = ["x.png", "x.jpg", "x.jpg.png", "X.png", "a/x.jpg", "a_x.jpg"]
+    out = output_names(names)
+    assert len({name.casefold() for name in out}) == len(names)
+    assert all(name.endswith(".png") and "/" not in name for name in out)
+
+
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
     """A run trained for one epoch on 40 random RGB 8x8 images."""
@@ -223,3 +238,18 @@ def test_score_and_denoise_a_black_rgb_frame_with_a_colour_model(colour_run, tmp
                  "--contamination", "0.1"]) == 0, capsys.readouterr().err
     assert main(["denoise", str(colour_run), str(tmp_path / "black.png"), "--out", str(tmp_path / "d.png")]) == 0
     assert np.asarray(Image.open(tmp_path / "d.png")).shape == (8, 8, 3)
+
+
+def test_inputs_that_share_a_stem_get_an_output_each(colour_run, tmp_path, capsys):
+    from aekit.cli import main
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "x.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "x.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "y.png")
+    assert main(["denoise", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "clean")]) == 0
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]
+    assert main(["score", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1", "--heatmaps", str(tmp_path / "maps")]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]

@@ -77,10 +77,13 @@ def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float
 
 def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Path,
                    overwrite: bool = False) -> Path:
-    """A heatmap PNG per image into ``folder`` (built under a temporary name, then renamed);
-    an existing ``folder`` is replaced only with ``overwrite``."""
+    """A heatmap PNG per image into ``folder``, named as :func:`aekit.data.imagefiles.output_names`
+    says (built under a temporary name, then renamed); an existing ``folder`` is replaced
+    only with ``overwrite``."""
     refuse_existing(folder, overwrite=overwrite)
     from PIL import Image
+
+    from aekit.data.imagefiles import output_names
 
     x_nchw = estimator._to_nchw(x)                        # (n, C, H, W) in [0, 1]
     originals = x_nchw.transpose(0, 2, 3, 1)              # (n, H, W, C)
@@ -89,6 +92,6 @@ def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Pat
         originals, recon = originals[..., 0], recon[..., 0]
     scale = max(float(np.quantile((originals - recon) ** 2, 0.999)), 1e-6)
     with atomic_folder(folder) as staging:
-        for name, a, b in zip(names, originals, recon):
-            Image.fromarray(error_heatmap(a, b, scale)).save(staging / f"{Path(name).stem}.png")
+        for name, a, b in zip(output_names(names), originals, recon):
+            Image.fromarray(error_heatmap(a, b, scale)).save(staging / name)
     return Path(folder)

@@ -155,13 +155,34 @@ def labelled_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
     return flat, None
 
 
+def output_names(names: list[str]) -> list[str]:
+    """A PNG file name for each input name (a file name, ``a/1.png``, or ``"0"``...), no two
+    alike even where the file system ignores case: the stem (``x.png`` -> ``x.png``,
+    ``0`` -> ``0.png``) where no other input has it, else the whole name with ``/`` as
+    ``_`` (``x.jpg`` -> ``x.jpg.png``, ``a/1.png`` -> ``a_1.png.png``); a name still taken
+    gets ``-2``, ``-3``... The one rule for every writer of an image per input."""
+    stems = [PurePath(name).stem or "image" for name in names]
+    clashes = Counter(stem.casefold() for stem in stems)
+    wanted = [stem if clashes[stem.casefold()] == 1 else name.replace("/", "_").replace("\\", "_")
+              for stem, name in zip(stems, names)]
+    reserved, taken, out = {w.casefold() for w in wanted}, set(), []
+    for want in wanted:
+        name, k = want, 1
+        while name.casefold() in taken or (name != want and name.casefold() in reserved):
+            k += 1
+            name = f"{want}-{k}"
+        taken.add(name.casefold())
+        out.append(name + ".png")
+    return out
+
+
 def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write images (n, H, W) or (n, H, W, C), uint8 or float in [0, 1], to ``out``; an
     existing ``out`` is replaced only with ``overwrite``.
 
     ``out`` ending in ``.npy``/``.npz`` gets one array (key ``x``) in the input's layout;
     an image suffix with one image gets that file; anything else becomes a folder of PNGs
-    named after ``names``. The folder is built under a temporary name and renamed, so a
+    named after ``names``, one each (:func:`output_names`). The folder is built under a temporary name and renamed, so a
     failure leaves nothing behind.
     """
     out = Path(out)
@@ -186,6 +207,6 @@ def write_images(x: np.ndarray, names: list[str], out: str | os.PathLike, overwr
             Image.fromarray(pixels[0]).save(tmp, format="PNG" if suffix == ".png" else "JPEG")
         return out
     with atomic_folder(out) as staging:
-        for image, name in zip(pixels, names):
-            Image.fromarray(image).save(staging / (Path(name).stem + ".png"))
+        for image, name in zip(pixels, output_names(names)):
+            Image.fromarray(image).save(staging / name)
     return out

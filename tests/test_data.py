@@ -491,3 +491,33 @@ def test_a_split_folder_of_other_sizes_says_resize(tmp_path, rng):
     save_png(tmp_path / "d" / "test" / "0.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
     with pytest.raises(DataError, match=r"train images are 8x8 but test images are 6x6; pass resize=\(H, W\)"):
         load_dataset(tmp_path / "d")
+
+
+# ------------------------------------------------------------------- .npz: members read
+
+def test_an_npz_is_read_only_for_the_members_used(tmp_path, rng, monkeypatch):
+    """Unused members are never decompressed (a small file can hold huge unused members)."""
+    x = rng.integers(0, 256, (10, 6, 6), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "d.npz", x=x, y=np.arange(10), junk1=np.zeros(100_000, np.uint8),
+                        junk2=np.zeros(100_000, np.uint8))
+    read = []
+    real = data_lib.arrays.read_npy
+    monkeypatch.setattr(data_lib.arrays, "read_npy", lambda raw, source: read.append(source) or real(raw, source))
+    (xtr, ytr), (xte, yte) = load_dataset(tmp_path / "d.npz")
+    assert len(xtr) + len(xte) == 10 and sorted(np.concatenate([ytr, yte])) == list(range(10))
+    assert sorted(read) == [f"{tmp_path / 'd.npz'}[x]", f"{tmp_path / 'd.npz'}[y]"]
+    read.clear()
+    images, names = data_lib.read_images(tmp_path / "d.npz")
+    np.testing.assert_array_equal(images, x)
+    assert read == [f"{tmp_path / 'd.npz'}[x]"]
+
+
+def test_an_npz_whose_members_together_claim_more_than_memory_is_refused(tmp_path, rng, monkeypatch):
+    """The bound is on the members read together, not on each one: two members of 3,600
+    bytes each pass a per-member limit of 5,000 bytes, and 7,200 bytes together do not."""
+    np.savez_compressed(tmp_path / "d.npz", x_train=np.zeros((100, 6, 6), np.uint8),
+                        x_test=np.zeros((100, 6, 6), np.uint8))
+    monkeypatch.setattr(data_lib.arrays, "memory_bytes", lambda: 5_000)
+    with pytest.raises(DataError, match=r"d\.npz: the sum of its members x_train, x_test claims 7,\d\d\d bytes of "
+                                        r"data, more than this machine's memory"):
+        load_dataset(tmp_path / "d.npz")

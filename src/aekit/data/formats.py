@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Collection
 from pathlib import Path
 
-import numpy as np
 
 from aekit.data.arrays import DataError
 from aekit.data.datasets import BUILTINS, is_builtin
@@ -97,10 +97,11 @@ def find_idx(folder: Path, key: str) -> Path | None:
 
 # ------------------------------------------------------------------------------- npz
 
-def npz_image_keys(arrays: dict[str, np.ndarray], path: Path) -> tuple[str, ...]:
-    """Which arrays of an ``.npz`` are its images, the one rule for every reader:
-    ``("x_train", "x_test")`` (Keras' layout, labels ``y_train``/``y_test``), else
-    ``("x",)`` (labels ``y``), else the one array the file holds, whatever its name."""
+def npz_image_keys(arrays: Collection[str], path: Path) -> tuple[str, ...]:
+    """Which arrays of an ``.npz`` are its images, from their names (``arrays``: the names,
+    or the arrays by name), the one rule for every reader: ``("x_train", "x_test")``
+    (Keras' layout, labels ``y_train``/``y_test``), else ``("x",)`` (labels ``y``), else
+    the one array the file holds, whatever its name."""
     if "x_train" in arrays:
         if "x_test" not in arrays:
             raise DataError(f"{path}: has x_train but no x_test; add x_test or save a single array 'x'")

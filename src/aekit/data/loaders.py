@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, holdout_split, read_idx, read_npy_file,
-                               read_npz)
+from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, holdout_split, npz_names, read_idx,
+                               read_npy_file, read_npz)
 from aekit.data.datasets import load_builtin
 from aekit.data.formats import IDX_NAMES, Format, detect, find_idx, npz_image_keys
 from aekit.data.imagefiles import grey_to_rgb, image_files, labelled_files, read_image, read_image_set
@@ -88,9 +88,13 @@ def _load_idx_folder(folder: Path) -> Dataset:
     return (xtr, ytr), (xte, yte)
 
 
+# The labels of each image array of an .npz (npz_image_keys), where it has them.
+_NPZ_LABELS = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
+
+
 def _load_npz(path: Path) -> Dataset:
-    arrays = read_npz(path)
-    keys = npz_image_keys(arrays, path)
+    keys = npz_image_keys(npz_names(path), path)
+    arrays = read_npz(path, keys + tuple(_NPZ_LABELS[k] for k in keys if k in _NPZ_LABELS))
     if keys == ("x_train", "x_test"):
         xtr = check_images(arrays["x_train"], f"{path}[x_train]")
         xte = check_images(arrays["x_test"], f"{path}[x_test]")
@@ -167,12 +171,11 @@ def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     if form is Format.NPY:
         x = read_npy_file(path)
     elif form is Format.NPZ:
-        arrays = read_npz(path)
-        keys = npz_image_keys(arrays, path)
+        keys = npz_image_keys(npz_names(path), path)
         if len(keys) > 1:
             raise DataError(f"{path}: holds a train/test split ({', '.join(keys)}); read_images reads one set "
                             "of images: save the images to read alone, or as 'x'")
-        x, source = arrays[keys[0]], f"{path}[{keys[0]}]"
+        x, source = read_npz(path, keys)[keys[0]], f"{path}[{keys[0]}]"
     else:
         x = read_idx(path)
     x = check_images(x, source)

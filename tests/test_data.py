@@ -521,3 +521,76 @@ def test_an_npz_whose_members_together_claim_more_than_memory_is_refused(tmp_pat
     with pytest.raises(DataError, match=r"d\.npz: the sum of its members x_train, x_test claims 7,\d\d\d bytes of "
                                         r"data, more than this machine's memory"):
         load_dataset(tmp_path / "d.npz")
+
+
+# ------------------------------------------------------------ resize: where it applies
+
+@pytest.fixture
+def array_files(tmp_path, rng):
+    """The same 20 uint8 12x12 images as .npy, .npz and an IDX file."""
+    x = rng.integers(0, 256, (20, 12, 12), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", x)
+    np.savez(tmp_path / "u8.npz", x=x)
+    write_idx(tmp_path / "u8-idx3-ubyte", x)
+    return tmp_path
+
+
+RESIZE_REFUSED = (r"resize=\(H, W\) applies to image files and folders of images, not to {what}; "
+                  r"remove resize=\(H, W\), or save the images as PNG files to resize them")
+
+
+@pytest.mark.parametrize("name, what", [("u8.npy", r"a \.npy array"), ("u8.npz", r"a \.npz file of arrays"),
+                                        ("u8-idx3-ubyte", "an IDX file")])
+def test_resize_is_refused_for_arrays_by_every_reader(array_files, name, what):
+    path = array_files / name
+    message = f"^{path}: " + RESIZE_REFUSED.format(what=what)
+    for read in (load_dataset, data_lib.describe, data_lib.read_images, data_lib.open_images):
+        with pytest.raises(DataError, match=message):
+            read(path, (20, 20))
+    if name.endswith(".npy"):
+        with pytest.raises(DataError, match=message):
+            data_lib.open_images(path, (20, 20), stream=True)
+
+
+def test_resize_is_refused_for_a_builtin(mnist):
+    with pytest.raises(DataError, match="^mnist: " + RESIZE_REFUSED.format(what="a built-in data set")):
+        data_lib.open_images("mnist", (20, 20))
+
+
+def test_cli_refuses_resize_for_an_npy_in_one_line_and_writes_no_run(array_files, capsys):
+    from aekit.cli import main
+
+    from conftest import one_error_line
+
+    npy = str(array_files / "u8.npy")
+    assert main(["data", "info", npy, "--resize", "20", "20"]) == 2
+    line = one_error_line(capsys)
+    assert line.endswith("u8.npy: --resize H W applies to image files and folders of images, not to a .npy array; "
+                         "remove --resize H W, or save the images as PNG files to resize them")
+    assert main(["train", "--data", npy, "--resize", "20", "20", "--epochs", "1", "--quiet",
+                 "--out", str(array_files / "run")]) == 2
+    assert "--resize H W applies to image files" in one_error_line(capsys)
+    assert not (array_files / "run").exists()
+
+
+def test_a_resized_run_evaluates_on_an_array_of_its_size(tmp_path, rng, capsys):
+    """A run's resize brings other image folders to its size; an array must have it already
+    (and is not refused for a resize the user never passed to evaluate)."""
+    from aekit.cli import main
+
+    for i in range(20):
+        save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "imgs"), "--resize", "8", "8", "--epochs", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    for data in ("x.npy", "imgs"):
+        assert main(["evaluate", str(run), "--data", str(tmp_path / data)]) == 0, capsys.readouterr().err
+
+
+def test_resize_still_applies_to_image_files_and_folders(tmp_path, rng):
+    for i in range(3):
+        save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    assert data_lib.describe(tmp_path / "imgs", (20, 16))["train"]["shape"][1:] == [20, 16]
+    assert data_lib.read_images(tmp_path / "imgs" / "0.png", (20, 16))[0].shape == (1, 20, 16)

@@ -34,6 +34,12 @@ class Format(enum.Enum):
     def is_folder(self) -> bool:
         return self in (Format.IDX_FOLDER, Format.SPLIT_FOLDER, Format.IMAGE_FOLDER)
 
+    @property
+    def resizes(self) -> bool:
+        """Whether ``resize=(H, W)`` applies: image files are resampled as they are decoded;
+        arrays, IDX files and built-in sets are used as they are."""
+        return self in (Format.IMAGE_FILE, Format.IMAGE_FOLDER, Format.SPLIT_FOLDER)
+
 
 def detect(name_or_path: str | os.PathLike, builtins: bool = True) -> Format:
     """The :class:`Format` of ``name_or_path``.
@@ -66,6 +72,14 @@ def detect(name_or_path: str | os.PathLike, builtins: bool = True) -> Format:
     if suffix in IMAGE_SUFFIXES:
         return Format.IMAGE_FILE
     return Format.IDX_FILE
+
+
+def check_resize(form: Format, resize: tuple[int, int] | None, name_or_path: str | os.PathLike) -> None:
+    """Refuse ``resize`` for data it does not apply to (:attr:`Format.resizes`), rather than
+    ignore it while the run records it."""
+    if resize is not None and not form.resizes:
+        raise DataError(f"{name_or_path}: resize=(H, W) applies to image files and folders of images, not to "
+                        f"{form.value}; remove resize=(H, W), or save the images as PNG files to resize them")
 
 
 def _refuse_odd_path(path: Path) -> None:

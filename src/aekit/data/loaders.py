@@ -23,7 +23,7 @@ import numpy as np
 from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, holdout_split, npz_names, read_idx,
                                read_npy_file, read_npz)
 from aekit.data.datasets import load_builtin
-from aekit.data.formats import IDX_NAMES, Format, detect, find_idx, npz_image_keys
+from aekit.data.formats import IDX_NAMES, Format, check_resize, detect, find_idx, npz_image_keys
 from aekit.data.imagefiles import grey_to_rgb, image_files, labelled_files, read_image, read_image_set
 from aekit.data.images import ArrayImages, ImageSource, prepare_images
 from aekit.data.streams import STREAM_ABOVE_BYTES, float_bytes, open_stream
@@ -36,10 +36,11 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
 
     Returns ``(x_train, y_train), (x_test, y_test)``: images uint8 (or float32 in [0, 1]
     for float arrays) shaped (n, H, W) or (n, H, W, C); labels int64 (n,) or None.
-    ``resize = (H, W)`` applies to image folders.
+    ``resize = (H, W)`` applies to image folders and is refused for other data.
     """
     name = str(name_or_path)
     form = detect(name_or_path)
+    check_resize(form, resize, name_or_path)
     if form is Format.BUILTIN:
         if Path(name).exists():
             log.warning("'%s' means the built-in %s data set; the local %s is not used (write ./%s to use it)",
@@ -160,6 +161,7 @@ def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     """
     path = Path(path)
     form = detect(path, builtins=False)
+    check_resize(form, resize, path)
     if form.is_folder:
         files = image_files(path)
         if not files:

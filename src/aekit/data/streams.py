@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from aekit.data.arrays import DataError, holdout_indices, read_npy_header
-from aekit.data.formats import Format, detect
+from aekit.data.formats import Format, check_resize, detect
 from aekit.data.imagefiles import IMAGE_SUFFIXES, grey_to_rgb, labelled_files, read_image, set_channels
 from aekit.data.images import ImageStream, prepare_images
 
@@ -236,6 +236,7 @@ def open_stream(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     :func:`aekit.data.load_dataset` splits them."""
     path = Path(path)
     form = detect(path, builtins=False)
+    check_resize(form, resize, path)
     if form is Format.NPY:
         n = _npy_header(path)[1][0]
         train, test = holdout_indices(n)

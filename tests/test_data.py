@@ -594,3 +594,22 @@ def test_resize_still_applies_to_image_files_and_folders(tmp_path, rng):
         save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
     assert data_lib.describe(tmp_path / "imgs", (20, 16))["train"]["shape"][1:] == [20, 16]
     assert data_lib.read_images(tmp_path / "imgs" / "0.png", (20, 16))[0].shape == (1, 20, 16)
+
+
+# ---------------------------------------------------------------- the scores' CSV file
+
+def test_score_csv_writes_any_file_name_and_no_formulas(tmp_path):
+    """A name that is not UTF-8 (os.fsdecode's surrogate escapes) is written with its odd
+    bytes as \\xNN; a name a spreadsheet would run as a formula gets a leading quote."""
+    import csv
+
+    from aekit.anomaly import write_scores
+
+    names = [os.fsdecode(b"caf\xe9.png"), '=HYPERLINK("http://x","y").png', "+1.png", "-1.png", "@SUM(A1).png",
+             "\tx.png", "plain.png", "a=b.png", "\ud800.png"]
+    rows = [{"name": name, "reconstruction_error": 0.5, "score": -0.5, "is_outlier": False} for name in names]
+    write_scores(rows, tmp_path / "s.csv")
+    text = (tmp_path / "s.csv").read_bytes().decode("utf-8")  # valid UTF-8
+    written = [row["name"] for row in csv.DictReader(io.StringIO(text))]
+    assert written == ["caf\\xe9.png", '\'=HYPERLINK("http://x","y").png', "'+1.png", "'-1.png", "'@SUM(A1).png",
+                       "'\tx.png", "plain.png", "a=b.png", "\\ud800.png"]  # a surrogate no byte stands for

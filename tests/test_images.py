@@ -253,3 +253,16 @@ def test_inputs_that_share_a_stem_get_an_output_each(colour_run, tmp_path, capsy
     assert main(["score", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
                  "--contamination", "0.1", "--heatmaps", str(tmp_path / "maps")]) == 0
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]
+
+
+def test_score_writes_a_file_name_that_is_not_utf8(colour_run, tmp_path, capsys):
+    from aekit.cli import main
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "in" / os.fsdecode(b"caf\xe9.png"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "=cmd.png")
+    assert main(["score", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1", "--heatmaps", str(tmp_path / "maps")]) == 0, capsys.readouterr().err
+    rows = (tmp_path / "s.csv").read_bytes().decode("utf-8").splitlines()
+    assert [row.split(",")[0] for row in rows] == ["name", "'=cmd.png", "caf\\xe9.png"]
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "maps").iterdir()) == [b"=cmd.png", b"caf\xe9.png"]

@@ -41,16 +41,38 @@ def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
 
 
 def write_scores(rows: list[dict], path: str | Path, overwrite: bool = False) -> None:
-    """The rows of :func:`score_images` as CSV; an existing ``path`` is replaced only with ``overwrite``."""
+    """The rows of :func:`score_images` as UTF-8 CSV; an existing ``path`` is replaced only
+    with ``overwrite``. Names are written as :func:`csv_text` makes them safe."""
     refuse_existing(path, overwrite=overwrite)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["name", "reconstruction_error", "score", "is_outlier"],
                             lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "reconstruction_error": f"{row['reconstruction_error']:.6g}",
+        writer.writerow({**row, "name": csv_text(row["name"]),
+                         "reconstruction_error": f"{row['reconstruction_error']:.6g}",
                          "score": f"{row['score']:.6g}", "is_outlier": int(row["is_outlier"])})
     write_text_atomic(path, buffer.getvalue())
+
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(name: str) -> str:
+    """``name`` as a CSV cell that is valid UTF-8 and no formula.
+
+    A file name that is not UTF-8 reaches aekit with its odd bytes as surrogate escapes
+    (``os.fsdecode``); they are written as ``\\xNN`` (``caf\\xe9.png``), as Python's
+    ``backslashreplace`` writes bytes. A name starting with ``= + - @``, a tab or a carriage
+    return gets a leading ``'``, so a spreadsheet shows it instead of running it.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # the file name's own bytes
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: not from a file name
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float) -> np.ndarray:

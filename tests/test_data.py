@@ -613,3 +613,33 @@ def test_score_csv_writes_any_file_name_and_no_formulas(tmp_path):
     written = [row["name"] for row in csv.DictReader(io.StringIO(text))]
     assert written == ["caf\\xe9.png", '\'=HYPERLINK("http://x","y").png', "'+1.png", "'-1.png", "'@SUM(A1).png",
                        "'\tx.png", "plain.png", "a=b.png", "\\ud800.png"]  # a surrogate no byte stands for
+
+
+# --------------------------------------------------------- the collapse warning's advice
+
+def test_the_collapse_warning_of_a_diverging_pca_conv_suggests_what_it_offers(mnist):
+    """pca-conv trains on MSE only: the advice is to lower lr, never loss="bce"."""
+    import warnings
+
+    from aekit.estimator import ConvAutoencoder
+    from aekit.training import CollapseWarning
+
+    (x_train, _), _ = mnist
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ConvAutoencoder(model="pca-conv", lr=0.99, epochs=1, device="cpu").fit(x_train[:300])
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
+    assert message.startswith("epoch 1: the reconstructions are nearly constant")
+    assert "bce" not in message and "sigmoid + MSE" not in message
+    assert "lr=0.99 is above every recipe's (at most 0.003): lower lr" in message
+
+
+def test_the_collapse_advice_fits_the_model_and_lr():
+    from aekit.models import build_model
+    from aekit.training import COLLAPSE_HINT, collapse_hint
+
+    seed, pca = build_model("seed", (1, 8, 8)), build_model("pca-conv", (1, 8, 8), latent_dim=2)
+    assert collapse_hint(seed, "mse", 1e-3) == COLLAPSE_HINT
+    assert 'loss="bce"' in collapse_hint(seed, "mse", 0.5) and "lower lr" in collapse_hint(seed, "mse", 0.5)
+    assert "bce" not in collapse_hint(pca, "mse", 1e-3) and "bce" not in collapse_hint(pca, "mse", 0.5)
+    assert "lower lr" in collapse_hint(seed, "bce", 0.5)

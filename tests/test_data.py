@@ -643,3 +643,4 @@ def test_the_collapse_advice_fits_the_model_and_lr():
     assert 'loss="bce"' in collapse_hint(seed, "mse", 0.5) and "lower lr" in collapse_hint(seed, "mse", 0.5)
     assert "bce" not in collapse_hint(pca, "mse", 1e-3) and "bce" not in collapse_hint(pca, "mse", 0.5)
     assert "lower lr" in collapse_hint(seed, "bce", 0.5)
+    assert "bce" not in collapse_hint(seed, "bce", 3e-3)  # a run on bce already is not told to use it

@@ -292,7 +292,7 @@ def collapse_hint(model: nn.Module, loss: str, lr: float) -> str:
     fixes = ['use recipe="default" (binary cross-entropy, He init) or loss="bce"'] if plateau else []
     if lr > top:
         fixes.append(f"lr={lr:g} is above every recipe's (at most {top:g}): lower lr")
-    fixes = fixes or ["lower lr, or check that the images differ from one another"]
+    fixes = fixes or ["lower lr, or check the data: images with nothing in common decode best as one average"]
     return f"{COLLAPSE if plateau else f'{_CONSTANT}. {_STUCK}'}; {'; '.join(fixes)}"
 
 

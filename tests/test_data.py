@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aekit import data as data_lib
@@ -233,9 +234,10 @@ def test_odd_image_modes(tmp_path, rng):
     Image.fromarray(gray).convert("LA").save(folder / "alpha.png")
     (xtr, _), (xte, _) = load_dataset(folder)
     images = np.concatenate([xtr, xte])
-    assert images.shape == (5, 6, 6) and images.dtype == np.uint8
-    for name in ("gray.png", "sixteen.png", "palette.png", "alpha.png"):
+    assert images.shape == (5, 6, 6, 3) and images.dtype == np.uint8  # a palette file is colour
+    for name in ("gray.png", "sixteen.png", "alpha.png"):
         np.testing.assert_array_equal(data_lib.read_image(folder / name, None), gray, err_msg=name)
+    np.testing.assert_array_equal(data_lib.read_image(folder / "palette.png", None), np.stack([gray] * 3, axis=2))
     np.testing.assert_array_equal(data_lib.read_image(folder / "bilevel.png", None), (gray > 128) * 255)
 
 
@@ -427,3 +429,224 @@ def test_the_run_says_and_records_which_data_it_used(local_mnist, mnist, capsys)
         config = json.loads((out / "config.json").read_text())
         assert config["data"] == data and config["data_source"] == source
         assert config["image_shape"] == ([1, 28, 28] if data == "mnist" else [1, 8, 8])
+
+
+# ------------------------------------------------------- a file's channels are what it says
+
+@pytest.mark.parametrize("mode, channels", [("1", 1), ("L", 1), ("LA", 1), ("I;16", 1),
+                                            ("RGB", 3), ("RGBA", 3), ("P", 3)])
+def test_a_files_channels_are_its_mode_not_its_pixels(tmp_path, mode, channels):
+    """A black frame saved as RGB is a colour image (3 channels), whatever its pixels."""
+    black = Image.new("I;16" if mode == "I;16" else mode, (6, 4))
+    black.save(tmp_path / "black.png")
+    image = data_lib.read_image(tmp_path / "black.png", None)
+    assert image.shape == ((4, 6) if channels == 1 else (4, 6, 3)) and not image.any()
+    x, names = data_lib.read_images(tmp_path / "black.png")
+    assert x.shape == (1, *image.shape) and names == ["black.png"]
+
+
+def test_a_cmyk_or_grey_looking_rgb_jpeg_is_colour(tmp_path, rng):
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "rgb.jpg")
+    Image.fromarray(grey).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(grey).save(tmp_path / "grey.jpg")
+    assert data_lib.read_image(tmp_path / "rgb.jpg", None).shape == (8, 8, 3)
+    assert data_lib.read_image(tmp_path / "cmyk.jpg", None).shape == (8, 8, 3)
+    assert data_lib.read_image(tmp_path / "grey.jpg", None).shape == (8, 8)
+
+
+def test_a_set_with_any_colour_file_is_colour_in_memory_and_streamed(tmp_path, rng):
+    """One rule for a mixed set, in memory and streamed alike: colour if any file is colour
+    (by its mode), the grey files' pixel repeated in R, G and B. The first file is grey, so
+    a reader that decides from the first file cannot pass."""
+    grey = rng.integers(0, 256, (10, 8, 8), dtype=np.uint8)
+    for i, image in enumerate(grey):
+        save_png(tmp_path / "mixed" / f"{i}.png", image)
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "9.png")  # a black RGB frame, last
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "mixed")
+    assert xtr.shape[1:] == xte.shape[1:] == (8, 8, 3)
+    train, test, _ = data_lib.open_images(tmp_path / "mixed", stream=True)
+    assert train.shape == (len(xtr), 3, 8, 8) and test.shape == (len(xte), 3, 8, 8)
+    streamed = torch.cat(list(train.batches(4)))
+    assert torch.equal(streamed, data_lib.prepare_images(xtr))
+
+
+def test_a_split_folder_with_grey_train_and_colour_test_is_colour(tmp_path, rng):
+    """train/ grey and test/ colour: one data set, so the same rule as one folder; it used
+    to be refused with 'pass resize=(H, W)', which changes sizes, not channels."""
+    for i in range(4):
+        save_png(tmp_path / "d" / "train" / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    for i in range(2):
+        save_png(tmp_path / "d" / "test" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (xtr, _), (xte, _) = load_dataset(tmp_path / "d")
+    assert xtr.shape == (4, 8, 8, 3) and xte.shape == (2, 8, 8, 3)
+    assert (xtr[..., 0] == xtr[..., 2]).all()  # grey pixels, repeated
+    train, test, _ = data_lib.open_images(tmp_path / "d", stream=True)
+    assert train.shape == (4, 3, 8, 8) and test.shape == (2, 3, 8, 8)
+    assert torch.equal(torch.cat(list(train.batches(3))), data_lib.prepare_images(xtr))
+
+
+def test_a_split_folder_of_other_sizes_says_resize(tmp_path, rng):
+    save_png(tmp_path / "d" / "train" / "0.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    save_png(tmp_path / "d" / "test" / "0.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train images are 8x8 but test images are 6x6; pass resize=\(H, W\)"):
+        load_dataset(tmp_path / "d")
+
+
+# ------------------------------------------------------------------- .npz: members read
+
+def test_an_npz_is_read_only_for_the_members_used(tmp_path, rng, monkeypatch):
+    """Unused members are never decompressed (a small file can hold huge unused members)."""
+    x = rng.integers(0, 256, (10, 6, 6), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "d.npz", x=x, y=np.arange(10), junk1=np.zeros(100_000, np.uint8),
+                        junk2=np.zeros(100_000, np.uint8))
+    read = []
+    real = data_lib.arrays.read_npy
+    monkeypatch.setattr(data_lib.arrays, "read_npy", lambda raw, source: read.append(source) or real(raw, source))
+    (xtr, ytr), (xte, yte) = load_dataset(tmp_path / "d.npz")
+    assert len(xtr) + len(xte) == 10 and sorted(np.concatenate([ytr, yte])) == list(range(10))
+    assert sorted(read) == [f"{tmp_path / 'd.npz'}[x]", f"{tmp_path / 'd.npz'}[y]"]
+    read.clear()
+    images, names = data_lib.read_images(tmp_path / "d.npz")
+    np.testing.assert_array_equal(images, x)
+    assert read == [f"{tmp_path / 'd.npz'}[x]"]
+
+
+def test_an_npz_whose_members_together_claim_more_than_memory_is_refused(tmp_path, rng, monkeypatch):
+    """The bound is on the members read together, not on each one: two members of 3,600
+    bytes each pass a per-member limit of 5,000 bytes, and 7,200 bytes together do not."""
+    np.savez_compressed(tmp_path / "d.npz", x_train=np.zeros((100, 6, 6), np.uint8),
+                        x_test=np.zeros((100, 6, 6), np.uint8))
+    monkeypatch.setattr(data_lib.arrays, "memory_bytes", lambda: 5_000)
+    with pytest.raises(DataError, match=r"d\.npz: the sum of its members x_train, x_test claims 7,\d\d\d bytes of "
+                                        r"data, more than this machine's memory"):
+        load_dataset(tmp_path / "d.npz")
+
+
+# ------------------------------------------------------------ resize: where it applies
+
+@pytest.fixture
+def array_files(tmp_path, rng):
+    """The same 20 uint8 12x12 images as .npy, .npz and an IDX file."""
+    x = rng.integers(0, 256, (20, 12, 12), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", x)
+    np.savez(tmp_path / "u8.npz", x=x)
+    write_idx(tmp_path / "u8-idx3-ubyte", x)
+    return tmp_path
+
+
+RESIZE_REFUSED = (r"resize=\(H, W\) applies to image files and folders of images, not to {what}; "
+                  r"remove resize=\(H, W\), or save the images as PNG files to resize them")
+
+
+@pytest.mark.parametrize("name, what", [("u8.npy", r"a \.npy array"), ("u8.npz", r"a \.npz file of arrays"),
+                                        ("u8-idx3-ubyte", "an IDX file")])
+def test_resize_is_refused_for_arrays_by_every_reader(array_files, name, what):
+    path = array_files / name
+    message = f"^{path}: " + RESIZE_REFUSED.format(what=what)
+    for read in (load_dataset, data_lib.describe, data_lib.read_images, data_lib.open_images):
+        with pytest.raises(DataError, match=message):
+            read(path, (20, 20))
+    if name.endswith(".npy"):
+        with pytest.raises(DataError, match=message):
+            data_lib.open_images(path, (20, 20), stream=True)
+
+
+def test_resize_is_refused_for_a_builtin(mnist):
+    with pytest.raises(DataError, match="^mnist: " + RESIZE_REFUSED.format(what="a built-in data set")):
+        data_lib.open_images("mnist", (20, 20))
+
+
+def test_cli_refuses_resize_for_an_npy_in_one_line_and_writes_no_run(array_files, capsys):
+    from aekit.cli import main
+
+    from conftest import one_error_line
+
+    npy = str(array_files / "u8.npy")
+    assert main(["data", "info", npy, "--resize", "20", "20"]) == 2
+    line = one_error_line(capsys)
+    assert line.endswith("u8.npy: --resize H W applies to image files and folders of images, not to a .npy array; "
+                         "remove --resize H W, or save the images as PNG files to resize them")
+    assert main(["train", "--data", npy, "--resize", "20", "20", "--epochs", "1", "--quiet",
+                 "--out", str(array_files / "run")]) == 2
+    assert "--resize H W applies to image files" in one_error_line(capsys)
+    assert not (array_files / "run").exists()
+
+
+def test_a_resized_run_evaluates_on_an_array_of_its_size(tmp_path, rng, capsys):
+    """A run's resize brings other image folders to its size; an array must have it already
+    (and is not refused for a resize the user never passed to evaluate)."""
+    from aekit.cli import main
+
+    for i in range(20):
+        save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "imgs"), "--resize", "8", "8", "--epochs", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    for data in ("x.npy", "imgs"):
+        assert main(["evaluate", str(run), "--data", str(tmp_path / data)]) == 0, capsys.readouterr().err
+
+
+def test_resize_still_applies_to_image_files_and_folders(tmp_path, rng):
+    for i in range(3):
+        save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    assert data_lib.describe(tmp_path / "imgs", (20, 16))["train"]["shape"][1:] == [20, 16]
+    assert data_lib.read_images(tmp_path / "imgs" / "0.png", (20, 16))[0].shape == (1, 20, 16)
+
+
+# ---------------------------------------------------------------- the scores' CSV file
+
+def test_score_csv_writes_any_file_name_and_no_formulas(tmp_path):
+    """A name that is not UTF-8 (os.fsdecode's surrogate escapes) is written with its odd
+    bytes as \\xNN; a name a spreadsheet would run as a formula gets a leading quote."""
+    import csv
+
+    from aekit.anomaly import write_scores
+
+    names = [os.fsdecode(b"caf\xe9.png"), '=HYPERLINK("http://x","y").png', "+1.png", "-1.png", "@SUM(A1).png",
+             "\tx.png", "plain.png", "a=b.png", "\ud800.png"]
+    rows = [{"name": name, "reconstruction_error": 0.5, "score": -0.5, "is_outlier": False} for name in names]
+    write_scores(rows, tmp_path / "s.csv")
+    text = (tmp_path / "s.csv").read_bytes().decode("utf-8")  # valid UTF-8
+    written = [row["name"] for row in csv.DictReader(io.StringIO(text))]
+    assert written == ["caf\\xe9.png", '\'=HYPERLINK("http://x","y").png', "'+1.png", "'-1.png", "'@SUM(A1).png",
+                       "'\tx.png", "plain.png", "a=b.png", "\\ud800.png"]  # a surrogate no byte stands for
+
+
+# --------------------------------------------------------- the collapse warning's advice
+
+def test_the_collapse_warning_of_a_diverging_pca_conv_suggests_what_it_offers(mnist, monkeypatch):
+    """pca-conv trains on MSE only: the advice is to lower lr, never loss="bce". Whether lr
+    0.99 has collapsed after one epoch depends on the order of floating-point sums (threads,
+    the CPU), so the evaluation is made to report a collapse: this tests what fit says."""
+    import dataclasses
+    import warnings
+
+    from aekit import training
+    from aekit.training import CollapseWarning, TrainConfig, fit, new_model
+
+    real = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: dataclasses.replace(real(*a, **k), collapsed=True))
+    config = TrainConfig(model="pca-conv", lr=0.99, epochs=1, batch_size=64, image_shape=(1, 28, 28)).resolved()
+    (x_train, _), _ = mnist
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(new_model(config), x_train[:256], x_train[256:320], config, progress=False)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
+    assert message.startswith("epoch 1: the reconstructions are nearly constant")
+    assert "bce" not in message and "sigmoid + MSE" not in message
+    assert "lr=0.99 is above every recipe's (at most 0.003): lower lr" in message
+
+
+def test_the_collapse_advice_fits_the_model_and_lr():
+    from aekit.models import build_model
+    from aekit.training import COLLAPSE_HINT, collapse_hint
+
+    seed, pca = build_model("seed", (1, 8, 8)), build_model("pca-conv", (1, 8, 8), latent_dim=2)
+    assert collapse_hint(seed, "mse", 1e-3) == COLLAPSE_HINT
+    assert 'loss="bce"' in collapse_hint(seed, "mse", 0.5) and "lower lr" in collapse_hint(seed, "mse", 0.5)
+    assert "bce" not in collapse_hint(pca, "mse", 1e-3) and "bce" not in collapse_hint(pca, "mse", 0.5)
+    assert "lower lr" in collapse_hint(seed, "bce", 0.5)
+    assert "bce" not in collapse_hint(seed, "bce", 3e-3)  # a run on bce already is not told to use it

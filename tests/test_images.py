@@ -3,6 +3,7 @@ calls; one format detection and one npz rule for every reader; open_images as a 
 its data."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -198,3 +199,70 @@ def test_streaming_what_cannot_stream_says_to_pass_stream_false(tmp_path):
     with pytest.raises(DataError, match=r"only \.npy files and folders .* not a \.npz file of arrays; "
                                         r"pass stream=False to load it in memory"):
         open_images(tmp_path / "x.npz", stream=True)
+
+
+# ------------------------------------------------------ score and denoise: names and channels
+
+def test_output_names_are_unique_and_keep_the_stem_when_they_can():
+    from aekit.data.imagefiles import output_names
+
+    assert output_names(["a.png", "b.jpg", "0"]) == ["a.png", "b.png", "0.png"]
+    assert output_names(["x.png", "x.jpg", "y.png"]) == ["x.png.png", "x.jpg.png", "y.png"]
+    assert output_names(["a/1.png", "b/1.png"]) == ["a_1.png.png", "b_1.png.png"]
+    # however the names fall, no two outputs share a name (nor differ only in case)
+    names = ["x.png", "x.jpg", "x.jpg.png", "X.png", "a/x.jpg", "a_x.jpg"]
+    out = output_names(names)
+    assert len({name.casefold() for name in out}) == len(names)
+    assert all(name.endswith(".png") and "/" not in name for name in out)
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A run trained for one epoch on 40 random RGB 8x8 images."""
+    from aekit.cli import main
+
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    assert main(["train", "--data", str(root), "--epochs", "1", "--out", str(root / "run"), "--quiet"]) == 0
+    return root / "run"
+
+
+def test_score_and_denoise_a_black_rgb_frame_with_a_colour_model(colour_run, tmp_path, capsys):
+    """An RGB file of grey pixels is a colour image: a colour model takes it."""
+    from aekit.cli import main
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "black.png")
+    assert main(["score", str(colour_run), str(tmp_path / "black.png"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1"]) == 0, capsys.readouterr().err
+    assert main(["denoise", str(colour_run), str(tmp_path / "black.png"), "--out", str(tmp_path / "d.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "d.png")).shape == (8, 8, 3)
+
+
+def test_inputs_that_share_a_stem_get_an_output_each(colour_run, tmp_path, capsys):
+    from aekit.cli import main
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "x.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "x.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "y.png")
+    assert main(["denoise", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "clean")]) == 0
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]
+    assert main(["score", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1", "--heatmaps", str(tmp_path / "maps")]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]
+
+
+def test_score_writes_a_file_name_that_is_not_utf8(colour_run, tmp_path, capsys):
+    from aekit.cli import main
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "in" / os.fsdecode(b"caf\xe9.png"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "=cmd.png")
+    assert main(["score", str(colour_run), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
+                 "--contamination", "0.1", "--heatmaps", str(tmp_path / "maps")]) == 0, capsys.readouterr().err
+    rows = (tmp_path / "s.csv").read_bytes().decode("utf-8").splitlines()
+    assert [row.split(",")[0] for row in rows] == ["name", "'=cmd.png", "caf\\xe9.png"]
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "maps").iterdir()) == [b"=cmd.png", b"caf\xe9.png"]

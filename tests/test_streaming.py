@@ -123,6 +123,19 @@ def test_folder_stream_refuses_mixed_sizes_naming_the_file(tmp_path):
         list(FolderStream(sorted(folder.iterdir())).batches(4))
 
 
+def test_a_stream_whose_first_file_is_grey_takes_colour_files_too(tmp_path):
+    """Grey first, colour later: the set is colour, as in memory; it used to fail at the
+    colour file's batch, saying to pass resize=(H, W)."""
+    folder = image_folder(tmp_path / "imgs", [(12, 16)] * 3)
+    Image.new("RGB", (16, 12), (250, 0, 0)).save(folder / "001.png")
+    stream = FolderStream(sorted(folder.iterdir()))
+    assert stream.shape == (3, 3, 12, 16)
+    (x_train, _), (x_test, _) = load_dataset(folder)
+    in_memory = np.concatenate([x_train, x_test])
+    assert rows_of(stream.batches(2)) == rows_of([prepare_images(in_memory)])
+    assert stream.head(1).shape == (1, 3, 12, 16)  # the set's channels, not the first file's
+
+
 def test_float_bytes_decides_what_streams(npy, tmp_path):
     path, x = npy
     assert float_bytes(path) == x.size * 4

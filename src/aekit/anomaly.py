@@ -41,16 +41,38 @@ def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
 
 
 def write_scores(rows: list[dict], path: str | Path, overwrite: bool = False) -> None:
-    """The rows of :func:`score_images` as CSV; an existing ``path`` is replaced only with ``overwrite``."""
+    """The rows of :func:`score_images` as UTF-8 CSV; an existing ``path`` is replaced only
+    with ``overwrite``. Names are written as :func:`csv_text` makes them safe."""
     refuse_existing(path, overwrite=overwrite)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["name", "reconstruction_error", "score", "is_outlier"],
                             lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "reconstruction_error": f"{row['reconstruction_error']:.6g}",
+        writer.writerow({**row, "name": csv_text(row["name"]),
+                         "reconstruction_error": f"{row['reconstruction_error']:.6g}",
                          "score": f"{row['score']:.6g}", "is_outlier": int(row["is_outlier"])})
     write_text_atomic(path, buffer.getvalue())
+
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(name: str) -> str:
+    """``name`` as a CSV cell that is valid UTF-8 and no formula.
+
+    A file name that is not UTF-8 reaches aekit with its odd bytes as surrogate escapes
+    (``os.fsdecode``); they are written as ``\\xNN`` (``caf\\xe9.png``), as Python's
+    ``backslashreplace`` writes bytes. A name starting with ``= + - @``, a tab or a carriage
+    return gets a leading ``'``, so a spreadsheet shows it instead of running it.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # the file name's own bytes
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: not from a file name
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float) -> np.ndarray:
@@ -77,10 +99,13 @@ def error_heatmap(original: np.ndarray, reconstruction: np.ndarray, scale: float
 
 def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Path,
                    overwrite: bool = False) -> Path:
-    """A heatmap PNG per image into ``folder`` (built under a temporary name, then renamed);
-    an existing ``folder`` is replaced only with ``overwrite``."""
+    """A heatmap PNG per image into ``folder``, named as :func:`aekit.data.imagefiles.output_names`
+    says (built under a temporary name, then renamed); an existing ``folder`` is replaced
+    only with ``overwrite``."""
     refuse_existing(folder, overwrite=overwrite)
     from PIL import Image
+
+    from aekit.data.imagefiles import output_names
 
     x_nchw = estimator._to_nchw(x)                        # (n, C, H, W) in [0, 1]
     originals = x_nchw.transpose(0, 2, 3, 1)              # (n, H, W, C)
@@ -89,6 +114,6 @@ def write_heatmaps(estimator, x: np.ndarray, names: list[str], folder: str | Pat
         originals, recon = originals[..., 0], recon[..., 0]
     scale = max(float(np.quantile((originals - recon) ** 2, 0.999)), 1e-6)
     with atomic_folder(folder) as staging:
-        for name, a, b in zip(names, originals, recon):
-            Image.fromarray(error_heatmap(a, b, scale)).save(staging / f"{Path(name).stem}.png")
+        for name, a, b in zip(output_names(names), originals, recon):
+            Image.fromarray(error_heatmap(a, b, scale)).save(staging / name)
     return Path(folder)

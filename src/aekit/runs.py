@@ -70,8 +70,10 @@ class RunExists(RunError, AlreadyExists):
 
 def load_split(config: TrainConfig, data: str | None = None) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
     """The run's data (its own, or ``data`` of the same kind): (x_train, x_test, y_test) as
-    image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`)."""
-    return open_images(data or config.data, config.resize, config.stream, config.limit)
+    image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`).
+    The run's ``resize`` applies to other data only where resize does (image files)."""
+    resize = config.resize if data is None or data_lib.detect(data).resizes else None
+    return open_images(data or config.data, resize, config.stream, config.limit)
 
 
 # ---------------------------------------------------------------------- save / load

@@ -277,16 +277,32 @@ class TrainState:
         self.epoch, self.step, self.loss_sum, self.seconds, self.parts_sum = record.epoch, 0, 0.0, 0.0, {}
 
 
-COLLAPSE = ("the reconstructions are nearly constant: every image decodes to the same picture "
-            "(the blank-output plateau of sigmoid + MSE). Training on will not leave it")
+_CONSTANT = "the reconstructions are nearly constant: every image decodes to the same picture"
+_STUCK = "Training on will not leave it"
+COLLAPSE = f"{_CONSTANT} (the blank-output plateau of sigmoid + MSE). {_STUCK}"
 COLLAPSE_HINT = f'{COLLAPSE}; use recipe="default" (binary cross-entropy, He init) or loss="bce"'
 
 
-class CollapseWarning(UserWarning):
-    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit)."""
+def collapse_hint(model: nn.Module, loss: str, lr: float) -> str:
+    """What the collapse warning says for ``model`` trained on ``loss`` at ``lr``: binary
+    cross-entropy only where the model offers it (:func:`aekit.models.objectives`) and
+    trains on MSE, whose sigmoid plateau it leaves; a lower lr where ``lr`` is above every
+    recipe's, since a step that large can throw the weights where every image decodes alike."""
+    plateau = loss == "mse" and "bce" in models.objectives(model)
+    top = max(recipe.lr for recipe in RECIPES.values())
+    fixes = ['use recipe="default" (binary cross-entropy, He init) or loss="bce"'] if plateau else []
+    if lr > top:
+        fixes.append(f"lr={lr:g} is above every recipe's (at most {top:g}): lower lr")
+    fixes = fixes or ["lower lr, or check the data: images with nothing in common decode best as one average"]
+    return f"{COLLAPSE if plateau else f'{_CONSTANT}. {_STUCK}'}; {'; '.join(fixes)}"
 
-    def __init__(self, epoch: int):
-        super().__init__(f"epoch {epoch}: {COLLAPSE_HINT}")
+
+class CollapseWarning(UserWarning):
+    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit);
+    ``hint`` is what to do about it (:func:`collapse_hint`)."""
+
+    def __init__(self, epoch: int, hint: str = COLLAPSE_HINT):
+        super().__init__(f"epoch {epoch}: {hint}")
         self.epoch = epoch
 
 
@@ -579,7 +595,7 @@ def fit(
             interrupts.hold()  # the epoch's results go into the state together
             state.finish_epoch(record)
             if result.collapsed and not collapse_warned:  # once: training on will not leave it
-                warnings.warn(CollapseWarning(state.epoch), stacklevel=2)
+                warnings.warn(CollapseWarning(state.epoch, collapse_hint(model, config.loss, config.lr)), stacklevel=2)
                 collapse_warned = True
             if record.val_loss < state.best_val_loss:
                 state.best_val_loss, state.epochs_since_best = record.val_loss, 0
@@ -608,4 +624,4 @@ def fit(
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
            "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
            "default_held_out",
-           "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning"]
+           "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

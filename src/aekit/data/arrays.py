@@ -16,8 +16,10 @@ import pickle
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from tokenize import TokenError
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +27,7 @@ Split = tuple[np.ndarray, np.ndarray | None]
 Dataset = tuple[Split, Split]
 
 TEST_FRACTION = 0.1
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -239,24 +242,51 @@ def read_npy(raw: bytes, source: str) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran else "C").copy()  # a writable copy
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file, each read by :func:`read_npy` (no pickle, sizes checked)."""
-    arrays = {}
+def npz_names(path: Path) -> list[str]:
+    """The names of the arrays of an ``.npz`` file (its members without ``.npy``), from the
+    zip's directory alone: nothing is decompressed."""
+    return list(_npz_call(path, lambda zf: _npy_members(zf, path)))
+
+
+def read_npz(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file named in ``keys`` (default: all; a name it lacks is
+    left out), each read by :func:`read_npy` (no pickle, sizes checked).
+
+    Members not asked for are never decompressed, and the ones read must fit in memory
+    together, by the sizes the zip's directory claims (decompression stops there: a member
+    that inflates further fails its CRC check), before any is decompressed.
+    """
+    def read(zf: zipfile.ZipFile) -> dict[str, np.ndarray]:
+        members = _npy_members(zf, path)
+        chosen = list(members) if keys is None else [k for k in dict.fromkeys(keys) if k in members]
+        _check_claim(path, sum(members[k].file_size for k in chosen),
+                     f"the sum of its members {', '.join(chosen)}")
+        return {name: read_npy(zf.read(members[name]), f"{path}[{name}]") for name in chosen}
+
+    return _npz_call(path, read)
+
+
+def _npy_members(zf: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """An ``.npz``'s members by array name; a member that is no ``.npy`` is refused."""
+    members = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise DataError(f"{path}: holds {info.filename!r}, which is not a .npy array; "
+                            "save the arrays with numpy.savez")
+        members[info.filename.removesuffix(".npy")] = info
+    return members
+
+
+def _npz_call(path: Path, use: Callable[[zipfile.ZipFile], T]) -> T:
+    """``use`` of the opened zip of an ``.npz``, its failures as one :class:`DataError` line."""
     try:
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                name = info.filename.removesuffix(".npy")
-                if not info.filename.endswith(".npy"):
-                    raise DataError(f"{path}: holds {info.filename!r}, which is not a .npy array; "
-                                    "save the arrays with numpy.savez")
-                _check_claim(path, info.file_size, f"its member {info.filename!r}")
-                arrays[name] = read_npy(zf.read(info), f"{path}[{name}]")
+            return use(zf)
     except DataError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, NotImplementedError,
             RuntimeError, ValueError) as exc:  # RuntimeError: an encrypted member
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    return arrays
 
 
 def read_npy_file(path: Path) -> np.ndarray:

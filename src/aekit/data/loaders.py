@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, holdout_split, read_idx, read_npy_file,
-                               read_npz)
+from aekit.data.arrays import (Dataset, DataError, check_images, check_labels, holdout_split, npz_names, read_idx,
+                               read_npy_file, read_npz)
 from aekit.data.datasets import load_builtin
-from aekit.data.formats import IDX_NAMES, Format, detect, find_idx, npz_image_keys
-from aekit.data.imagefiles import image_files, labelled_files, read_image, read_image_set
+from aekit.data.formats import IDX_NAMES, Format, check_resize, detect, find_idx, npz_image_keys
+from aekit.data.imagefiles import grey_to_rgb, image_files, labelled_files, read_image, read_image_set
 from aekit.data.images import ArrayImages, ImageSource, prepare_images
 from aekit.data.streams import STREAM_ABOVE_BYTES, float_bytes, open_stream
 
@@ -36,10 +36,11 @@ def load_dataset(name_or_path: str | os.PathLike, resize: tuple[int, int] | None
 
     Returns ``(x_train, y_train), (x_test, y_test)``: images uint8 (or float32 in [0, 1]
     for float arrays) shaped (n, H, W) or (n, H, W, C); labels int64 (n,) or None.
-    ``resize = (H, W)`` applies to image folders.
+    ``resize = (H, W)`` applies to image folders and is refused for other data.
     """
     name = str(name_or_path)
     form = detect(name_or_path)
+    check_resize(form, resize, name_or_path)
     if form is Format.BUILTIN:
         if Path(name).exists():
             log.warning("'%s' means the built-in %s data set; the local %s is not used (write ./%s to use it)",
@@ -88,9 +89,13 @@ def _load_idx_folder(folder: Path) -> Dataset:
     return (xtr, ytr), (xte, yte)
 
 
+# The labels of each image array of an .npz (npz_image_keys), where it has them.
+_NPZ_LABELS = {"x_train": "y_train", "x_test": "y_test", "x": "y"}
+
+
 def _load_npz(path: Path) -> Dataset:
-    arrays = read_npz(path)
-    keys = npz_image_keys(arrays, path)
+    keys = npz_image_keys(npz_names(path), path)
+    arrays = read_npz(path, keys + tuple(_NPZ_LABELS[k] for k in keys if k in _NPZ_LABELS))
     if keys == ("x_train", "x_test"):
         xtr = check_images(arrays["x_train"], f"{path}[x_train]")
         xte = check_images(arrays["x_test"], f"{path}[x_test]")
@@ -110,10 +115,12 @@ def _load_labelled_folder(folder: Path, resize) -> tuple[np.ndarray, np.ndarray 
 def _load_split_folder(folder: Path, resize) -> Dataset:
     xtr, ytr = _load_labelled_folder(folder / "train", resize)
     xte, yte = _load_labelled_folder(folder / "test", resize)
-    if xtr.shape[1:] != xte.shape[1:]:
+    if xtr.ndim != xte.ndim:  # one data set: colour if any of its files is, as one folder is
+        xtr, xte = (grey_to_rgb(x) if x.ndim == 3 else x for x in (xtr, xte))
+    if xtr.shape[1:3] != xte.shape[1:3]:
         raise DataError(
-            f"{folder}: train images are {xtr.shape[1:]} but test images are {xte.shape[1:]}; "
-            "pass resize=(H, W)"
+            f"{folder}: train images are {xtr.shape[1]}x{xtr.shape[2]} but test images are "
+            f"{xte.shape[1]}x{xte.shape[2]}; pass resize=(H, W) to bring them to one size"
         )
     return (xtr, ytr), (xte, yte)
 
@@ -154,6 +161,7 @@ def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     """
     path = Path(path)
     form = detect(path, builtins=False)
+    check_resize(form, resize, path)
     if form.is_folder:
         files = image_files(path)
         if not files:
@@ -165,12 +173,11 @@ def read_images(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     if form is Format.NPY:
         x = read_npy_file(path)
     elif form is Format.NPZ:
-        arrays = read_npz(path)
-        keys = npz_image_keys(arrays, path)
+        keys = npz_image_keys(npz_names(path), path)
         if len(keys) > 1:
             raise DataError(f"{path}: holds a train/test split ({', '.join(keys)}); read_images reads one set "
                             "of images: save the images to read alone, or as 'x'")
-        x, source = arrays[keys[0]], f"{path}[{keys[0]}]"
+        x, source = read_npz(path, keys)[keys[0]], f"{path}[{keys[0]}]"
     else:
         x = read_idx(path)
     x = check_images(x, source)

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from aekit.data.arrays import DataError, holdout_indices, read_npy_header
-from aekit.data.formats import Format, detect
-from aekit.data.imagefiles import IMAGE_SUFFIXES, labelled_files, read_image
+from aekit.data.formats import Format, check_resize, detect
+from aekit.data.imagefiles import IMAGE_SUFFIXES, grey_to_rgb, labelled_files, read_image, set_channels
 from aekit.data.images import ImageStream, prepare_images
 
 STREAM_ABOVE_BYTES = 1 << 30  # 1 GiB of float32 images: 342,000 MNIST-sized images
@@ -176,42 +176,48 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
 
 
 class FolderStream(ImageStream):
-    """PNG/JPEG files decoded batch by batch; shape (n, C, H, W) from the first file.
+    """PNG/JPEG files decoded batch by batch; shape (n, C, H, W), (H, W) from the first file.
 
-    All images must have the first one's size (or pass ``resize``) and, if it is gray,
-    be gray; gray images in a colour set are repeated to RGB, as in-memory loading does.
+    All images must have the first one's size (or pass ``resize``). ``channels`` is the
+    set's (default: 3 if any of ``files`` is colour, from their headers, as
+    :func:`~aekit.data.imagefiles.set_channels` says); grey images in a colour set are
+    repeated to RGB, as in-memory loading does.
     """
 
-    def __init__(self, files: list[Path], resize: tuple[int, int] | None = None, where: Path | None = None):
+    def __init__(self, files: list[Path], resize: tuple[int, int] | None = None, where: Path | None = None,
+                 channels: int | None = None):
         if not files:
             raise DataError(f"{where}: no PNG or JPEG images to stream")
         self.files, self.resize, self.where = list(files), resize, where
-        first = read_image(self.files[0], resize)
-        self._image_shape = first.shape  # (H, W) or (H, W, 3)
+        self.channels = set_channels(self.files) if channels is None else channels
+        height, width = read_image(self.files[0], resize).shape[:2]
+        self._image_shape = (height, width) if self.channels == 1 else (height, width, 3)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         height, width = self._image_shape[:2]
-        return (len(self.files), 3 if len(self._image_shape) == 3 else 1, height, width)
+        return (len(self.files), self.channels, height, width)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def head(self, n: int) -> FolderStream:
-        return FolderStream(self.files[:n], self.resize, self.where)
+        return FolderStream(self.files[:n], self.resize, self.where, self.channels)
 
     def _read(self, paths: list[Path]) -> np.ndarray:
         images = []
         for path in paths:
             image = read_image(path, self.resize)
-            if image.ndim == 2 and len(self._image_shape) == 3:
-                image = np.repeat(image[..., None], 3, axis=2)
-            if image.shape != self._image_shape:
+            if image.ndim == 2 and self.channels == 3:
+                image = grey_to_rgb(image)
+            if image.shape[:2] != self._image_shape[:2]:
                 raise DataError(
-                    f"{path}: image is {'x'.join(map(str, image.shape))} but {self.files[0].name} is "
-                    f"{'x'.join(map(str, self._image_shape))}; pass resize=(H, W), and keep a set all "
-                    "gray or all colour when streaming"
+                    f"{path}: image is {'x'.join(map(str, image.shape[:2]))} but {self.files[0].name} is "
+                    f"{'x'.join(map(str, self._image_shape[:2]))}; pass resize=(H, W) to bring them to one size"
                 )
+            if image.shape != self._image_shape:  # the headers said grey when the stream opened
+                raise DataError(f"{path}: a colour image in a set whose files were all grey when the stream "
+                                "opened (replaced while in use?); open the data again")
             images.append(image)
         return np.stack(images)
 
@@ -230,18 +236,23 @@ def open_stream(path: str | os.PathLike, resize: tuple[int, int] | None = None) 
     :func:`aekit.data.load_dataset` splits them."""
     path = Path(path)
     form = detect(path, builtins=False)
+    check_resize(form, resize, path)
     if form is Format.NPY:
         n = _npy_header(path)[1][0]
         train, test = holdout_indices(n)
         return NpyStream(path, train), NpyStream(path, test)
+    # The channels are the whole data set's, train and test alike, as in memory.
     if form is Format.SPLIT_FOLDER:
-        return (FolderStream(labelled_files(path / "train")[0], resize, path / "train"),
-                FolderStream(labelled_files(path / "test")[0], resize, path / "test"))
+        train_files, test_files = labelled_files(path / "train")[0], labelled_files(path / "test")[0]
+        channels = set_channels(train_files + test_files)
+        return (FolderStream(train_files, resize, path / "train", channels),
+                FolderStream(test_files, resize, path / "test", channels))
     if form is Format.IMAGE_FOLDER:
         files = labelled_files(path)[0]
         train, test = holdout_indices(len(files))
-        return (FolderStream([files[i] for i in train], resize, path),
-                FolderStream([files[i] for i in test], resize, path))
+        channels = set_channels(files)
+        return (FolderStream([files[i] for i in train], resize, path, channels),
+                FolderStream([files[i] for i in test], resize, path, channels))
     raise DataError(
         f"{path}: only .npy files and folders of {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} "
         f"images can be streamed, not {form.value}; pass stream=False to load it in memory, or save the "

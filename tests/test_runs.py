@@ -644,3 +644,38 @@ def test_a_training_that_fails_before_its_first_checkpoint_leaves_the_folder_as_
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     monkeypatch.undo()
     assert train(out) == 0  # the next try needs no --overwrite
+
+
+def test_own_data_is_recognised_however_it_is_named(tmp_path, monkeypatch):
+    """report's note "the figures show other data" and resume's --data check both ask this."""
+    (tmp_path / "a" / "d").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    config = TrainConfig(data=str(tmp_path / "a" / "d" / "odd.npy"))
+    assert runs.is_own_data(config, "d/odd.npy") and runs.is_own_data(config, "./d/../d/odd.npy")
+    old = TrainConfig(data="d/odd.npy", data_source=str(tmp_path / "a" / "d" / "odd.npy"))  # aekit <= 0.3
+    assert runs.is_own_data(old, str(tmp_path / "a" / "d" / "odd.npy"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert not runs.is_own_data(config, "d/odd.npy") and runs.is_own_data(old, "../a/d/odd.npy")
+    assert runs.run_data(old) == str(tmp_path / "a" / "d" / "odd.npy")
+    assert runs.is_own_data(TrainConfig(), "mnist") and not runs.is_own_data(TrainConfig(), "./mnist")
+
+
+def test_a_run_that_recorded_relative_data_resumes_on_the_data_it_was_trained_on(tmp_path, mnist, monkeypatch,
+                                                                                  capsys):
+    """aekit 0.3 and older recorded --data as given; the absolute data_source beside it
+    says where that was, from any folder."""
+    ours = _digits_npy(tmp_path / "a" / "d" / "odd.npy", mnist[0][0][:200])
+    _digits_npy(tmp_path / "b" / "d" / "odd.npy", np.zeros((200, 28, 28), np.uint8))
+    out = tmp_path / "runs" / "odd"
+    monkeypatch.chdir(tmp_path / "a")
+    with monkeypatch.context() as old:
+        old.setattr(runs, "data_path", lambda data: data, raising=False)  # record it as aekit 0.3 did
+        assert main(["train", "--data", "d/odd.npy", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / CONFIG).read_text())["data"] == "d/odd.npy"
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"data: {ours}\n")
+    assert json.loads((out / CONFIG).read_text())["data_source"] == str(ours) and saved_epoch(out) == 2
+    assert main(["evaluate", str(out)]) == 0

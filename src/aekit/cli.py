@@ -271,7 +271,7 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     from aekit import distributed
     from aekit.data import data_source
-    from aekit.runs import train_and_evaluate
+    from aekit.runs import run_data, train_and_evaluate
     from aekit.training import TrainConfig, resolve_device
 
     if args.resume and args.out is None:
@@ -289,7 +289,7 @@ def cmd_train(args) -> int:
     distributed.setup(resolve_device(config.device))
     out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if _is_main_rank():  # which data --data names (a built-in, or a path): said first, on stdout
-        print(f"data: {data_source(config.data)}", flush=True)
+        print(f"data: {data_source(run_data(config))}", flush=True)
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)

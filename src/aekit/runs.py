@@ -88,6 +88,11 @@ def data_path(data: str) -> str:
     return data if data_lib.is_builtin(data) else str(Path(data).resolve())
 
 
+def is_own_data(config: TrainConfig, data: str) -> bool:
+    """Whether ``data``, named from the current folder, is the run's own data."""
+    return data_path(data) == data_path(run_data(config))
+
+
 def run_data(config: TrainConfig) -> str:
     """Where the run's own data is: ``config.data``, or, for a run of aekit 0.3 or older that
     recorded a relative path as given, the absolute path it recorded in ``data_source``."""
@@ -463,7 +468,7 @@ def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig
     saved = read_config(workdir)
     for name, value in given.items():
         recorded = getattr(saved, name)
-        if name == "data":  # the same data, named from wherever the resume runs
+        if name == "data" and value != recorded:  # the same data, named from wherever the resume runs
             value, recorded = data_path(value), data_path(run_data(saved))
         if name not in RUNTIME_FIELDS and value != recorded:
             raise ResumeMismatch(workdir, name, value, recorded)
@@ -480,7 +485,7 @@ def _set_fields(config: TrainConfig) -> dict[str, object]:
 def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
     """Refuse what the flags do not allow; return the run files an overwrite replaces.
 
-    Writes nothing: the folder is only touched once the data and model are ready.
+    Writes nothing: the run's files are only touched at its first checkpoint (:class:`_Claim`).
     """
     existing = [name for name in RUN_FILES + DERIVED_FILES if (workdir / name).exists()]
     if resume and overwrite:

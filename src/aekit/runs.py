@@ -344,12 +344,17 @@ def check_same_data(path: Path, config: TrainConfig, data: dict[str, str]) -> No
     ``data`` (split -> fingerprint, as read now) must be what the checkpoint recorded. A
     checkpoint of aekit 0.3 or older recorded none: it goes on, as it did then."""
     with safe_open(str(path), framework="pt") as f:  # read and checked by load_checkpoint already
-        recorded = json.loads((f.metadata() or {}).get("data", "{}"))
-    for split in sorted(set(recorded) & set(data)):
-        if recorded[split] != data[split]:
-            raise RunError(f"{run_data(config)} changed since the run read it: its {split} split was "
-                           f"{recorded[split]}, and is now {data[split]}; resume with the data the run was "
-                           "trained on, or train a new run on this data (overwrite=True or another folder)")
+        raw = (f.metadata() or {}).get("data", "{}")
+    try:
+        recorded = json.loads(raw)
+        changed = [split for split in sorted(set(recorded) & set(data)) if recorded[split] != data[split]]
+    except (ValueError, TypeError, RecursionError):  # JSON that is not a {split: fingerprint} object
+        raise RunError(f"{path}: no readable data record; the file is damaged{_REMEDY['checkpoint']}") from None
+    if changed:
+        split = changed[0]
+        raise RunError(f"{run_data(config)} changed since the run read it: its {split} split was "
+                       f"{recorded[split]}, and is now {data[split]}; put back the images the run was trained "
+                       "on to resume it, or train a new run on these (overwrite=True, or another folder)")
 
 
 def saved_progress(workdir: str | Path) -> tuple[int, int, int] | None:

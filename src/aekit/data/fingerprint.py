@@ -18,7 +18,8 @@ def fingerprint(images: ImageSource, sample: int = SAMPLE) -> str:
     """``"N images (C, H, W), all hashed, sha256 HEX"``: the sha256 of the shape (n, C, H, W)
     and the float32 pixels as the source gives them.
 
-    Images in memory are hashed whole, so any changed pixel changes it. A stream is read
+    Images in memory are hashed whole, so any change to them as aekit reads them (float32)
+    changes it. A stream is read
     from disk batch by batch and hashing all of it would cost a pass over the data, so
     ``"N images (C, H, W), K sampled, ..."`` hashes the first batch of a fixed shuffle (K
     images, :meth:`~aekit.data.images.ImageSource.sample`): it sees any change of count,

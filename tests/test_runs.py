@@ -520,6 +520,7 @@ def test_a_run_records_its_data_absolute_and_resumes_on_it_from_any_folder(tmp_p
     assert main(["train", "--data", "d/odd.npy", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 2
     line = one_error_line(capsys)
     assert str(tmp_path / "b" / "d" / "odd.npy") in line and str(ours.resolve()) in line and saved_epoch(out) == 2
+    assert "drop --data, or start a new run" in line  # the flag to leave out, without a value
 
     monkeypatch.chdir(tmp_path / "c")
     capsys.readouterr()

@@ -324,11 +324,12 @@ def _resumed_config(out: Path, given: dict):
     try:
         return resumed_config(out, given)
     except ResumeMismatch as exc:
-        flag = functools.partial(_as_flag, _options("train")[exc.field])
+        action = _options("train")[exc.field]
+        flag = functools.partial(_as_flag, action)
         raise ValueError(
             f"{flag(exc.given)} differs from the run in {out}, which has {flag(exc.recorded)}: --resume "
-            f"continues a run as it was configured (only --epochs may extend it); drop {flag()}, or start "
-            "a new run in another --out"
+            f"continues a run as it was configured (only --epochs may extend it); drop "
+            f"{max(action.option_strings, key=len)}, or start a new run in another --out"
         ) from None
 
 

@@ -282,3 +282,23 @@ def test_overwrite_never_replaces_the_current_folder_or_one_above_it(tmp_path, m
     with pytest.raises(ValueError, match=f"^{where} is {what}, which aekit would replace whole; name a new"):
         write_images(np.zeros((2, 4, 4), np.uint8), ["0", "1"], where, overwrite=True)
     assert _tree(tmp_path) == before and Path.cwd() == work
+
+
+def test_a_folder_another_process_writes_into_is_not_replaced(tmp_path):
+    """An estimator saved over a run folder while `aekit train` writes into it is refused;
+    a lock file a killed process left blocks nothing."""
+    import numpy as np
+
+    from aekit.data import write_images
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("a training's")
+    x = np.zeros((2, 4, 4), np.uint8)
+    with _io.folder_lock(out, "another training (pid 1)"):
+        with pytest.raises(ValueError, match=r"run: another training \(pid 1\) is writing into this folder; wait"):
+            write_images(x, ["0", "1"], out, overwrite=True)
+        assert (out / "config.json").read_text() == "a training's"
+    (out / _io.LOCK_NAME).write_text("another training (pid 1), killed")
+    write_images(x, ["0", "1"], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]

@@ -576,7 +576,8 @@ def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, mnist, monkey
 
     monkeypatch.setattr(runs, "fit", fit_beside_another)
     assert train(out, "--seed", "1") == 0
-    assert answers[0] == 2 and f"{out}: another training is writing into this folder (pid {os.getpid()}" in answers[1]
+    assert answers[0] == 2 and f"{out}: another training (pid {os.getpid()} on " in answers[1]
+    assert answers[1].endswith(" is writing into this folder; wait for it to end, or choose another folder")
     monkeypatch.setattr(runs, "fit", real_fit)
     assert json.loads((out / CONFIG).read_text())["seed"] == 1
     assert main(["evaluate", str(out)]) == 0

@@ -260,7 +260,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 def check_replaceable(folder: Path) -> None:
     """Refuse, with :class:`NotReplaceable`, to replace ``folder`` whole when that would
     take the current folder with it or delete files aekit did not write (:data:`AEKIT_OUTPUTS`;
-    every subfolder counts as the user's)."""
+    every subfolder counts as the user's), or while another process writes into it
+    (:class:`FolderBusy`, :func:`folder_lock`)."""
     here, target = Path.cwd().resolve(), folder.resolve()
     if target == here or target in here.parents:
         where = "the current folder" if target == here else "a folder that holds the current folder"
@@ -273,20 +274,23 @@ def check_replaceable(folder: Path) -> None:
         raise NotReplaceable(f"{folder} holds files aekit did not write ({', '.join(foreign[:3])}{more}), which "
                              "overwrite=True would delete with the folder; move them elsewhere, or choose another "
                              "folder")
+    if (folder / LOCK_NAME).exists():
+        with folder_lock(folder, "aekit"):  # refused while held; a killed holder's file goes
+            pass
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, holder: str, what: str) -> Iterator[None]:
-    """Hold ``folder``'s lock file (:data:`LOCK_NAME`) for the block, with ``holder`` (who,
-    since when) written in it; ``folder`` must exist.
+def folder_lock(folder: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Hold ``folder``'s lock file (:data:`LOCK_NAME`) for the block, with ``holder`` (what,
+    which process, since when) written in it; ``folder`` must exist.
 
     Another holder, in this process or another, gets :class:`FolderBusy` at once, naming
-    the first: ``DIR: another {what} is writing into this folder (holder)``. The lock is
+    the first: ``DIR: {holder} is writing into this folder``. The lock is
     ``flock``'s, which the kernel drops with the process however it ends (``kill -9`` too),
     so a lock file left behind blocks nothing. The file is removed on leaving.
     """
     path = Path(folder) / LOCK_NAME
-    fd = _locked(path, what)
+    fd = _locked(path)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, holder.encode())
@@ -296,7 +300,7 @@ def folder_lock(folder: str | os.PathLike, holder: str, what: str) -> Iterator[N
         os.close(fd)
 
 
-def _locked(path: Path, what: str) -> int:
+def _locked(path: Path) -> int:
     """An open file descriptor of ``path`` holding its exclusive flock."""
     while True:
         try:
@@ -308,10 +312,10 @@ def _locked(path: Path, what: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 500).decode("utf-8", "replace").strip() or "it has not said which yet"
+            holder = os.read(fd, 500).decode("utf-8", "replace").strip() or "another aekit process"
             os.close(fd)
-            raise FolderBusy(f"{path.parent}: another {what} is writing into this folder ({holder}); wait "
-                             "for it to end, or choose another folder") from None
+            raise FolderBusy(f"{path.parent}: {holder} is writing into this folder; wait for it to end, or "
+                             "choose another folder") from None
         except OSError as exc:
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
                 return fd

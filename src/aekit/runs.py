@@ -595,9 +595,10 @@ def _claimed(workdir: Path, main: bool) -> Iterator[_Claim]:
         yield claim
         return
     make_folder(workdir)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    holder = (f"another training (pid {os.getpid()} on {socket.gethostname()}, "
+              f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
     try:
-        with folder_lock(workdir, holder, "training"):
+        with folder_lock(workdir, holder):
             yield claim
     except BaseException:
         if not claim.kept:

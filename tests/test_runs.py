@@ -588,6 +588,24 @@ def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, mnist, monkey
     assert train(out, "--overwrite") == 0  # a stale lock file blocks nothing
 
 
+def test_a_training_in_another_process_holds_the_folder_until_it_ends(tmp_path, mnist, capsys):
+    """Two shells, one --out: the second is refused while the first trains (here: stopped
+    by itself after its first step), and the first ends as if alone."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", TRIGGER, *map(str, step(1)), "SIGSTOP", "train", "--out", str(out),
+                              "--quiet", "--limit", "300", "--epochs", "1"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        assert train(out, "--overwrite") == 2
+        assert f"{out}: another training (pid {first.pid} on " in one_error_line(capsys)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0
+    assert main(["evaluate", str(out)]) == 0 and not (out / LOCK_NAME).exists()
+
+
 # ------------------------------------------------------------- resume's checkpoint (Trust II, 7)
 
 def test_resume_without_the_checkpoint_refuses_instead_of_starting_over(run_copy, capsys):
@@ -629,23 +647,23 @@ def test_an_edited_image_shape_is_refused_before_a_model_is_built(run_copy, caps
 
 # --------------------------------------------------- a failed training leaves nothing (Trust II, 19)
 
-def test_a_training_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(tmp_path, mnist, capsys,
-                                                                                        monkeypatch):
-    def refuse(*args, **kwargs):
-        raise runs.RunError("refused, as a stream of the wrong kind would be")
-
-    monkeypatch.setattr(runs, "fit", refuse)
+def test_a_training_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """A stream is checked batch by batch: an image out of range is refused mid-epoch."""
+    images = np.full((100, 8, 8), 0.5, np.float32)
+    images[50] = 2.0
+    np.save(tmp_path / "bad.npy", images)
     out = tmp_path / "new" / "run"
-    assert train(out) == 2
-    assert "refused" in one_error_line(capsys)
+    assert train(out, "--data", str(tmp_path / "bad.npy"), "--stream") == 2
+    assert "float images must lie in [0, 1], got values in [0, 2]" in one_error_line(capsys)
     assert not (tmp_path / "new").exists()  # the folders it made, gone
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's")
-    assert train(tmp_path / "mine") == 2
+    assert train(tmp_path / "mine", "--data", str(tmp_path / "bad.npy"), "--stream") == 2
     capsys.readouterr()
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    monkeypatch.undo()
-    assert train(out) == 0  # the next try needs no --overwrite
+    images[50] = 1.0
+    np.save(tmp_path / "bad.npy", images)
+    assert train(out, "--data", str(tmp_path / "bad.npy"), "--stream") == 0  # the next try needs no --overwrite
 
 
 def test_own_data_is_recognised_however_it_is_named(tmp_path, monkeypatch):

@@ -678,6 +678,8 @@ def test_own_data_is_recognised_however_it_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "b")
     assert not runs.is_own_data(config, "d/odd.npy") and runs.is_own_data(old, "../a/d/odd.npy")
     assert runs.run_data(old) == str(tmp_path / "a" / "d" / "odd.npy")
+    # Only an absolute path in data_source says where relative data was, not a built-in's words.
+    assert runs.run_data(TrainConfig(data="d/odd.npy", data_source="built-in mnist (/c/mnist.npz)")) == "d/odd.npy"
     assert runs.is_own_data(TrainConfig(), "mnist") and not runs.is_own_data(TrainConfig(), "./mnist")
 
 

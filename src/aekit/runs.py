@@ -96,9 +96,10 @@ def is_own_data(config: TrainConfig, data: str) -> bool:
 def run_data(config: TrainConfig) -> str:
     """Where the run's own data is: ``config.data``, or, for a run of aekit 0.3 or older that
     recorded a relative path as given, the absolute path it recorded in ``data_source``."""
-    if data_lib.is_builtin(config.data) or Path(config.data).is_absolute() or not config.data_source:
+    recorded = config.data_source or ""
+    if data_lib.is_builtin(config.data) or Path(config.data).is_absolute() or not Path(recorded).is_absolute():
         return config.data
-    return config.data_source
+    return recorded
 
 
 # ---------------------------------------------------------------------- save / load

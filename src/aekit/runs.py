@@ -107,8 +107,9 @@ def run_data(config: TrainConfig) -> str:
 FORMATS = {"weights": "aekit-weights-1", "checkpoint": "aekit-checkpoint-1"}
 # The config fields a run may change while keeping its weights: --epochs extends a run on
 # --resume, the device is only where it ran, and data_source where the data was found (a
-# resumed run may find the same data set in another cache). Every other field must match
-# the config recorded inside the weights and the checkpoint.
+# resumed run may find the same built-in data set in another cache; that it is the same
+# data, the checkpoint's fingerprint of it says: check_same_data). Every other field must
+# match the config recorded inside the weights and the checkpoint.
 RUNTIME_FIELDS = ("epochs", "device", "data_source")
 
 

@@ -179,7 +179,7 @@ def _estimator(area, request):
 
     estimator = ConvAutoencoder.load(request.getfixturevalue("small_run"))
     (area / "est").mkdir()
-    (area / "est" / "notes.txt").write_text("mine")
+    (area / "est" / "estimator.json").write_text("mine")  # an earlier save's; the user's own files are kept
     return area / "est", lambda overwrite: estimator.save(area / "est", overwrite=overwrite)
 
 
@@ -239,3 +239,66 @@ def test_every_writer_keeps_what_is_there_unless_overwrite(writer, tmp_path, req
     assert _tree(area) == before  # byte for byte, and nothing added beside it
     write(overwrite=True)
     assert "mine".encode() not in _tree(target).values()
+
+
+# ----------------------------------------------- what overwrite=True may replace (Trust II, 14)
+
+def test_overwrite_replaces_a_folder_only_when_aekit_wrote_all_of_it(tmp_path):
+    import numpy as np
+
+    from aekit.data import write_images
+
+    x = np.zeros((2, 4, 4), np.uint8)
+    out = tmp_path / "keep"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "data.npy").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    (out / "0.png").write_text("an earlier write_images")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        write_images(x, ["0", "1"], out, overwrite=True)
+    assert str(caught.value).startswith(f"{out} holds files aekit did not write (notes.txt, sub/), which "
+                                        "overwrite=True would delete with the folder; move them elsewhere")
+    assert _tree(tmp_path) == before  # nothing deleted, nothing staged left beside it
+    (out / "notes.txt").unlink()
+    (out / "sub" / "data.npy").unlink()
+    (out / "sub").rmdir()
+    write_images(x, ["0", "1"], out, overwrite=True)  # only aekit's own files: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]
+
+
+@pytest.mark.parametrize("where, what", [(".", "the current folder"),
+                                         ("..", "a folder that holds the current folder")])
+def test_overwrite_never_replaces_the_current_folder_or_one_above_it(tmp_path, monkeypatch, where, what):
+    import numpy as np
+
+    from aekit.data import write_images
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.png").write_text("the user's")
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match=f"^{where} is {what}, which aekit would replace whole; name a new"):
+        write_images(np.zeros((2, 4, 4), np.uint8), ["0", "1"], where, overwrite=True)
+    assert _tree(tmp_path) == before and Path.cwd() == work
+
+
+def test_a_folder_another_process_writes_into_is_not_replaced(tmp_path):
+    """An estimator saved over a run folder while `aekit train` writes into it is refused;
+    a lock file a killed process left blocks nothing."""
+    import numpy as np
+
+    from aekit.data import write_images
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("a training's")
+    x = np.zeros((2, 4, 4), np.uint8)
+    with _io.folder_lock(out, "another training (pid 1)"):
+        with pytest.raises(ValueError, match=r"run: another training \(pid 1\) is writing into this folder; wait"):
+            write_images(x, ["0", "1"], out, overwrite=True)
+        assert (out / "config.json").read_text() == "a training's"
+    (out / _io.LOCK_NAME).write_text("another training (pid 1), killed")
+    write_images(x, ["0", "1"], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import aekit
 from aekit import runs
-from aekit._io import TMP_SUFFIX, sha256_file
+from aekit._io import LOCK_NAME, TMP_SUFFIX, sha256_file
 from aekit.cli import main
 from aekit.models import SeedAutoencoder
 from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_epoch
@@ -237,7 +237,7 @@ def test_read_only_folder_gives_one_line(tmp_path, mnist, capsys, monkeypatch, e
     assert train(out) == 2
     line = one_error_line(capsys)
     assert f"cannot write {out / CONFIG}" in line and fix in line
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder the training made, removed with its lock file
 
 
 @contextlib.contextmanager
@@ -427,9 +427,9 @@ def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
     monkeypatch.setattr(runs, "fit", interrupt)
     out = tmp_path / "run"
     assert train(out) == 130
-    assert capsys.readouterr().err.strip() == (
-        f"aekit: interrupted before the first epoch ended; resume with: aekit train --out {out} "
-        "--resume (it starts from the beginning)")
+    # Nothing trained, nothing to resume: the training leaves no folder behind.
+    assert capsys.readouterr().err.strip() == "aekit: interrupted before training started; nothing was saved"
+    assert not out.exists()
 
 
 def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch):
@@ -489,3 +489,215 @@ def test_a_run_folder_from_aekit_0_1_loads_and_resumes(tmp_path, mnist):
     with safe_open(str(run / WEIGHTS), framework="pt") as f:
         assert {name.split(".")[0] for name in f.keys()} == {"encoder", "decoder"}
     load_model(run)
+
+
+# ------------------------------------------------------------ the run's data (Trust II, 2)
+
+def _digits_npy(path: Path, images: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, images)
+    return path
+
+
+def test_a_run_records_its_data_absolute_and_resumes_on_it_from_any_folder(tmp_path, mnist, monkeypatch, capsys):
+    """`--data d/odd.npy` means the file where the run was started: a resume from another
+    folder, which has a d/odd.npy of its own (all black), trains on the run's images, and
+    evaluate finds them from a third folder."""
+    ours = _digits_npy(tmp_path / "a" / "d" / "odd.npy", mnist[0][0][:200])
+    _digits_npy(tmp_path / "b" / "d" / "odd.npy", np.zeros((200, 28, 28), np.uint8))
+    (tmp_path / "c").mkdir()
+    out = tmp_path / "runs" / "odd"
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--data", "d/odd.npy", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    recorded = json.loads((out / CONFIG).read_text())
+    assert recorded["data"] == str(ours.resolve()) and recorded["data_source"] == str(ours.resolve())
+
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / CONFIG).read_text())["data_source"] == str(ours.resolve())
+    capsys.readouterr()
+    # Naming d/odd.npy here means b's images: not the run's, so refused, naming both.
+    assert main(["train", "--data", "d/odd.npy", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert str(tmp_path / "b" / "d" / "odd.npy") in line and str(ours.resolve()) in line and saved_epoch(out) == 2
+    assert "drop --data, or start a new run" in line  # the flag to leave out, without a value
+
+    monkeypatch.chdir(tmp_path / "c")
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_test"] == 20
+
+
+def test_resume_refuses_data_that_changed_since_the_run_read_it(tmp_path, mnist, capsys):
+    digits = _digits_npy(tmp_path / "digits.npy", mnist[0][0][:200])
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(digits), "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    before = (out / CHECKPOINT).read_bytes()
+    changed = mnist[0][0][:200].copy()
+    changed[7, 14, 14] ^= 0xFF  # one pixel of one image
+    np.save(digits, changed)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert f"{digits} changed since the run read it" in line and "sha256" in line
+    assert (out / CHECKPOINT).read_bytes() == before and saved_epoch(out) == 1
+
+
+def test_the_data_fingerprint_sees_count_shape_and_pixels(tmp_path, mnist):
+    from aekit.data import ArrayImages, NpyStream, fingerprint, prepare_images
+
+    x = mnist[0][0][:300]
+    base = fingerprint(ArrayImages(prepare_images(x)))
+    assert base == fingerprint(ArrayImages(prepare_images(x.copy())))  # the same images, the same checksum
+    other = x.copy()
+    other[299, 27, 27] ^= 1  # the last pixel of the last image
+    assert fingerprint(ArrayImages(prepare_images(other))) != base
+    assert fingerprint(ArrayImages(prepare_images(x[:299]))) != base
+    assert base.startswith("300 images (1, 28, 28), all hashed, sha256 ")
+    # A stream is hashed on a fixed sample of its images (and its count and shape): cheap.
+    np.save(tmp_path / "x.npy", x)
+    streamed = fingerprint(NpyStream(tmp_path / "x.npy"), sample=64)
+    assert streamed.startswith("300 images (1, 28, 28), 64 sampled, sha256 ")
+    assert streamed == fingerprint(NpyStream(tmp_path / "x.npy"), sample=64)
+    np.save(tmp_path / "x.npy", np.zeros_like(x))
+    assert fingerprint(NpyStream(tmp_path / "x.npy"), sample=64) != streamed
+
+
+# ------------------------------------------------------- one training per folder (Trust II, 6)
+
+def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, mnist, monkeypatch, capsys):
+    """While a training writes into a folder, another one into it is refused at once,
+    naming the first; the first ends as if alone, and lets the folder go."""
+    out, answers, real_fit = tmp_path / "run", [], runs.fit
+
+    def fit_beside_another(*args, **kwargs):
+        answers.append(train(out, "--seed", "2", "--overwrite"))  # the other shell, same folder
+        answers.append(one_error_line(capsys))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "fit", fit_beside_another)
+    assert train(out, "--seed", "1") == 0
+    assert answers[0] == 2 and f"{out}: another training (pid {os.getpid()} on " in answers[1]
+    assert answers[1].endswith(" is writing into this folder; wait for it to end, or choose another folder")
+    monkeypatch.setattr(runs, "fit", real_fit)
+    assert json.loads((out / CONFIG).read_text())["seed"] == 1
+    assert main(["evaluate", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "checkpoint.safetensors", "history.csv", "metrics.json",
+         "reconstructions.png"])  # the lock went with the training
+    (out / LOCK_NAME).write_text("pid 999999999, killed: the kernel dropped its lock with it")
+    assert train(out, "--overwrite") == 0  # a stale lock file blocks nothing
+
+
+def test_a_training_in_another_process_holds_the_folder_until_it_ends(tmp_path, mnist, capsys):
+    """Two shells, one --out: the second is refused while the first trains (here: stopped
+    by itself after its first step), and the first ends as if alone."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", TRIGGER, *map(str, step(1)), "SIGSTOP", "train", "--out", str(out),
+                              "--quiet", "--limit", "300", "--epochs", "1"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        assert train(out, "--overwrite") == 2
+        assert f"{out}: another training (pid {first.pid} on " in one_error_line(capsys)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0
+    assert main(["evaluate", str(out)]) == 0 and not (out / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------- resume's checkpoint (Trust II, 7)
+
+def test_resume_without_the_checkpoint_refuses_instead_of_starting_over(run_copy, capsys):
+    (run_copy / CHECKPOINT).unlink()
+    weights = (run_copy / WEIGHTS).read_bytes()
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert f"{run_copy} holds model.safetensors, history.csv, metrics.json but no checkpoint.safetensors" in line
+    assert "--overwrite" in line
+    assert (run_copy / WEIGHTS).read_bytes() == weights and not (run_copy / CHECKPOINT).exists()
+
+
+def test_resume_of_a_run_stopped_before_its_first_epoch_starts_it(run_copy):
+    """Only config.json: nothing trained to lose, so resume starts the run from the beginning."""
+    for path in run_copy.iterdir():
+        if path.name != CONFIG:
+            path.unlink()
+    assert main(["train", "--out", str(run_copy), "--resume", "--quiet"]) == 0
+    assert saved_epoch(run_copy) == 2
+
+
+# ------------------------------------------------ the config is compared first (Trust II, 12)
+
+@pytest.mark.parametrize("shape, message", [
+    ([1, 28, 29], "the weights was made with \"image_shape\": [1, 28, 28], but the run's config.json now says"),
+    ([1, 100000, 100000], "image_shape"),
+], ids=["edited", "huge"])
+def test_an_edited_image_shape_is_refused_before_a_model_is_built(run_copy, capsys, monkeypatch, shape, message):
+    config = json.loads((run_copy / CONFIG).read_text())
+    (run_copy / CONFIG).write_text(json.dumps({**config, "image_shape": shape}))
+
+    def model_for(*args, **kwargs):
+        raise AssertionError("a model was built from the edited config")
+
+    monkeypatch.setattr(runs, "model_for", model_for)
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert message in one_error_line(capsys)
+
+
+# --------------------------------------------------- a failed training leaves nothing (Trust II, 19)
+
+def test_a_training_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """A stream is checked batch by batch: an image out of range is refused mid-epoch."""
+    images = np.full((100, 8, 8), 0.5, np.float32)
+    images[50] = 2.0
+    np.save(tmp_path / "bad.npy", images)
+    out = tmp_path / "new" / "run"
+    assert train(out, "--data", str(tmp_path / "bad.npy"), "--stream") == 2
+    assert "float images must lie in [0, 1], got values in [0, 2]" in one_error_line(capsys)
+    assert not (tmp_path / "new").exists()  # the folders it made, gone
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    assert train(tmp_path / "mine", "--data", str(tmp_path / "bad.npy"), "--stream") == 2
+    capsys.readouterr()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    images[50] = 1.0
+    np.save(tmp_path / "bad.npy", images)
+    assert train(out, "--data", str(tmp_path / "bad.npy"), "--stream") == 0  # the next try needs no --overwrite
+
+
+def test_own_data_is_recognised_however_it_is_named(tmp_path, monkeypatch):
+    """report's note "the figures show other data" and resume's --data check both ask this."""
+    (tmp_path / "a" / "d").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    config = TrainConfig(data=str(tmp_path / "a" / "d" / "odd.npy"))
+    assert runs.is_own_data(config, "d/odd.npy") and runs.is_own_data(config, "./d/../d/odd.npy")
+    old = TrainConfig(data="d/odd.npy", data_source=str(tmp_path / "a" / "d" / "odd.npy"))  # aekit <= 0.3
+    assert runs.is_own_data(old, str(tmp_path / "a" / "d" / "odd.npy"))
+    monkeypatch.chdir(tmp_path / "b")
+    assert not runs.is_own_data(config, "d/odd.npy") and runs.is_own_data(old, "../a/d/odd.npy")
+    assert runs.run_data(old) == str(tmp_path / "a" / "d" / "odd.npy")
+    # Only an absolute path in data_source says where relative data was, not a built-in's words.
+    assert runs.run_data(TrainConfig(data="d/odd.npy", data_source="built-in mnist (/c/mnist.npz)")) == "d/odd.npy"
+    assert runs.is_own_data(TrainConfig(), "mnist") and not runs.is_own_data(TrainConfig(), "./mnist")
+
+
+def test_a_run_that_recorded_relative_data_resumes_on_the_data_it_was_trained_on(tmp_path, mnist, monkeypatch,
+                                                                                  capsys):
+    """aekit 0.3 and older recorded --data as given; the absolute data_source beside it
+    says where that was, from any folder."""
+    ours = _digits_npy(tmp_path / "a" / "d" / "odd.npy", mnist[0][0][:200])
+    _digits_npy(tmp_path / "b" / "d" / "odd.npy", np.zeros((200, 28, 28), np.uint8))
+    out = tmp_path / "runs" / "odd"
+    monkeypatch.chdir(tmp_path / "a")
+    with monkeypatch.context() as old:
+        old.setattr(runs, "data_path", lambda data: data, raising=False)  # record it as aekit 0.3 did
+        assert main(["train", "--data", "d/odd.npy", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / CONFIG).read_text())["data"] == "d/odd.npy"
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"data: {ours}\n")
+    assert json.loads((out / CONFIG).read_text())["data_source"] == str(ours) and saved_epoch(out) == 2
+    assert main(["evaluate", str(out)]) == 0

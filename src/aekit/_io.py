@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import fnmatch
 import glob
 import hashlib
 import os
@@ -22,6 +24,11 @@ from pathlib import Path
 import numpy as np
 
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".aekit.lock"  # the lock file of a folder a process writes into (folder_lock)
+# What aekit writes into the folders that atomic_folder replaces whole: images and figures,
+# a model or run folder's files (ConvAutoencoder.save may replace an `aekit train` run), and
+# what a killed write or training left. Anything else there is the user's: never replaced.
+AEKIT_OUTPUTS = ("*.png", "*.json", "*.safetensors", "*.csv", "*.html", "*.onnx", f".*{TMP_SUFFIX}", LOCK_NAME)
 
 
 # The errors that say "this folder cannot take this file": a full disk or quota, a
@@ -53,6 +60,15 @@ class WriteError(OSError):
 
 class AlreadyExists(ValueError):
     """A writer refused to replace what is already there: ``overwrite=True`` replaces it."""
+
+
+class NotReplaceable(ValueError):
+    """A folder that even ``overwrite=True`` does not replace: it holds the user's own files,
+    or the current folder is in it."""
+
+
+class FolderBusy(ValueError):
+    """Another process holds the folder's lock (:func:`folder_lock`)."""
 
 
 def refuse_existing(*paths: str | os.PathLike | None, overwrite: bool, what: str = "", other: str = "",
@@ -213,9 +229,12 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
 
     An existing ``path`` is replaced only once the new folder is complete (callers check
-    with :func:`refuse_existing` first). On any error the temporary folder is removed.
+    with :func:`refuse_existing` first), and only a folder of aekit's outputs
+    (:func:`check_replaceable`). On any error the temporary folder is removed.
     """
     path = Path(path)
+    if path.is_dir():
+        check_replaceable(path)
     staging = _beside(path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))
     try:
         yield staging
@@ -236,3 +255,75 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if is_write_failure(exc):
             raise WriteError(path, exc) from None
         raise
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse, with :class:`NotReplaceable`, to replace ``folder`` whole when that would
+    take the current folder with it or delete files aekit did not write (:data:`AEKIT_OUTPUTS`;
+    every subfolder counts as the user's), or while another process writes into it
+    (:class:`FolderBusy`, :func:`folder_lock`)."""
+    here, target = Path.cwd().resolve(), folder.resolve()
+    if target == here or target in here.parents:
+        where = "the current folder" if target == here else "a folder that holds the current folder"
+        raise NotReplaceable(f"{folder} is {where}, which aekit would replace whole; name a new folder "
+                             f"for the output (e.g. {folder / 'out'})")
+    foreign = sorted(p.name + "/" if p.is_dir() else p.name for p in folder.iterdir()
+                     if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, kind) for kind in AEKIT_OUTPUTS))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise NotReplaceable(f"{folder} holds files aekit did not write ({', '.join(foreign[:3])}{more}), which "
+                             "overwrite=True would delete with the folder; move them elsewhere, or choose another "
+                             "folder")
+    if (folder / LOCK_NAME).exists():
+        with folder_lock(folder, "aekit"):  # refused while held; a killed holder's file goes
+            pass
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Hold ``folder``'s lock file (:data:`LOCK_NAME`) for the block, with ``holder`` (what,
+    which process, since when) written in it; ``folder`` must exist.
+
+    Another holder, in this process or another, gets :class:`FolderBusy` at once, naming
+    the first: ``DIR: {holder} is writing into this folder``. The lock is
+    ``flock``'s, which the kernel drops with the process however it ends (``kill -9`` too),
+    so a lock file left behind blocks nothing. The file is removed on leaving.
+    """
+    path = Path(folder) / LOCK_NAME
+    fd = _locked(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: a waiter on this file then retries (_locked)
+        os.close(fd)
+
+
+def _locked(path: Path) -> int:
+    """An open file descriptor of ``path`` holding its exclusive flock."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            if is_write_failure(exc):
+                raise WriteError(path.parent, exc) from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 500).decode("utf-8", "replace").strip() or "another aekit process"
+            os.close(fd)
+            raise FolderBusy(f"{path.parent}: {holder} is writing into this folder; wait for it to end, or "
+                             "choose another folder") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                return fd
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file its holder removed as it let go: lock the one there now

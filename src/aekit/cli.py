@@ -271,7 +271,7 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     from aekit import distributed
     from aekit.data import data_source
-    from aekit.runs import train_and_evaluate
+    from aekit.runs import run_data, train_and_evaluate
     from aekit.training import TrainConfig, resolve_device
 
     if args.resume and args.out is None:
@@ -289,7 +289,7 @@ def cmd_train(args) -> int:
     distributed.setup(resolve_device(config.device))
     out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if _is_main_rank():  # which data --data names (a built-in, or a path): said first, on stdout
-        print(f"data: {data_source(config.data)}", flush=True)
+        print(f"data: {data_source(run_data(config))}", flush=True)
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)
@@ -324,11 +324,12 @@ def _resumed_config(out: Path, given: dict):
     try:
         return resumed_config(out, given)
     except ResumeMismatch as exc:
-        flag = functools.partial(_as_flag, _options("train")[exc.field])
+        action = _options("train")[exc.field]
+        flag = functools.partial(_as_flag, action)
         raise ValueError(
             f"{flag(exc.given)} differs from the run in {out}, which has {flag(exc.recorded)}: --resume "
-            f"continues a run as it was configured (only --epochs may extend it); drop {flag()}, or start "
-            "a new run in another --out"
+            f"continues a run as it was configured (only --epochs may extend it); drop "
+            f"{max(action.option_strings, key=len)}, or start a new run in another --out"
         ) from None
 
 

@@ -25,7 +25,7 @@ from aekit import plots
 from aekit._io import refuse_existing, write_text_atomic
 from aekit.models import count_parameters
 from aekit.noise import add_noise, parse_noise
-from aekit.runs import (CONFIG, RunExists, check_image_shape, load_model, load_split,
+from aekit.runs import (CONFIG, RunExists, check_image_shape, is_own_data, load_model, load_split,
                         read_config, read_history, read_metrics)
 from aekit.inference import encode, reconstruct, reconstruction_errors
 
@@ -104,7 +104,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     _, x_test, y_test = load_split(config, data)
     check_image_shape(x_test, config)
     data_name = data or config.data
-    own_data = data is None or data == config.data
+    own_data = data is None or is_own_data(config, data)  # named relative to here, recorded absolute
 
     sections = [_figure(
         "Reconstructions", plots.reconstruction_figure(model, x_test.first(N_RECONSTRUCTIONS)),

@@ -16,6 +16,7 @@ Every file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -23,9 +24,12 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import reprlib
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from torch import nn
 import aekit
 from aekit import data as data_lib
 from aekit import distributed
-from aekit._io import (AlreadyExists, atomic_path, make_folder, refuse_existing, remove_temporaries,
+from aekit._io import (AlreadyExists, atomic_path, folder_lock, make_folder, refuse_existing, remove_temporaries,
                        sha256_array, sha256_file, write_text_atomic)
 from aekit.data import ImageSource, open_images
 from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
@@ -49,6 +53,10 @@ CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.sa
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
 DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
+TRAINED_FILES = (WEIGHTS, HISTORY, METRICS)  # what only epochs trained write, after the checkpoint
+# The most values (C * H * W) of one image a run config may name: a 16384 x 16384 RGB
+# image; a larger image_shape is a damaged or edited config, not a model to build.
+MAX_IMAGE_VALUES = 3 * 16384 * 16384
 # What other aekit calls write into a run folder about its weights (ConvAutoencoder.save,
 # aekit report, aekit export): a run trained anew over the folder (--overwrite) removes
 # them with its own files, so that none describes weights that are gone.
@@ -73,7 +81,27 @@ def load_split(config: TrainConfig, data: str | None = None) -> tuple[ImageSourc
     image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`).
     The run's ``resize`` applies to other data only where resize does (image files)."""
     resize = config.resize if data is None or data_lib.detect(data).resizes else None
-    return open_images(data or config.data, resize, config.stream, config.limit)
+    return open_images(data or run_data(config), resize, config.stream, config.limit)
+
+
+def data_path(data: str) -> str:
+    """``data`` as a run records it: a built-in's name as it is, a path made absolute and
+    resolved, so that the run finds it again from any folder."""
+    return data if data_lib.is_builtin(data) else str(Path(data).resolve())
+
+
+def is_own_data(config: TrainConfig, data: str) -> bool:
+    """Whether ``data``, named from the current folder, is the run's own data."""
+    return data_path(data) == data_path(run_data(config))
+
+
+def run_data(config: TrainConfig) -> str:
+    """Where the run's own data is: ``config.data``, or, for a run of aekit 0.3 or older that
+    recorded a relative path as given, the absolute path it recorded in ``data_source``."""
+    recorded = config.data_source or ""
+    if data_lib.is_builtin(config.data) or Path(config.data).is_absolute() or not Path(recorded).is_absolute():
+        return config.data
+    return recorded
 
 
 # ---------------------------------------------------------------------- save / load
@@ -81,8 +109,9 @@ def load_split(config: TrainConfig, data: str | None = None) -> tuple[ImageSourc
 FORMATS = {"weights": "aekit-weights-1", "checkpoint": "aekit-checkpoint-1"}
 # The config fields a run may change while keeping its weights: --epochs extends a run on
 # --resume, the device is only where it ran, and data_source where the data was found (a
-# resumed run may find the same data set in another cache). Every other field must match
-# the config recorded inside the weights and the checkpoint.
+# resumed run may find the same built-in data set in another cache; that it is the same
+# data, the checkpoint's fingerprint of it says: check_same_data). Every other field must
+# match the config recorded inside the weights and the checkpoint.
 RUNTIME_FIELDS = ("epochs", "device", "data_source")
 
 
@@ -121,6 +150,10 @@ def read_config(workdir: Path) -> TrainConfig:
     if resolved != config:  # a run records every choice its recipe made
         missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
         raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
+    if config.image_shape is not None and math.prod(config.image_shape) > MAX_IMAGE_VALUES:
+        raise RunError(f"{path}: image_shape {list(config.image_shape)} is {math.prod(config.image_shape):,} values "
+                       f"per image, more than aekit builds models for ({MAX_IMAGE_VALUES:,}); {CONFIG} was edited "
+                       "or damaged: restore it or train again")
     return config
 
 
@@ -229,6 +262,10 @@ def save_weights(model: nn.Module, path: Path, config: TrainConfig | None = None
 
 def load_weights(model: nn.Module, path: Path, config: TrainConfig | None = None) -> None:
     state, _ = _load_tensors(path, "weights", config)
+    _load_state(model, state, path)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
         raise RunError(f"{path}: the weights do not match the model in {CONFIG}; the run folder is inconsistent")
@@ -249,8 +286,10 @@ def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, Tr
     if not (workdir / WEIGHTS).is_file():
         raise RunError(f"{workdir}: no {WEIGHTS} yet; finish the run first (train it with resume=True)")
     _check_recorded_checksum(workdir)
+    # The config the weights recorded is compared before a model is built from config.json.
+    state, _ = _load_tensors(workdir / WEIGHTS, "weights", config)
     model = model_for(config)
-    load_weights(model, workdir / WEIGHTS, config)
+    _load_state(model, state, workdir / WEIGHTS)
     return model.to(resolve_device(device)).eval(), config
 
 
@@ -268,16 +307,18 @@ def _check_recorded_checksum(workdir: Path) -> None:
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, path: Path,
-                    config: TrainConfig | None = None) -> None:
-    """Weights, Adam's moments and the loop's progress in one safetensors file."""
+                    config: TrainConfig | None = None, data: dict[str, str] | None = None) -> None:
+    """Weights, Adam's moments and the loop's progress in one safetensors file, with the
+    fingerprints of the data trained on (``data``: split -> :func:`aekit.data.fingerprint`)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, param_state in optim["state"].items():
         for key, value in param_state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     state_json = json.dumps({**dataclasses.asdict(state), "best_val_loss": _finite_or_none(state.best_val_loss)})
+    extra = {} if data is None else {"data": json.dumps(data)}
     _save_tensors(tensors, path, "checkpoint", config, state=state_json,
-                  param_groups=json.dumps(optim["param_groups"]))
+                  param_groups=json.dumps(optim["param_groups"]), **extra)
 
 
 def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
@@ -300,6 +341,24 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise RunError(f"{path}: the checkpoint does not fit this run ({_first_line(exc)}); "
                        "start the run again with overwrite=True") from None
+
+
+def check_same_data(path: Path, config: TrainConfig, data: dict[str, str]) -> None:
+    """Refuse to go on from the checkpoint ``path`` with data other than it was trained on:
+    ``data`` (split -> fingerprint, as read now) must be what the checkpoint recorded. A
+    checkpoint of aekit 0.3 or older recorded none: it goes on, as it did then."""
+    with safe_open(str(path), framework="pt") as f:  # read and checked by load_checkpoint already
+        raw = (f.metadata() or {}).get("data", "{}")
+    try:
+        recorded = json.loads(raw)
+        changed = [split for split in sorted(set(recorded) & set(data)) if recorded[split] != data[split]]
+    except (ValueError, TypeError, RecursionError):  # JSON that is not a {split: fingerprint} object
+        raise RunError(f"{path}: no readable data record; the file is damaged{_REMEDY['checkpoint']}") from None
+    if changed:
+        split = changed[0]
+        raise RunError(f"{run_data(config)} changed since the run read it: its {split} split was "
+                       f"{recorded[split]}, and is now {data[split]}; put back the images the run was trained "
+                       "on to resume it, or train a new run on these (overwrite=True, or another folder)")
 
 
 def saved_progress(workdir: str | Path) -> tuple[int, int, int] | None:
@@ -417,8 +476,11 @@ def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig
     workdir = Path(workdir)
     saved = read_config(workdir)
     for name, value in given.items():
-        if name not in RUNTIME_FIELDS and value != getattr(saved, name):
-            raise ResumeMismatch(workdir, name, value, getattr(saved, name))
+        recorded = getattr(saved, name)
+        if name == "data" and value != recorded:  # the same data, named from wherever the resume runs
+            value, recorded = data_path(value), data_path(run_data(saved))
+        if name not in RUNTIME_FIELDS and value != recorded:
+            raise ResumeMismatch(workdir, name, value, recorded)
     return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUNTIME_FIELDS})
 
 
@@ -432,13 +494,17 @@ def _set_fields(config: TrainConfig) -> dict[str, object]:
 def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
     """Refuse what the flags do not allow; return the run files an overwrite replaces.
 
-    Writes nothing: the folder is only touched once the data and model are ready.
+    Writes nothing: the run's files are only touched at its first checkpoint (:class:`_Claim`).
     """
     existing = [name for name in RUN_FILES + DERIVED_FILES if (workdir / name).exists()]
     if resume and overwrite:
         raise RunError("resume=True and overwrite=True contradict each other; pass one")
     if resume and not (workdir / CONFIG).exists():
         raise RunError(f"{workdir}: nothing to resume (no {CONFIG}); pass resume=False to start a new run")
+    trained = [name for name in TRAINED_FILES if name in existing]
+    if resume and trained and CHECKPOINT not in existing:
+        raise RunError(f"{workdir} holds {', '.join(trained)} but no {CHECKPOINT}, which resume=True continues "
+                       f"from; restore {CHECKPOINT}, or train the run again with overwrite=True")
     refuse_existing(*(workdir / name for name in existing), overwrite=overwrite or resume, what="a run",
                     other="resume=True to continue it", error=RunExists)
     if workdir.exists() and not workdir.is_dir():
@@ -459,40 +525,116 @@ def train_and_evaluate(
     config.json: the fields of ``config`` left at their defaults (``TrainConfig()``'s) take
     the run's values, ``epochs`` and ``device`` when set replace them (extend the run, run it
     elsewhere), and any other field set to a value other than the run's raises
-    :class:`ResumeMismatch` (see :func:`resumed_config`).
+    :class:`ResumeMismatch` (see :func:`resumed_config`); data that changed since the run
+    read it is refused (:func:`check_same_data`).
+
+    One training at a time writes into a folder: another one there is refused while this
+    one runs (:func:`aekit._io.folder_lock`). Nothing is written before the first
+    checkpoint, so a training that fails before it leaves the folder as it found it.
     """
     workdir = Path(workdir)
-    replaced = _check_workdir(workdir, resume, overwrite)
+    _check_workdir(workdir, resume, overwrite)  # every rank refuses alike, before any work
     if resume:
         config = resumed_config(workdir, _set_fields(config))
+    else:  # where the data is, whichever folder a later resume or evaluate runs in
+        config = dataclasses.replace(config, data=data_path(config.data))
     config = config.resolved()
 
     # Under torchrun every rank runs this function; only rank 0 writes (see aekit.distributed).
     device = distributed.setup(resolve_device(config.device))
     main = distributed.current().is_main
+    with _claimed(workdir, main) as claim:
+        if main:  # again, now that no other training can write here
+            claim.replaced, claim.new = _check_workdir(workdir, resume, overwrite), not resume
+        return _train(config, workdir, resume, device, claim, progress)
+
+
+@dataclass
+class _Claim:
+    """A training's hold on its run folder (rank 0): what it made there, and how far it wrote."""
+
+    workdir: Path
+    made: list[Path]  # the folders it created, innermost first
+    replaced: list[str] = dataclasses.field(default_factory=list)  # the files of the run it replaces
+    new: bool = True  # a new run, not a resume
+    began: bool = False  # config.json written, the replaced run's files removed
+    kept: bool = False  # a checkpoint written: from here on the folder holds a run to resume
+
+    def begin(self, config: TrainConfig) -> None:
+        """The run's first writes, left until its first checkpoint, so that a training that
+        fails before it (bad data, a refused stream, no memory) leaves nothing behind."""
+        if self.began:
+            return
+        for name in self.replaced:
+            (self.workdir / name).unlink(missing_ok=True)
+        remove_temporaries(self.workdir, RUN_FILES)  # what a killed run left half-written
+        save_config(config, self.workdir)
+        self.began = True
+
+    def undo(self) -> None:
+        """The folder as it was before a training that ended before its first checkpoint."""
+        if self.began and self.new:
+            (self.workdir / CONFIG).unlink(missing_ok=True)
+        for folder in self.made:
+            with contextlib.suppress(OSError):  # not empty: something else is there now
+                folder.rmdir()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+@contextlib.contextmanager
+def _claimed(workdir: Path, main: bool) -> Iterator[_Claim]:
+    """The run folder, made if missing and held by rank 0 for the block; a block that ends
+    (error or Ctrl-C) before its first checkpoint is undone (:meth:`_Claim.undo`). A Ctrl-C
+    mid-epoch saves a checkpoint first, so that run stays, to be resumed."""
+    claim = _Claim(workdir, _missing_folders(workdir) if main else [])
+    if not main:
+        yield claim
+        return
+    make_folder(workdir)
+    holder = (f"another training (pid {os.getpid()} on {socket.gethostname()}, "
+              f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
+    try:
+        with folder_lock(workdir, holder):
+            yield claim
+    except BaseException:
+        if not claim.kept:
+            claim.undo()
+        raise
+
+
+def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.device, claim: _Claim,
+           progress: bool) -> RunResult:
+    """:func:`train_and_evaluate` once the folder is held: train, evaluate, write the run."""
+    main = distributed.current().is_main
     with distributed.main_first():  # rank 0 fills the data cache; all ranks have checked workdir
         x_train, x_test, _ = load_split(config)
+    data = {"train": data_lib.fingerprint(x_train), "test": data_lib.fingerprint(x_test)}
     config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]),
-                                 data_source=data_lib.data_source(config.data))
+                                 data_source=data_lib.data_source(run_data(config)))
     model = new_model(config, device)
     optimizer = make_optimizer(model, config)
     state = None
     if resume and (workdir / CHECKPOINT).exists():
         state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config)
+        check_same_data(workdir / CHECKPOINT, config, data)
         state.stopped_early = False  # a longer --epochs may give early stopping another go
         if state.step and state.epoch >= config.epochs:
             raise RunError(f"{workdir / CHECKPOINT} stopped part-way through epoch {state.epoch + 1}; "
                            f"pass epochs={state.epoch + 1} or more to finish it")
-    if main:
-        for name in replaced:
-            (workdir / name).unlink()
-        make_folder(workdir)
-        remove_temporaries(workdir, RUN_FILES)  # what a killed run left half-written
-        save_config(config, workdir)
 
     def checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
         if main:
-            save_checkpoint(model, optimizer, state, workdir / CHECKPOINT, config)
+            claim.begin(config)
+            save_checkpoint(model, optimizer, state, workdir / CHECKPOINT, config, data)
+            claim.kept = True
             write_history(state.history, workdir / HISTORY)
 
     # A checkpoint after each epoch, and one at the very step where Ctrl-C stopped training.
@@ -521,6 +663,7 @@ def train_and_evaluate(
     if callable(own):
         metrics.update(own(x_test))
     if main:
+        claim.begin(config)  # done at the first checkpoint, unless no epoch was left to train
         save_weights(model, workdir / WEIGHTS, config)
         write_history(state.history, workdir / HISTORY)
         metrics["weights_sha256"] = sha256_file(workdir / WEIGHTS)

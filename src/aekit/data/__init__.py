@@ -21,6 +21,7 @@ Modules, in the order they build on each other:
 - :mod:`~aekit.data.formats`: what a path holds (:func:`detect`, :func:`npz_image_keys`).
 - :mod:`~aekit.data.images`: :class:`ImageSource`, :class:`ArrayImages`, :func:`as_images`.
 - :mod:`~aekit.data.streams`: images streamed from disk.
+- :mod:`~aekit.data.fingerprint`: a checksum of what a source gives (:func:`fingerprint`).
 - :mod:`~aekit.data.loaders`: :func:`load_dataset`, :func:`open_images`,
   :func:`read_images`, :func:`describe`.
 """
@@ -30,6 +31,7 @@ from aekit.data.arrays import (TEST_FRACTION, Dataset, DataError, Split, check_f
                                to_float, to_nchw)
 from aekit.data.datasets import (BUILTINS, Builtin, data_home, data_source, fetch, is_builtin, load_builtin,
                                  mnist_from_pickle)
+from aekit.data.fingerprint import fingerprint
 from aekit.data.formats import Format, detect, npz_image_keys
 from aekit.data.imagefiles import IMAGE_SUFFIXES, labelled_files, read_image, write_images
 from aekit.data.images import ArrayImages, ImageSource, ImageStream, as_images, epoch_permutation, prepare_images
@@ -43,4 +45,4 @@ __all__ = ["load_dataset", "limited", "open_images", "read_images", "write_image
            "read_npy", "read_npz", "read_image", "load_arrays_pickle", "mnist_from_pickle",
            "holdout_split", "holdout_indices", "labelled_files", "data_home", "is_builtin", "data_source",
            "load_builtin", "memory_bytes", "DataError", "BUILTINS", "Builtin", "IMAGE_SUFFIXES",
-           "TEST_FRACTION", "Split", "Dataset"]
+           "TEST_FRACTION", "Split", "Dataset", "fingerprint"]

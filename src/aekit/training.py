@@ -306,22 +306,46 @@ class CollapseWarning(UserWarning):
         self.epoch = epoch
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Inside: torch's global CPU generator seeded by ``seed``, for the draws PyTorch's layers
+    make when built (and a model's own seeds, e.g. a VAE's noise_seed). After: the caller's
+    generator state back, as if nothing had been drawn.
+
+    Models are built on the CPU and moved afterwards, so only the CPU generator draws; it
+    alone is seeded (``torch.manual_seed`` would also reseed every GPU's generator, which
+    the fork does not restore). Not thread-safe, as torch's global generator itself.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def model_for(config: TrainConfig) -> nn.Module:
     """The untrained model ``config`` describes: ``config.model`` for ``config.image_shape``
-    with its options; its weights as PyTorch initialises them."""
+    with its options; its weights as PyTorch initialises them under :func:`seeded`
+    (``config.seed``), so that the seeds a model draws when built (a VAE's noise_seed, a
+    map's graph_seed) are those it trained with. torch's global generator is left as found."""
+    with seeded(config.seed):
+        return _build(config)
+
+
+def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The model a run with ``config`` starts from: :func:`model_for`, then initialised by
+    ``config.init`` from the same seeded draws, on ``device``. torch's global generator is
+    left as found."""
+    with seeded(config.seed):
+        model = _build(config)
+        INITS[config.init](model)
+    return model.to(device)
+
+
+def _build(config: TrainConfig) -> nn.Module:
+    """:func:`model_for` without the seeding: the draws come from the global generator."""
     if config.image_shape is None:
         raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
     return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths,
                               beta=config.beta)
-
-
-def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model a run with ``config`` starts from: :func:`model_for`, initialised by
-    ``config.init`` after ``torch.manual_seed(config.seed)``, on ``device``."""
-    torch.manual_seed(config.seed)
-    model = model_for(config)
-    INITS[config.init](model)
-    return model.to(device)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -55,8 +55,9 @@ class VAE(models.Autoencoder):
         self.image_shape, self.latent_dim, self.beta = net.image_shape, latent_dim, float(beta)
         self.encoder = models.ConvEncoder(self.image_shape, 2 * latent_dim, tuple(widths))  # mean, log_var
         self.decoder = net.decoder
-        # A plain int, not a buffer: fast.ChunkPool shares parameters only.
-        self.noise_seed = int(torch.randint(0, 2 ** 62, ()))
+        # A plain int, not a buffer: fast.ChunkPool shares parameters only. Drawn on the CPU
+        # also when built on the meta device (models.check_size counts parameters there).
+        self.noise_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
     @property
     def latent_shape(self) -> tuple[int]:

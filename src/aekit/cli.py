@@ -60,6 +60,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed flag: an int in the range :func:`aekit.training.check_seed` takes."""
+    from aekit.training import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text!r}") from None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -147,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=_loss_choices(), help="training loss (default: the recipe's)")
     p.add_argument("--init", choices=tuple(INITS), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
-    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, help="random seed (default: 0)")
     _add_limit(p)
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto; on --resume, the run's)")
@@ -185,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
                         "test images (1st to 99th percentile), for any run with --latent-dim 2, e.g. 15")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
-    p.add_argument("--seed", type=int, help="fixes the draw (default: a fresh one)")
+    p.add_argument("--seed", type=_seed, help="fixes the draw (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
@@ -221,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")

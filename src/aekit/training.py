@@ -92,6 +92,16 @@ def default_held_out(n_images: int, batch_size: int) -> int:
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
+MAX_SEED = 2 ** 63 - 1  # seeds are int64 in torch's generators (and in numpy's SeedSequence, any size)
+
+
+def check_seed(seed) -> int:
+    """``seed``, or a one-line error for one that is not an int in [0, :data:`MAX_SEED`]."""
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is out of range; expected an int from 0 to 2**63 - 1")
+    return seed
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run, saved as the run's config.json.
@@ -145,8 +155,7 @@ class TrainConfig:
 
         models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths, beta=self.beta)
         positive("epochs", self.epochs)
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_seed(self.seed)
         for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
             if shape is not None and (len(shape) != size or not all(
                     is_int(v) and v > 0 for v in shape)):
@@ -647,5 +656,5 @@ def fit(
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
            "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
-           "default_held_out",
+           "default_held_out", "check_seed", "MAX_SEED", "seeded",
            "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

@@ -8,13 +8,19 @@ turns what goes wrong into one line on stderr:
 - the library's messages name its parameters (``overwrite=True``, ``resize=(H, W)``); the
   CLI prints them as the flags that set them (``--overwrite``, ``--resize H W``), see
   :func:`as_flags`;
+- a reader of the output that went away (``aekit data info X | head -1``): nothing more
+  is printed, exit 141, as for a Unix tool killed by SIGPIPE;
 - anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
   prints the traceback as well).
+
+Called from Python, :func:`main` leaves the ``aekit`` logger and the warning filters as it
+found them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,6 +40,7 @@ from aekit._io import WriteError, refuse_existing
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_OUTPUT = 128 + 13  # 141: what a shell reports for a command killed by SIGPIPE (13)
 TRACEBACK_ENV = "AEKIT_TRACEBACK"  # set to 1 to see the traceback of an internal error
 BUG_REPORTS = "the aekit issue tracker"
 
@@ -610,17 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return _error(str(exc))
     command = getattr(args, "data_command", None) or args.command
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("aekit: %(message)s"))
-    logger = logging.getLogger("aekit")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     _tune_process(args.command)
     try:
-        with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        # Both restore the caller's settings afterwards (main may be called from Python).
+        with _logging_to_stderr(), warnings.catch_warnings():
             warnings.showwarning = functools.partial(_show_warning, command=command)
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a reader gone away shows here, not in Python's flush at exit
+            return code
+    except BrokenPipeError:
+        return _closed_output()
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -635,6 +641,38 @@ def main(argv: list[str] | None = None) -> int:
               f"aekit, not in what you did: please report it to {BUG_REPORTS} with the command you ran "
               f"and the traceback ({TRACEBACK_ENV}=1 aekit ... prints it)", file=sys.stderr)
         return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _logging_to_stderr():
+    """The ``aekit`` logger's INFO messages as ``aekit: ...`` lines on stderr, for the length
+    of a command; its handlers, level and propagation as they were afterwards."""
+    logger = logging.getLogger("aekit")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("aekit: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], level, logger.propagate = saved
+        logger.setLevel(level)
+
+
+def _closed_output() -> int:
+    """The reader of the output went away (``aekit data info X | head -1``): stop quietly,
+    as Unix tools do, with the status of a command killed by SIGPIPE. What is still buffered
+    for stdout goes to /dev/null, so that Python's flush at exit does not fail again
+    (Python's docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, ValueError, OSError):  # a stdout without a file descriptor: nothing to redirect
+        pass
+    return EXIT_CLOSED_OUTPUT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -382,10 +382,10 @@ def check_size(name: str, image_shape: tuple[int, int, int], kwargs: dict) -> No
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             count = count_parameters(MODELS[name](image_shape, **kwargs))
     if count > MAX_PARAMETERS:
-        options = ", ".join(f"{key}={value!r}" for key, value in kwargs.items() if key != "beta")
-        raise ValueError(f"model={name!r} ({options}) for {height}x{width}x{channels} images would have at least "
+        sized = ", ".join(f"{key}={value!r}" for key, value in kwargs.items() if key != "beta")
+        raise ValueError(f"model={name!r} ({sized}) for {height}x{width}x{channels} images would have at least "
                          f"{count:,} parameters, more than aekit builds ({MAX_PARAMETERS:,}: 4 GiB of weights, 16 GiB "
-                         "to train); choose a smaller latent_dim or widths, or smaller images")
+                         "to train); choose fewer latent dimensions or channels, or smaller images")
 
 
 def count_parameters(model: nn.Module) -> int:

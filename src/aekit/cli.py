@@ -663,14 +663,18 @@ def _logging_to_stderr():
 
 def _closed_output() -> int:
     """The reader of the output went away (``aekit data info X | head -1``): stop quietly,
-    as Unix tools do, with the status of a command killed by SIGPIPE. What is still buffered
-    for stdout goes to /dev/null, so that Python's flush at exit does not fail again
-    (Python's docs, "Note on SIGPIPE")."""
+    as Unix tools do, with the status of a command killed by SIGPIPE. Where stdout is the
+    closed one, what is still buffered for it goes to /dev/null, so that Python's flush at
+    exit does not fail again (Python's docs, "Note on SIGPIPE"); a stdout that still takes
+    output (the closed one was stderr) is left as it is."""
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (AttributeError, ValueError, OSError):  # a stdout without a file descriptor: nothing to redirect
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no file descriptor: nothing to redirect
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    except (OSError, ValueError):  # a stdout closed or failing otherwise: nothing left to save it from
         pass
     return EXIT_CLOSED_OUTPUT
 

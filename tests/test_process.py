@@ -153,10 +153,17 @@ def test_the_largest_seed_builds_a_model():
     new_model(TrainConfig(seed=MAX_SEED, image_shape=(1, 28, 28), device="cpu").resolved())
 
 
-@pytest.mark.parametrize("command", [["train"], ["compare", "--out", "OUT"], ["sample", "RUN", "--out", "OUT"]])
-def test_a_seed_flag_out_of_range_is_one_line_naming_it(command, tmp_path, capsys):
-    argv = [str(tmp_path / a) if a in ("OUT", "RUN") else a for a in command]
-    assert main([*argv, "--seed", "99999999999999999999"]) == 2
+@pytest.mark.parametrize("command, seed", [
+    (["train", "--limit", "100", "--epochs", "1", "--out", "OUT"], "99999999999999999999"),
+    (["train", "--limit", "100", "--epochs", "1", "--out", "OUT"], str(MAX_SEED + 1)),
+    (["compare", "--out", "OUT"], "99999999999999999999"),
+    # compare's PCA and an estimator's sample take scikit-learn's random_state: numpy's 32-bit seeds
+    (["compare", "--methods", "pca", "--latent-dims", "2", "--limit", "600", "--out", "OUT"], str(2 ** 32)),
+    (["sample", "RUN", "--out", "OUT"], str(2 ** 32)),
+])
+def test_a_seed_flag_out_of_range_is_one_line_naming_it(command, seed, vae_run, tmp_path, capsys):
+    argv = [str(vae_run) if a == "RUN" else str(tmp_path / a) if a == "OUT" else a for a in command]
+    assert main([*argv, "--seed", seed]) == 2
     assert "--seed" in one_error_line(capsys)
 
 

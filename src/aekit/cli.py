@@ -68,13 +68,27 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """A seed flag: an int in the range :func:`aekit.training.check_seed` takes."""
-    from aekit.training import check_seed
+    """A run's seed (TrainConfig.seed): an int from 0 to :data:`aekit.training.MAX_SEED`."""
+    from aekit.training import MAX_SEED
 
+    return _int_up_to(text, MAX_SEED)
+
+
+def _random_state(text: str) -> int:
+    """A seed passed on as scikit-learn's ``random_state`` (compare's PCA, an estimator's
+    sample): numpy's seeds, an int from 0 to 2**32 - 1."""
+    return _int_up_to(text, 2 ** 32 - 1)
+
+
+def _int_up_to(text: str, most: int) -> int:
+    """``text`` as an int from 0 to ``most`` (2**k - 1), or argparse's error saying so."""
     try:
-        return check_seed(int(text))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text!r}") from None
+        value = -1
+    if not 0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**{most.bit_length()} - 1, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -202,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
                         "test images (1st to 99th percentile), for any run with --latent-dim 2, e.g. 15")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
-    p.add_argument("--seed", type=_seed, help="fixes the draw (default: a fresh one)")
+    p.add_argument("--seed", type=_random_state, help="fixes the draw (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
@@ -238,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_random_state, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")

@@ -140,7 +140,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
 # that explains it, exit code 2, never argparse's usage block or a SystemExit.
 @pytest.mark.parametrize("argv, named", [
     (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
-    (["train", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["train", "--seed", "x"], "argument --seed: expected an integer from 0 to 2**63 - 1, got 'x'"),
     (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["train", "--model", "no-such-model"], "argument --model: invalid choice: 'no-such-model'"),
     (["train", "--recipe"], "argument --recipe: expected one argument"),

@@ -16,6 +16,7 @@ import fnmatch
 import glob
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -158,7 +159,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         # mkstemp makes 0600, and writers that recreate the file (safetensors) keep that:
         # give the file the usual permissions just before it takes the real name.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask(tmp.parent))
         _durable_replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -193,10 +194,28 @@ def remove_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[
     return removed
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+PROC_STATUS = "/proc/self/status"  # Linux (4.7 and later) shows the umask there: "Umask:\t0022"
+
+
+def _umask(folder: Path) -> int:
+    """The process's umask, read without setting it: ``os.umask`` can only read it by
+    changing it, for the whole process, and a file another thread created meanwhile would
+    get the wrong permissions. Where :data:`PROC_STATUS` does not say (macOS, BSD, old
+    Linux), a probe folder made in ``folder`` with mode 0o777 shows what the umask takes
+    away (default ACLs included), and is removed at once."""
+    try:
+        with open(PROC_STATUS, encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = Path(folder) / f".umask.{secrets.token_hex(8)}"  # mkdir fails rather than reuse a name
+    os.mkdir(probe, 0o777)
+    try:
+        return 0o777 & ~probe.stat().st_mode
+    finally:
+        probe.rmdir()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -238,7 +257,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     staging = _beside(path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: the usual permissions
+        os.chmod(staging, 0o777 & ~_umask(staging.parent))  # mkdtemp makes 0700: the usual permissions
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

@@ -8,13 +8,19 @@ turns what goes wrong into one line on stderr:
 - the library's messages name its parameters (``overwrite=True``, ``resize=(H, W)``); the
   CLI prints them as the flags that set them (``--overwrite``, ``--resize H W``), see
   :func:`as_flags`;
+- a reader of the output that went away (``aekit data info X | head -1``): nothing more
+  is printed, exit 141, as for a Unix tool killed by SIGPIPE;
 - anything else is a bug in aekit: one line saying so, exit 1 (``AEKIT_TRACEBACK=1``
   prints the traceback as well).
+
+Called from Python, :func:`main` leaves the ``aekit`` logger and the warning filters as it
+found them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,6 +40,7 @@ from aekit._io import WriteError, refuse_existing
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_OUTPUT = 128 + 13  # 141: what a shell reports for a command killed by SIGPIPE (13)
 TRACEBACK_ENV = "AEKIT_TRACEBACK"  # set to 1 to see the traceback of an internal error
 BUG_REPORTS = "the aekit issue tracker"
 
@@ -57,6 +64,30 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A run's seed (TrainConfig.seed): an int from 0 to :data:`aekit.training.MAX_SEED`."""
+    from aekit.training import MAX_SEED
+
+    return _int_up_to(text, MAX_SEED)
+
+
+def _random_state(text: str) -> int:
+    """A seed passed on as scikit-learn's ``random_state`` (compare's PCA, an estimator's
+    sample): numpy's seeds, an int from 0 to 2**32 - 1."""
+    return _int_up_to(text, 2 ** 32 - 1)
+
+
+def _int_up_to(text: str, most: int) -> int:
+    """``text`` as an int from 0 to ``most`` (2**k - 1), or argparse's error saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**{most.bit_length()} - 1, got {text!r}")
     return value
 
 
@@ -147,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=_loss_choices(), help="training loss (default: the recipe's)")
     p.add_argument("--init", choices=tuple(INITS), help="initialisation (default: the recipe's)")
     p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
-    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, help="random seed (default: 0)")
     _add_limit(p)
     p.add_argument("--patience", type=_positive_int, help="stop after N epochs without a better val_loss")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto; on --resume, the run's)")
@@ -185,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
                         "test images (1st to 99th percentile), for any run with --latent-dim 2, e.g. 15")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
-    p.add_argument("--seed", type=int, help="fixes the draw (default: a fresh one)")
+    p.add_argument("--seed", type=_random_state, help="fixes the draw (default: a fresh one)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
@@ -221,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_random_state, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")
@@ -601,17 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return _error(str(exc))
     command = getattr(args, "data_command", None) or args.command
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("aekit: %(message)s"))
-    logger = logging.getLogger("aekit")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     _tune_process(args.command)
     try:
-        with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        # Both restore the caller's settings afterwards (main may be called from Python).
+        with _logging_to_stderr(), warnings.catch_warnings():
             warnings.showwarning = functools.partial(_show_warning, command=command)
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a reader gone away shows here, not in Python's flush at exit
+            return code
+    except BrokenPipeError:
+        return _closed_output()
     except KeyboardInterrupt:
         print("aekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -626,6 +656,42 @@ def main(argv: list[str] | None = None) -> int:
               f"aekit, not in what you did: please report it to {BUG_REPORTS} with the command you ran "
               f"and the traceback ({TRACEBACK_ENV}=1 aekit ... prints it)", file=sys.stderr)
         return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _logging_to_stderr():
+    """The ``aekit`` logger's INFO messages as ``aekit: ...`` lines on stderr, for the length
+    of a command; its handlers, level and propagation as they were afterwards."""
+    logger = logging.getLogger("aekit")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("aekit: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], level, logger.propagate = saved
+        logger.setLevel(level)
+
+
+def _closed_output() -> int:
+    """The reader of the output went away (``aekit data info X | head -1``): stop quietly,
+    as Unix tools do, with the status of a command killed by SIGPIPE. Where stdout is the
+    closed one, what is still buffered for it goes to /dev/null, so that Python's flush at
+    exit does not fail again (Python's docs, "Note on SIGPIPE"); a stdout that still takes
+    output (the closed one was stderr) is left as it is."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no file descriptor: nothing to redirect
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    except (OSError, ValueError):  # a stdout closed or failing otherwise: nothing left to save it from
+        pass
+    return EXIT_CLOSED_OUTPUT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

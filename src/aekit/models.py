@@ -343,16 +343,49 @@ def check_options(name: str, **options) -> dict:
     return given
 
 
+# The largest images and models aekit builds, checked before anything is allocated: beyond
+# them a size is a typo (latent_dim=1000000000), and would otherwise end in an allocator error.
+MAX_IMAGE_VALUES = 2 ** 26  # C * H * W: 8192 x 8192 grey or 4096 x 4096 RGBA, 256 MiB an image in float32
+MAX_PARAMETERS = 2 ** 30    # 4 GiB of float32 weights; 16 GiB to train (gradients, Adam's two moments)
+
+
 def build_model(name: str, image_shape: tuple[int, int, int], **options) -> Autoencoder:
     """Model ``name`` of :data:`MODELS` for images of ``image_shape = (C, H, W)``, with its
     ``options`` (e.g. ``latent_dim``, ``widths`` for ``conv``); options left None take
-    :data:`DEFAULTS`."""
+    :data:`DEFAULTS`. Images or a model larger than :data:`MAX_IMAGE_VALUES` /
+    :data:`MAX_PARAMETERS` are refused before anything is allocated."""
     given = check_options(name, **options)
     cls = MODELS[name]
     kwargs = {key: given.get(key, DEFAULTS[key]) for key in cls.options}
     if "widths" in kwargs:
         kwargs["widths"] = tuple(kwargs["widths"])
+    check_size(name, image_shape, kwargs)
     return cls(image_shape, **kwargs)
+
+
+def check_size(name: str, image_shape: tuple[int, int, int], kwargs: dict) -> None:
+    """A one-line error for images of ``image_shape`` (C, H, W) over :data:`MAX_IMAGE_VALUES`,
+    or a model ``name`` built with ``kwargs`` of over :data:`MAX_PARAMETERS` parameters,
+    counted on PyTorch's meta device: shapes only, no memory, no draw from torch's generator."""
+    channels, height, width = image_shape
+    values = channels * height * width
+    if values > MAX_IMAGE_VALUES:
+        raise ValueError(f"images of {height}x{width} pixels with {channels} channel(s) are {values:,} values "
+                         f"each, more than aekit builds a model for ({MAX_IMAGE_VALUES:,}, e.g. 8192x8192 grey); "
+                         "use smaller images (resize them)")
+    # Every layer has a bias per output: a single size over the bound is already too many
+    # (and would overflow the meta device's size arithmetic).
+    sizes = [v for value in kwargs.values() for v in (value if isinstance(value, tuple) else (value,))
+             if isinstance(v, int)]
+    count = max(sizes, default=0)
+    if count <= MAX_PARAMETERS:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            count = count_parameters(MODELS[name](image_shape, **kwargs))
+    if count > MAX_PARAMETERS:
+        sized = ", ".join(f"{key}={value!r}" for key, value in kwargs.items() if key != "beta")
+        raise ValueError(f"model={name!r} ({sized}) for {height}x{width}x{channels} images would have at least "
+                         f"{count:,} parameters, more than aekit builds ({MAX_PARAMETERS:,}: 4 GiB of weights, 16 GiB "
+                         "to train); choose fewer latent dimensions or channels, or smaller images")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -415,9 +448,12 @@ def summary(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, tuple(keras_names)):
             hooks.append(module.register_forward_hook(record))
+    # The output shapes from a pass on PyTorch's meta device: shapes only, so the table of a
+    # large image costs no memory for its activations.
+    meta = {name: tensor.to("meta") for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
     try:
         with torch.no_grad():
-            model(torch.zeros(1, channels, height, width))
+            torch.func.functional_call(model, meta, (torch.zeros(1, channels, height, width, device="meta"),))
     finally:
         for hook in hooks:
             hook.remove()
@@ -439,7 +475,7 @@ __all__ = [
     "ConvDecoder", "MODELS", "INITS", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "check_conv_options",
     "DEFAULTS", "training_data",
-    "batch_generator",
+    "batch_generator", "check_size", "MAX_IMAGE_VALUES", "MAX_PARAMETERS",
 ]
 
 

@@ -131,7 +131,7 @@ class MapAutoencoder(models.Autoencoder):
         self.decoder = MapDecoder(self.image_shape, latent_dim, tuple(widths), features.feature_shape)
         self.graph: NeighbourGraph | None = None  # set while the model trains (training_data)
         # The seed of the graph samples, a plain int as vae.VAE.noise_seed (see batch_generator).
-        self.graph_seed = int(torch.randint(0, 2 ** 62, ()))
+        self.graph_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
     @property
     def latent_shape(self) -> tuple[int]:

@@ -92,6 +92,16 @@ def default_held_out(n_images: int, batch_size: int) -> int:
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
+MAX_SEED = 2 ** 63 - 1  # seeds are int64 in torch's generators (and in numpy's SeedSequence, any size)
+
+
+def check_seed(seed) -> int:
+    """``seed``, or a one-line error for one that is not an int in [0, :data:`MAX_SEED`]."""
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is out of range; expected an int from 0 to 2**63 - 1")
+    return seed
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run, saved as the run's config.json.
@@ -145,8 +155,7 @@ class TrainConfig:
 
         models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths, beta=self.beta)
         positive("epochs", self.epochs)
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_seed(self.seed)
         for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
             if shape is not None and (len(shape) != size or not all(
                     is_int(v) and v > 0 for v in shape)):
@@ -306,22 +315,46 @@ class CollapseWarning(UserWarning):
         self.epoch = epoch
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Inside: torch's global CPU generator seeded by ``seed``, for the draws PyTorch's layers
+    make when built (and a model's own seeds, e.g. a VAE's noise_seed). After: the caller's
+    generator state back, as if nothing had been drawn.
+
+    Models are built on the CPU and moved afterwards, so only the CPU generator draws; it
+    alone is seeded (``torch.manual_seed`` would also reseed every GPU's generator, which
+    the fork does not restore). Not thread-safe, as torch's global generator itself.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def model_for(config: TrainConfig) -> nn.Module:
     """The untrained model ``config`` describes: ``config.model`` for ``config.image_shape``
-    with its options; its weights as PyTorch initialises them."""
+    with its options; its weights as PyTorch initialises them under :func:`seeded`
+    (``config.seed``), so that the seeds a model draws when built (a VAE's noise_seed, a
+    map's graph_seed) are those it trained with. torch's global generator is left as found."""
+    with seeded(config.seed):
+        return _build(config)
+
+
+def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The model a run with ``config`` starts from: :func:`model_for`, then initialised by
+    ``config.init`` from the same seeded draws, on ``device``. torch's global generator is
+    left as found."""
+    with seeded(config.seed):
+        model = _build(config)
+        INITS[config.init](model)
+    return model.to(device)
+
+
+def _build(config: TrainConfig) -> nn.Module:
+    """:func:`model_for` without the seeding: the draws come from the global generator."""
     if config.image_shape is None:
         raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
     return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths,
                               beta=config.beta)
-
-
-def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model a run with ``config`` starts from: :func:`model_for`, initialised by
-    ``config.init`` after ``torch.manual_seed(config.seed)``, on ``device``."""
-    torch.manual_seed(config.seed)
-    model = model_for(config)
-    INITS[config.init](model)
-    return model.to(device)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -623,5 +656,5 @@ def fit(
 
 __all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
            "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
-           "default_held_out",
+           "default_held_out", "check_seed", "MAX_SEED", "seeded",
            "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

@@ -14,12 +14,13 @@ objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a varian
 
 The reparameterisation noise: each call of :meth:`VAE.loss` draws it from a local
 ``torch.Generator`` seeded by the model's ``noise_seed`` (drawn from torch's global generator
-when the model is built, so ``torch.manual_seed`` before building fixes it) and by the
-pixels of the batch it is given. It depends on nothing else, so the same model and images
-give the same noise in any thread, in any order of a step's chunks, in training and in
-evaluation (:func:`aekit.inference.evaluate` is deterministic: the single-sample ELBO
-estimate of the same images is the same every time), and torch's global generator is never
-touched after construction. ``encode`` (and the estimator's ``transform``) give the
+when the model is built, so ``torch.manual_seed`` before building fixes it; a run's model is
+built under :func:`aekit.training.seeded` with the run's seed, so a loaded run has the
+``noise_seed`` it trained with) and by the pixels of the batch it is given. It depends on
+nothing else, so the same model and images give the same noise in any thread, in any order
+of a step's chunks, in training and in evaluation (:func:`aekit.inference.evaluate` is
+deterministic: the single-sample ELBO estimate of the same images is the same every time),
+and torch's global generator is never touched after construction. ``encode`` (and the estimator's ``transform``) give the
 posterior mean; ``forward`` decodes it.
 """
 
@@ -55,8 +56,9 @@ class VAE(models.Autoencoder):
         self.image_shape, self.latent_dim, self.beta = net.image_shape, latent_dim, float(beta)
         self.encoder = models.ConvEncoder(self.image_shape, 2 * latent_dim, tuple(widths))  # mean, log_var
         self.decoder = net.decoder
-        # A plain int, not a buffer: fast.ChunkPool shares parameters only.
-        self.noise_seed = int(torch.randint(0, 2 ** 62, ()))
+        # A plain int, not a buffer: fast.ChunkPool shares parameters only. Drawn on the CPU
+        # also when built on the meta device (models.check_size counts parameters there).
+        self.noise_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
     @property
     def latent_shape(self) -> tuple[int]:

@@ -46,6 +46,7 @@ from aekit._io import (AlreadyExists, atomic_path, folder_lock, make_folder, ref
                        sha256_array, sha256_file, write_text_atomic)
 from aekit.data import ImageSource, open_images
 from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
+from aekit.models import MAX_IMAGE_VALUES
 from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model,
                             resolve_device)
 
@@ -54,9 +55,6 @@ HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructi
 DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
 TRAINED_FILES = (WEIGHTS, HISTORY, METRICS)  # what only epochs trained write, after the checkpoint
-# The most values (C * H * W) of one image a run config may name: a 16384 x 16384 RGB
-# image; a larger image_shape is a damaged or edited config, not a model to build.
-MAX_IMAGE_VALUES = 3 * 16384 * 16384
 # What other aekit calls write into a run folder about its weights (ConvAutoencoder.save,
 # aekit report, aekit export): a run trained anew over the folder (--overwrite) removes
 # them with its own files, so that none describes weights that are gone.
@@ -110,7 +108,7 @@ FORMATS = {"weights": "aekit-weights-1", "checkpoint": "aekit-checkpoint-1"}
 # The config fields a run may change while keeping its weights: --epochs extends a run on
 # --resume, the device is only where it ran, and data_source where the data was found (a
 # resumed run may find the same built-in data set in another cache; that it is the same
-# data, the checkpoint's fingerprint of it says: check_same_data). Every other field must
+# data, the checkpoint's fingerprint of it says: load_checkpoint). Every other field must
 # match the config recorded inside the weights and the checkpoint.
 RUNTIME_FIELDS = ("epochs", "device", "data_source")
 
@@ -150,6 +148,7 @@ def read_config(workdir: Path) -> TrainConfig:
     if resolved != config:  # a run records every choice its recipe made
         missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
         raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
+    # No run was trained on larger images than aekit builds a model for: an edited or damaged config.
     if config.image_shape is not None and math.prod(config.image_shape) > MAX_IMAGE_VALUES:
         raise RunError(f"{path}: image_shape {list(config.image_shape)} is {math.prod(config.image_shape):,} values "
                        f"per image, more than aekit builds models for ({MAX_IMAGE_VALUES:,}); {CONFIG} was edited "
@@ -322,9 +321,13 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
 
 
 def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
-                    config: TrainConfig | None = None) -> TrainState:
-    """Restore ``model`` and ``optimizer`` from a checkpoint; return the loop's progress."""
+                    config: TrainConfig | None = None, data: dict[str, str] | None = None) -> TrainState:
+    """Restore ``model`` and ``optimizer`` from a checkpoint; return the loop's progress.
+    With ``data`` (split -> :func:`aekit.data.fingerprint` of the data read now), refuse a
+    checkpoint trained on other data (:func:`_check_same_data`)."""
     tensors, metadata = _load_tensors(path, "checkpoint", config)
+    if data is not None:
+        _check_same_data(metadata.get("data", "{}"), path, config, data)
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_state)
@@ -343,12 +346,11 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                        "start the run again with overwrite=True") from None
 
 
-def check_same_data(path: Path, config: TrainConfig, data: dict[str, str]) -> None:
+def _check_same_data(raw: str, path: Path, config: TrainConfig, data: dict[str, str]) -> None:
     """Refuse to go on from the checkpoint ``path`` with data other than it was trained on:
-    ``data`` (split -> fingerprint, as read now) must be what the checkpoint recorded. A
-    checkpoint of aekit 0.3 or older recorded none: it goes on, as it did then."""
-    with safe_open(str(path), framework="pt") as f:  # read and checked by load_checkpoint already
-        raw = (f.metadata() or {}).get("data", "{}")
+    ``data`` (split -> fingerprint, as read now) must be what the checkpoint recorded in
+    ``raw`` (its JSON). A checkpoint of aekit 0.3 or older recorded none: it goes on, as it
+    did then."""
     try:
         recorded = json.loads(raw)
         changed = [split for split in sorted(set(recorded) & set(data)) if recorded[split] != data[split]]
@@ -526,7 +528,7 @@ def train_and_evaluate(
     the run's values, ``epochs`` and ``device`` when set replace them (extend the run, run it
     elsewhere), and any other field set to a value other than the run's raises
     :class:`ResumeMismatch` (see :func:`resumed_config`); data that changed since the run
-    read it is refused (:func:`check_same_data`).
+    read it is refused (:func:`load_checkpoint`).
 
     One training at a time writes into a folder: another one there is refused while this
     one runs (:func:`aekit._io.folder_lock`). Nothing is written before the first
@@ -623,8 +625,7 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
     optimizer = make_optimizer(model, config)
     state = None
     if resume and (workdir / CHECKPOINT).exists():
-        state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config)
-        check_same_data(workdir / CHECKPOINT, config, data)
+        state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config, data)
         state.stopped_early = False  # a longer --epochs may give early stopping another go
         if state.step and state.epoch >= config.epochs:
             raise RunError(f"{workdir / CHECKPOINT} stopped part-way through epoch {state.epoch + 1}; "

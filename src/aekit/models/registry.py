@@ -29,7 +29,7 @@ def register(name: str) -> Callable[[type[Autoencoder]], type[Autoencoder]]:
     def add(cls: type[Autoencoder]) -> type[Autoencoder]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered (by {MODELS[name].__module__}."
-                             f"{MODELS[name].__qualname__}); register {cls.__qualname__} under another name")
+                             f"{MODELS[name].__qualname__}); register {cls.__name__} under another name")
         MODELS[name] = cls
         return cls
     return add

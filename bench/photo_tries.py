@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from aekit.data import load_dataset, prepare_images  # noqa: E402
 from aekit.estimator import PCAReconstructor  # noqa: E402
 from aekit.inference import evaluate  # noqa: E402
-from aekit.pcaconv import refine_net  # noqa: E402
+from aekit.models.pca_conv import refine_net  # noqa: E402
 from aekit.training import (TrainConfig, default_epochs, default_held_out, fit, new_model,  # noqa: E402
                             resolve_device)
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)

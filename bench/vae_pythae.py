@@ -8,9 +8,9 @@ the same latent size, epochs, batch size, Adam learning rate (constant: Pythae's
 no schedule) and training images. aekit trains with ``aekit.training.fit`` (its objective:
 negative ELBO per pixel, Bernoulli likelihood), Pythae with its ``TrainingPipeline`` (the
 same negative ELBO, summed per image; Adam is indifferent to that scale). Both are scored by
-the same code: ``aekit.vae.likelihood_metrics`` on the test split (nats per image, Bernoulli
-likelihood on grey-level pixels), and a logistic-regression MNIST classifier trained here on
-the training images, applied to 1,000 samples from the prior: the share of samples it
+the same code: ``aekit.models.vae.likelihood_metrics`` on the test split (nats per image,
+Bernoulli likelihood on grey-level pixels), and a logistic-regression MNIST classifier trained
+here on the training images, applied to 1,000 samples from the prior: the share of samples it
 classifies with confidence > 0.9, and the entropy (bits) of the histogram of their classes
 (log2(10) = 3.32 is every digit equally often).
 """
@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 
 from aekit.data import as_images, load_dataset
 from aekit.training import TrainConfig, fit, new_model
-from aekit.vae import likelihood_metrics
+from aekit.models.vae import likelihood_metrics
 
 
 def classifier(x: np.ndarray, y: np.ndarray) -> LogisticRegression:

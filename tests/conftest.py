@@ -84,3 +84,14 @@ def small_run(tmp_path_factory, mnist):
     if main(["train", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
         pytest.fail("training the small run failed")
     return out
+
+
+@pytest.fixture
+def scratch_registry():
+    """aekit.models.MODELS, as it was again after the test: families registered in it are forgotten."""
+    from aekit.models import MODELS
+
+    before = dict(MODELS)
+    yield MODELS
+    MODELS.clear()
+    MODELS.update(before)

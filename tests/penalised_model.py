@@ -1,6 +1,6 @@
 """A test-only model family whose objective has an extra term, registered the way a new
-family would be: its own module and one line in aekit.models.MODELS. Nothing else in
-aekit knows it (tests/test_objectives.py trains it through fit, runs, DDP and the CLI).
+family is: its own module and @register on its class. Nothing else in aekit knows it
+(tests/test_objectives.py trains it through fit, runs, DDP and the CLI).
 
 Importing this module registers it; torchrun ranks import it through a sitecustomize.
 """
@@ -8,12 +8,12 @@ Importing this module registers it; torchrun ranks import it through a sitecusto
 import torch
 import torch.nn.functional as F
 
-from aekit import models
-from aekit.models import Loss, SeedAutoencoder
+from aekit.models import Loss, SeedAutoencoder, register
 
 PENALTY = 0.05
 
 
+@register("penalised")
 class PenalisedAutoencoder(SeedAutoencoder):
     """The seed network, trained on reconstruction plus ``PENALTY`` times the latent's mean
     square (a pull of the bottleneck towards 0)."""
@@ -31,5 +31,3 @@ class PenalisedAutoencoder(SeedAutoencoder):
         return Loss(reconstruction + penalty, torch.sigmoid(logits),
                     {"reconstruction": reconstruction, "latent_penalty": penalty})
 
-
-models.MODELS.setdefault("penalised", PenalisedAutoencoder)

@@ -599,3 +599,30 @@ def test_a_numpy_float32_threshold_is_taken():
     for bad in (np.bool_(True), np.float32("nan"), np.float32(-1.0), np.float64("inf"), 10 ** 400):
         with pytest.raises(ValueError, match="threshold must be"):
             est.set_threshold(threshold=bad)
+
+
+def test_sample_asks_the_familys_sampling_hook(scratch_registry):
+    """Any family that declares a prior (can_sample, sample_latents) samples, not the VAE alone:
+    sample decodes the hook's draws, made with the generator seeded by random_state."""
+    import torch
+    from sklearn.utils import check_random_state
+
+    from aekit.models import ConvAutoencoderNet, register
+
+    @register("conv-with-prior")
+    class ConvWithPrior(ConvAutoencoderNet):
+        can_sample = True
+
+        def sample_latents(self, n, generator):
+            return 2 * torch.rand(n, *self.latent_shape, generator=generator) - 1  # (n, latent_dim)
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8)
+    estimator = ConvAutoencoder(model="conv-with-prior", latent_dim=2, widths=(4,), epochs=1, random_state=0,
+                                device="cpu").fit(x)
+    images = estimator.sample(3, random_state=5)
+    seed = int(check_random_state(5).randint(2 ** 31 - 1))
+    z = 2 * torch.rand(3, 2, generator=torch.Generator().manual_seed(seed)) - 1
+    np.testing.assert_array_equal(images, estimator.inverse_transform(z.numpy()))
+    with pytest.raises(ValueError, match=r"^sample\(\) needs a model with a prior to sample from; this one is "
+                                         r"model='conv': fit with model='vae'$"):
+        ConvAutoencoder(model="conv", latent_dim=2, widths=(4,), epochs=1, device="cpu").fit(x).sample(3)

@@ -63,3 +63,20 @@ def test_compare_takes_the_fast_path(passes):
     passes.clear()
     compare(CompareConfig(data="mnist", latent_dims=(2,), epochs=1, limit=200), log=lambda line: None)
     assert sum(passes) >= 2 * 200  # the autoencoder's errors and latents of the test images, at least
+
+
+def test_the_vaes_likelihood_metrics_take_the_fast_path(passes):
+    """A family's own test metrics (the VAE's ELBO and IWAE bound) run through
+    inference.map_batches: every image once, in passes of the metric's batches."""
+    import torch
+
+    from aekit.data import as_images
+    from aekit.models import build_model
+    from aekit.models.vae import likelihood_metrics
+
+    torch.manual_seed(0)
+    model = build_model("vae", (1, 8, 8), latent_dim=2, widths=(4,))
+    passes.clear()
+    metrics = likelihood_metrics(model, as_images(torch.rand(70, 1, 8, 8)), k=3, n_iwae=40, batch_size=32)
+    assert passes == [32, 32, 6]
+    assert metrics["iwae_images"] == 40 and metrics["iwae_k"] == 3

@@ -190,3 +190,76 @@ def test_conv_autoencoder_bad_params():
         build_model("conv", (1, 28, 28), latent_dim=2, widths=(8, -1))
     with pytest.raises(ValueError, match=r"^model='seed' takes no options, not latent_dim; use model='conv'"):
         build_model("seed", (1, 28, 28), latent_dim=2)
+
+
+# --- a family is one file with @register; the hooks every family declares, with their defaults ---
+
+FAMILY_MODULE = '''
+from dataclasses import dataclass, field
+
+from aekit.models import ConvAutoencoderNet, ConvOptions, register
+
+
+@dataclass(frozen=True)
+class WideOptions(ConvOptions):
+    latent_dim: int = field(default=3, metadata={"help": "a default of its own"})
+
+
+@register("scratch-family")
+class ScratchFamily(ConvAutoencoderNet):
+    """A new family: nothing else in aekit knows it."""
+
+    Options = WideOptions
+'''
+
+
+def test_a_family_in_a_new_module_joins_by_decorator_and_is_built_by_name(scratch_registry, tmp_path, monkeypatch):
+    import importlib
+
+    (tmp_path / "scratch_family.py").write_text(FAMILY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "scratch_family", raising=False)
+    module = importlib.import_module("scratch_family")
+    assert scratch_registry["scratch-family"] is module.ScratchFamily
+    assert module.ScratchFamily.options == ("latent_dim", "widths")
+    model = build_model("scratch-family", (1, 12, 12))  # options left None take the family's defaults
+    assert type(model) is module.ScratchFamily and model.latent_shape == (3,)
+    assert build_model("scratch-family", (1, 12, 12), latent_dim=5, widths=[4]).latent_shape == (5,)
+    with pytest.raises(ValueError, match=r"^model='scratch-family' takes latent_dim, widths, not beta; "
+                                         r"use model='vae' to choose beta$"):
+        build_model("scratch-family", (1, 12, 12), beta=2.0)
+
+
+def test_a_name_is_registered_once(scratch_registry):
+    from aekit.models import Autoencoder, register
+
+    with pytest.raises(ValueError, match=r"^model 'conv' is already registered \(by "
+                                         r"aekit\.models\.conv\.ConvAutoencoderNet\); register Other under"):
+        @register("conv")
+        class Other(Autoencoder):
+            pass
+    assert build_model("conv", (1, 28, 28)).__class__.__name__ == "ConvAutoencoderNet"
+
+
+def test_options_declare_defaults_and_help_and_check_as_the_constructor_does():
+    from dataclasses import fields
+
+    from aekit.models import MODELS
+
+    for name, cls in MODELS.items():
+        assert cls.options == tuple(f.name for f in fields(cls.Options)), name
+        assert all(f.metadata["help"] for f in fields(cls.Options)), name
+    assert MODELS["vae"].Options() == MODELS["vae"].Options(latent_dim=32, widths=(16, 32), beta=1.0)
+    with pytest.raises(ValueError, match=r"^beta must be a non-negative number \(1.0: the plain VAE\), got -1$"):
+        MODELS["vae"].Options(beta=-1).check((1, 28, 28))
+    with pytest.raises(ValueError, match=r"^images of 3x3 are too small for 3 downsamplings; pass fewer widths$"):
+        MODELS["map"].Options(widths=(4, 4, 4)).check((1, 3, 3))
+
+
+def test_the_hooks_defaults_a_family_gets_without_declaring_them():
+    model = SeedAutoencoder()
+    assert model.test_metrics(torch.rand(4, 1, 28, 28)) == {}
+    assert model.can_sample is False
+    with pytest.raises(NotImplementedError, match="no prior"):
+        model.sample_latents(2, torch.Generator())
+    assert build_model("vae", (1, 28, 28), latent_dim=3).sample_latents(2, torch.Generator()).shape == (2, 3)

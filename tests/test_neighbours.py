@@ -9,7 +9,7 @@ import torch
 
 from aekit import ConvAutoencoder, models
 from aekit.data import NpyStream, prepare_images
-from aekit.neighbours import MapAutoencoder, NeighbourGraph
+from aekit.models.map import MapAutoencoder, NeighbourGraph
 from aekit.training import TrainConfig, fit
 from conftest import one_error_line
 

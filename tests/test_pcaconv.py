@@ -1,4 +1,4 @@
-"""PCA plus a convolutional correction (aekit.pcaconv), the estimator's default model, and
+"""PCA plus a convolutional correction (aekit.models.pca_conv), the estimator's default model, and
 the rules that choose its training from the data; checked against scikit-learn's PCA."""
 
 import numpy as np

@@ -84,7 +84,7 @@ def test_estimator_fit_and_load_and_load_model_leave_the_global_rngs_alone(vae_r
 
 
 def test_a_vae_run_evaluates_to_its_recorded_test_loss(vae_run):
-    """evaluate is deterministic (vae.py), whatever the global generator: twice the same
+    """evaluate is deterministic (aekit.models.vae), whatever the global generator: twice the same
     test_loss, and the one metrics.json recorded at the end of training. That one was
     computed by the training process on the same weights and images, possibly in another
     memory layout and batching: float32 sums of 784 per-pixel terms reassociated differ by

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from aekit import ConvAutoencoder
 from aekit.cli import main
 from aekit.data import load_dataset
-from aekit.vae import VAE, iwae_bound
+from aekit.models.vae import VAE, iwae_bound
 
 
 @pytest.fixture(scope="module")

@@ -261,7 +261,7 @@ class ConvAutoencoder(_ImageReconstructor):
     (outlier threshold on per-image MSE), ``image_shape_`` (C, H, W), ``layout_``.
 
     ``model="pca-conv"`` (the default) is PCA plus convolutional corrections
-    (:mod:`aekit.pcaconv`): it starts as PCA of the images it is fitted on and trains only
+    (:mod:`aekit.models.pca_conv`): it starts as PCA of the images it is fitted on and trains only
     what PCA cannot express, on the squared error. ``model="conv"`` is a plain
     convolutional autoencoder with a dense latent of ``latent_dim`` numbers;
     ``model="seed"`` is the blog's network, whose latent is its 8 x H/4 x W/4 bottleneck
@@ -373,9 +373,7 @@ class ConvAutoencoder(_ImageReconstructor):
         N(0, I), decoded; in the layout fitted on, float32 in [0, 1]. ``random_state`` (an
         int, a RandomState or None) fixes the draw; torch's global generator is not used."""
         self._check_is_fitted()
-        from aekit.vae import VAE
-
-        if not isinstance(self.model_, VAE):
+        if not self.model_.can_sample:
             raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
                              f"model={self.config_.model!r}: fit with model='vae'")
         if not is_int(n) or n < 1:
@@ -383,7 +381,7 @@ class ConvAutoencoder(_ImageReconstructor):
         # None: fresh entropy from the OS, so numpy's global generator is not advanced either.
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if random_state is None \
             else int(check_random_state(random_state).randint(2 ** 31 - 1))
-        z = torch.randn(int(n), *self.model_.latent_shape, generator=torch.Generator().manual_seed(seed))
+        z = self.model_.sample_latents(int(n), torch.Generator().manual_seed(seed))
         return self.inverse_transform(z.numpy())
 
     def interpolate(self, a, b, steps: int = 10) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Running a trained model on images: encode, decode, reconstruct, per-image error, evaluate.
 
 The one path every user of a trained model takes: the estimator, ``aekit score``,
-``denoise``, ``compare``, the report and the training loop's validation. Images come in
+``denoise``, ``compare``, the report, the training loop's validation and a family's own
+test metrics (:func:`map_batches`, e.g. the VAE's likelihoods). Images come in
 batches from a tensor (n, C, H, W) in [0, 1] or an image stream (:mod:`aekit.data`); each
 batch runs on the model's device. On the CPU a batch runs through :func:`aekit.fast.on_cpu`'s
 twin in chunks of :data:`aekit.fast.CPU_CHUNK` images on one worker thread per core
@@ -32,9 +33,10 @@ def _batches(x) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
+def _runner(model: nn.Module, workers: int | None, chunk: int = fast.CPU_CHUNK) -> Iterator[Callable]:
     """``run(fn, xb) -> [fn(chunk), ...]``: ``fn`` of the model made fast (its first
-    argument) applied to batch ``xb`` on the model's device, in eval mode, without grad."""
+    argument) applied to batch ``xb`` on the model's device, in eval mode, without grad;
+    on the CPU in chunks of ``chunk`` images."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -47,17 +49,37 @@ def _runner(model: nn.Module, workers: int | None) -> Iterator[Callable]:
         with fast.on_cpu(model) as fast_model:
             if device.type == "cpu":
                 n = fast.cpu_cores() if workers is None else workers
-                yield lambda fn, xb: fast.run_chunks(lambda c: fn(fast_model, c), xb, fast.CPU_CHUNK, n)
+                yield lambda fn, xb: fast.run_chunks(lambda c: fn(fast_model, c), xb, chunk, n)
             else:
                 yield lambda fn, xb: on_device(fn, fast_model, xb)
     finally:
         model.train(was_training)
 
 
+def _pieces(model: nn.Module, fn: Callable, batches: Iterator[torch.Tensor], workers: int | None,
+            chunk: int = fast.CPU_CHUNK) -> list:
+    with _runner(model, workers, chunk) as run:
+        return [piece for xb in batches for piece in run(fn, xb)]
+
+
 def _map(model: nn.Module, fn: Callable, batches: Iterator[torch.Tensor], workers: int | None) -> torch.Tensor:
-    with _runner(model, workers) as run:
-        out = [piece.cpu() for xb in batches for piece in run(fn, xb)]
+    out = [piece.cpu() for piece in _pieces(model, fn, batches, workers)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def map_batches(model: nn.Module, fn: Callable, x, *, batch_size: int = BATCH, chunk: int = fast.CPU_CHUNK,
+                workers: int | None = None) -> list:
+    """``[fn(m, c), ...]`` over the images ``x`` in order, ``m`` the model made fast: the loop
+    every pass of a model over images runs in, for a family's own metrics.
+
+    ``x`` is images as :func:`aekit.data.as_images` takes them, read ``batch_size`` at a
+    time; ``c`` is (b, C, H, W) on the model's device, on the CPU a chunk of at most
+    ``chunk`` images of a batch, run on ``workers`` threads (default: one per core),
+    elsewhere the whole batch. Eval mode, inference mode; results stay where ``fn`` put
+    them. A ``fn`` that draws from one generator across calls passes ``workers=1`` (and
+    ``chunk=batch_size``), so that its draws come in the order of the images, as batches.
+    """
+    return _pieces(model, fn, as_images(x).batches(batch_size), workers, chunk)
 
 
 def encode(model: nn.Module, x, *, workers: int | None = None) -> torch.Tensor:
@@ -156,4 +178,4 @@ def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None
 
 
 __all__ = ["encode", "decode", "reconstruct", "image_errors", "reconstruction_errors", "outlier_threshold",
-           "evaluate", "Evaluation", "BATCH"]
+           "evaluate", "Evaluation", "map_batches", "BATCH"]

@@ -660,10 +660,8 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
         "contamination": DEFAULT_CONTAMINATION,
         "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
     }
-    own = getattr(model, "test_metrics", None)  # a model's own test numbers (the VAE's likelihoods)
-    if callable(own):
-        metrics.update(own(x_test))
     if main:
+        metrics.update(model.test_metrics(x_test))  # the family's own test numbers (the VAE's likelihoods)
         claim.begin(config)  # done at the first checkpoint, unless no epoch was left to train
         save_weights(model, workdir / WEIGHTS, config)
         write_history(state.history, workdir / HISTORY)

@@ -19,8 +19,8 @@ Drawing neighbours together gives several edges per encoded image (the neighbour
 seed are often each other's), which is what makes the term affordable on a CPU.
 
 The reconstruction term is the conv autoencoder's (``"bce"`` or ``"mse"``). The encoder and
-decoder are :class:`~aekit.models.ConvEncoder` / :class:`~aekit.models.ConvDecoder` with a
-hidden dense layer of :data:`HIDDEN` units next to the code: a 2-number code laid out as
+decoder are :class:`~aekit.models.blocks.ConvEncoder` / :class:`~aekit.models.blocks.ConvDecoder`
+with a hidden dense layer of :data:`HIDDEN` units next to the code: a 2-number code laid out as
 UMAP lays it out is far from linear in the conv features.
 
 Streamed data works: the graph is built on a random sample of at most :data:`GRAPH_IMAGES`
@@ -38,7 +38,9 @@ import math
 import torch
 from torch import nn
 
-from aekit import models
+from aekit.models.base import Autoencoder, Loss, batch_generator, logits_loss
+from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions
+from aekit.models.registry import register
 
 HIDDEN = 256            # the dense layer between the conv features and the code, both ways
 NEIGHBOURS = 15         # k of the graph (UMAP's default n_neighbors)
@@ -106,7 +108,7 @@ class MapDecoder(nn.Module):
                  feature_shape: tuple[int, int, int]):
         super().__init__()
         self.hidden = nn.Sequential(nn.Linear(latent_dim, HIDDEN), nn.ReLU())   # (n, HIDDEN)
-        self.conv = models.ConvDecoder(image_shape, HIDDEN, widths, feature_shape)
+        self.conv = ConvDecoder(image_shape, HIDDEN, widths, feature_shape)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.conv.logits(self.hidden(z))
@@ -115,22 +117,23 @@ class MapDecoder(nn.Module):
         return torch.sigmoid(self.logits(z))
 
 
-class MapAutoencoder(models.Autoencoder):
+@register("map")
+class MapAutoencoder(Autoencoder):
     """A conv autoencoder whose code keeps the training images' neighbours near each other;
     see the module docstring. ``encode``: (n, C, H, W) -> (n, latent_dim)."""
 
-    options = ("latent_dim", "widths")
+    Options = ConvOptions
 
-    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
-                 widths: tuple[int, ...] = (16, 32)):
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
+                 widths: tuple[int, ...] = Options.widths):
         super().__init__()
-        models.check_conv_options(image_shape, latent_dim, widths)
+        self.Options(latent_dim, widths).check(image_shape)
         self.image_shape, self.latent_dim = tuple(image_shape), latent_dim
-        features = models.ConvEncoder(self.image_shape, HIDDEN, tuple(widths))      # (n, HIDDEN)
+        features = ConvEncoder(self.image_shape, HIDDEN, tuple(widths))      # (n, HIDDEN)
         self.encoder = nn.Sequential(features, nn.ReLU(), nn.Linear(HIDDEN, latent_dim))
         self.decoder = MapDecoder(self.image_shape, latent_dim, tuple(widths), features.feature_shape)
         self.graph: NeighbourGraph | None = None  # set while the model trains (training_data)
-        # The seed of the graph samples, a plain int as vae.VAE.noise_seed (see batch_generator).
+        # The seed of the graph samples, a plain int as the VAE's noise_seed (see batch_generator).
         self.graph_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
     @property
@@ -148,16 +151,16 @@ class MapAutoencoder(models.Autoencoder):
         finally:
             self.graph = None
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> models.Loss:
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """The reconstruction loss under ``objective``; while training (in ``training_data``
         and train mode), plus :data:`WEIGHT` times the neighbourhood term (part "neighbours")."""
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r} for model='map'; expected one of {self.objectives}")
         z_batch = self.encoder(x)                                                        # (n, d)
-        recon = models.logits_loss(self.decoder.logits(z_batch), target, objective)
+        recon = logits_loss(self.decoder.logits(z_batch), target, objective)
         if self.graph is None or not self.training:
             return recon
-        generator = models.batch_generator(self.graph_seed, x, device="cpu")  # the graph's indices live on the CPU
+        generator = batch_generator(self.graph_seed, x, device="cpu")  # the graph's indices live on the CPU
         index, edges = self.graph.sample(SEEDS_PER_IMAGE * len(x), PER_SEED, generator)
         z = self.encoder(self.graph.images[index])                                       # (g, d)
         head, tail = z[edges[:, 0]], z[edges[:, 1]]                                      # (m, d)
@@ -166,8 +169,6 @@ class MapAutoencoder(models.Autoencoder):
         squared = (z[:, None, :] - z_batch[None, :, :]).pow(2).sum(2)                      # (g, n)
         repel = -torch.log1p(1e-4 - umap_similarity(squared)).mean(1)                    # (g,)
         neighbours = (attract + NEGATIVES * repel[edges[:, 0]]).mean()
-        return models.Loss(recon.total + WEIGHT * neighbours, recon.reconstruction,
+        return Loss(recon.total + WEIGHT * neighbours, recon.reconstruction,
                            {"reconstruction": recon.total, "neighbours": neighbours})
 
-
-models.MODELS["map"] = MapAutoencoder

@@ -1,9 +1,9 @@
 """The variational autoencoder (Kingma & Welling 2014), with a beta weight on the KL term
 (Higgins et al. 2017): ``model="vae"``.
 
-The encoder is :class:`aekit.models.ConvEncoder` with ``2 * latent_dim`` outputs, read as
-the mean and the log-variance of a diagonal Gaussian posterior q(z|x); the decoder is
-:class:`aekit.models.ConvDecoder`, whose logits are the means of a Bernoulli likelihood
+The encoder is :class:`aekit.models.blocks.ConvEncoder` with ``2 * latent_dim`` outputs, read
+as the mean and the log-variance of a diagonal Gaussian posterior q(z|x); the decoder is
+:class:`aekit.models.blocks.ConvDecoder`, whose logits are the means of a Bernoulli likelihood
 p(x|z) per pixel; the prior is N(0, I).
 
 The objective is the negative ELBO under that Bernoulli likelihood (binary cross-entropy
@@ -20,22 +20,44 @@ built under :func:`aekit.training.seeded` with the run's seed, so a loaded run h
 nothing else, so the same model and images give the same noise in any thread, in any order
 of a step's chunks, in training and in evaluation (:func:`aekit.inference.evaluate` is
 deterministic: the single-sample ELBO estimate of the same images is the same every time),
-and torch's global generator is never touched after construction. ``encode`` (and the estimator's ``transform``) give the
-posterior mean; ``forward`` decodes it.
+and torch's global generator is never touched after construction. ``encode`` (and the
+estimator's ``transform``) give the posterior mean; ``forward`` decodes it. New images:
+:meth:`VAE.sample_latents` draws latents from the prior for ``decode``.
+
+A run's test metrics add :func:`likelihood_metrics` (:meth:`VAE.test_metrics`): the test ELBO
+and an importance-weighted (IWAE) estimate of the negative log-likelihood, computed through
+:func:`aekit.inference.map_batches`, the one loop that runs a model over images.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from aekit import models
 from aekit._typed import is_real
+from aekit.models.base import Autoencoder, Loss, batch_generator
+from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions
+from aekit.models.registry import register
 
 
-class VAE(models.Autoencoder):
+@dataclass(frozen=True)
+class VAEOptions(ConvOptions):
+    """The conv options, and the weight of the KL term."""
+
+    beta: float = field(default=1.0, metadata={"help": "the weight of the KL term (1.0: the plain VAE)"})
+
+    def check(self, image_shape: tuple[int, int, int]) -> None:
+        """A one-line error for a ``beta`` that is not a non-negative number, then the conv checks."""
+        if not is_real(self.beta) or not 0 <= self.beta < math.inf:
+            raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {self.beta!r}")
+        super().check(image_shape)
+
+
+@register("vae")
+class VAE(Autoencoder):
     """A convolutional VAE: (n, C, H, W) in [0, 1] -> q(z|x) = N(mean, exp(log_var)) with
     z of ``latent_dim`` numbers -> Bernoulli pixel means.
 
@@ -44,18 +66,23 @@ class VAE(models.Autoencoder):
     """
 
     objectives = ("bce",)
-    options = ("latent_dim", "widths", "beta")
+    can_sample = True
+    Options = VAEOptions
 
-    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
-                 widths: tuple[int, ...] = (16, 32), beta: float = 1.0):
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
+                 widths: tuple[int, ...] = Options.widths, beta: float = Options.beta):
         super().__init__()
-        if not is_real(beta) or not 0 <= beta < math.inf:
-            raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {beta!r}")
-        # The plain conv net checks latent_dim, widths and the image size; it owns the decoder.
-        net = models.ConvAutoencoderNet(image_shape, latent_dim, widths)
-        self.image_shape, self.latent_dim, self.beta = net.image_shape, latent_dim, float(beta)
-        self.encoder = models.ConvEncoder(self.image_shape, 2 * latent_dim, tuple(widths))  # mean, log_var
-        self.decoder = net.decoder
+        self.Options(latent_dim, widths, beta).check(image_shape)
+        widths = tuple(widths)
+        self.image_shape, self.latent_dim, self.beta = tuple(image_shape), latent_dim, float(beta)
+        # Layers in the order of torch's generator draws that the VAE has always made (it once
+        # borrowed a conv model's decoder): an encoder of latent_dim outputs, dropped, then the
+        # decoder, then the encoder. The dropped one keeps every seeded VAE's weights and
+        # noise_seed as they were; without it the same seed would give another model.
+        features = ConvEncoder(self.image_shape, latent_dim, widths).feature_shape
+        decoder = ConvDecoder(self.image_shape, latent_dim, widths, features)
+        self.encoder = ConvEncoder(self.image_shape, 2 * latent_dim, widths)  # mean, log_var
+        self.decoder = decoder
         # A plain int, not a buffer: fast.ChunkPool shares parameters only. Drawn on the CPU
         # also when built on the meta device (models.check_size counts parameters there).
         self.noise_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
@@ -83,13 +110,17 @@ class VAE(models.Autoencoder):
         """What a run reports beside its test loss: :func:`likelihood_metrics` of ``images``."""
         return likelihood_metrics(self, images)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> models.Loss:
+    def sample_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, latent_dim) latents drawn from the prior N(0, I) with ``generator``."""
+        return torch.randn(n, *self.latent_shape, generator=generator)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
         with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel."""
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
         mean, log_var = self.posterior(x)                                     # (n, d) each
-        eps = torch.randn(mean.shape, generator=models.batch_generator(self.noise_seed, x),
+        eps = torch.randn(mean.shape, generator=batch_generator(self.noise_seed, x),
                           device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps                             # (n, d)
         logits = self.decoder.logits(z)                                       # (n, C, H, W)
@@ -97,7 +128,7 @@ class VAE(models.Autoencoder):
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1) / pixels
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels  # KL(q || N(0, I))
         total = (recon + self.beta * kl).mean()
-        return models.Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
+        return Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
 
 
 def elbo(model: VAE, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,7 +169,6 @@ IWAE_K = 100       # importance samples per image for the run's NLL estimate
 IWAE_IMAGES = 500  # on the first this many test images (IWAE_K decodes each)
 
 
-@torch.no_grad()
 def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwae: int = IWAE_IMAGES,
                        batch_size: int = 256) -> dict:
     """A VAE's test ELBO and importance-weighted NLL estimate, in nats per image, under the
@@ -147,32 +177,33 @@ def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwa
     ``images``: an :class:`aekit.data.ImageSource`. ``test_elbo_nats``: mean single-sample
     ELBO over every image; ``test_iwae_nll_nats``: mean of -iwae_bound(k) over the first
     ``n_iwae`` images, beside ``test_elbo_nats_iwae_images``, the ELBO on those same images.
-    Deterministic: a local generator seeded by ``seed``; the model is left in the mode found.
+    Deterministic: one local generator seeded by ``seed``, drawn from batch after batch of
+    ``batch_size`` images in order (through :func:`aekit.inference.map_batches`, on one worker
+    in passes of a whole batch, so that the draws do not depend on threads or chunks).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        generator = None
-        elbos, iwae, iwae_elbo = [], [], []
-        for batch in images.batches(batch_size):
-            batch = batch.to(next(model.parameters()).device)
-            if generator is None:
-                generator = torch.Generator(device=batch.device).manual_seed(seed)
-            elbos.append(elbo(model, batch, generator))
-            take = n_iwae - sum(len(b) for b in iwae)
-            if take > 0:
-                iwae.append(iwae_bound(model, batch[:take], k, generator))
-                iwae_elbo.append(elbos[-1][:take])
-    finally:
-        model.train(was_training)
-    return {"test_elbo_nats": float(torch.cat(elbos).mean()),
-            "test_iwae_nll_nats": float(-torch.cat(iwae).mean()),
-            "test_elbo_nats_iwae_images": float(torch.cat(iwae_elbo).mean()),
-            "iwae_k": k, "iwae_images": int(sum(len(b) for b in iwae)),
+    from aekit import inference  # it runs models, so it imports aekit.models: here, not in a cycle
+
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    counted = 0  # images the IWAE bound has been taken on
+
+    def bounds(m: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b, C, H, W) -> the ELBO of each image (b,), and for the first t images still
+        wanted, the IWAE bound (t,) and their ELBO (t,)."""
+        nonlocal counted
+        elbos = elbo(m, x, generator)
+        take = min(max(n_iwae - counted, 0), len(x))
+        iwae = iwae_bound(m, x[:take], k, generator) if take else elbos[:0]
+        counted += take
+        return elbos, iwae, elbos[:take]
+
+    pieces = inference.map_batches(model, bounds, images, batch_size=batch_size, chunk=batch_size, workers=1)
+    elbos, iwae, iwae_elbo = (torch.cat(column) for column in zip(*pieces))
+    return {"test_elbo_nats": float(elbos.mean()),
+            "test_iwae_nll_nats": float(-iwae.mean()),
+            "test_elbo_nats_iwae_images": float(iwae_elbo.mean()),
+            "iwae_k": k, "iwae_images": len(iwae),
             "likelihood": "Bernoulli per pixel on grey-level pixels in [0, 1] (not binarised)"}
 
 
-__all__ = ["VAE", "elbo", "iwae_bound", "likelihood_metrics"]
+__all__ = ["VAE", "VAEOptions", "elbo", "iwae_bound", "likelihood_metrics"]
 
-
-models.MODELS["vae"] = VAE

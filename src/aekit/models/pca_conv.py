@@ -1,4 +1,5 @@
-"""PCA plus convolutional corrections: an autoencoder that starts where PCA ends.
+"""``model="pca-conv"``: PCA plus convolutional corrections, an autoencoder that starts
+where PCA ends.
 
 The code of an image is its principal-component scores plus what a convolutional encoder
 adds; the reconstruction is PCA's plus what a convolutional decoder adds, refined by a few
@@ -11,7 +12,7 @@ local convolutions::
 ``mean``, ``P`` (the top ``latent_dim`` principal directions, orthonormal rows) and ``s``
 (each score's standard deviation) are fitted to the training images when a run starts
 (:meth:`PCAConvAutoencoder.training_data`) and then kept fixed. ``e`` and ``g`` are
-:class:`~aekit.models.ConvEncoder` and :class:`~aekit.models.ConvDecoder`, ``r`` is
+:class:`~aekit.models.blocks.ConvEncoder` and :class:`~aekit.models.blocks.ConvDecoder`, ``r`` is
 :data:`REFINE_DEPTH` 3x3 convolutions; the gates ``a``, ``b``, ``c`` are learned scalars that
 start at 0 (as in ReZero, Bachlechner et al. 2020), so the corrections grow in from nothing
 at any learning rate, and the untrained model *is* PCA. Training, on the squared error,
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aekit.models import MODELS, Autoencoder, ConvDecoder, ConvEncoder, Loss, check_conv_options, conv3x3
+from aekit.models.base import Autoencoder, Loss
+from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions, conv3x3
+from aekit.models.registry import register
 
 REFINE_WIDTH, REFINE_DEPTH = 32, 3  # the local refinement: 3 3x3 convolutions, 7x7 pixels seen
 PCA_IMAGES = 10000  # training images the principal directions are fitted to (a random sample)
@@ -95,20 +98,21 @@ class PCAConvDecoder(nn.Module):
         return self.raw(z).clamp(0.0, 1.0)
 
 
+@register("pca-conv")
 class PCAConvAutoencoder(Autoencoder):
     """PCA plus convolutional corrections, for any (C, H, W); see the module docstring.
 
     ``widths``: the correction's encoder channels per 2x downsampling, as in
-    :class:`~aekit.models.ConvAutoencoderNet`. ``encode``: (n, C, H, W) -> (n, latent_dim).
+    :class:`~aekit.models.conv.ConvAutoencoderNet`. ``encode``: (n, C, H, W) -> (n, latent_dim).
     """
 
     objectives = ("mse",)
-    options = ("latent_dim", "widths")
+    Options = ConvOptions
 
-    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = 32,
-                 widths: tuple[int, ...] = (16, 32)):
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
+                 widths: tuple[int, ...] = Options.widths):
         super().__init__()
-        check_conv_options(image_shape, latent_dim, widths)
+        self.Options(latent_dim, widths).check(image_shape)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.encoder = PCAConvEncoder(self.image_shape, latent_dim, tuple(widths))
@@ -159,5 +163,3 @@ class PCAConvAutoencoder(Autoencoder):
             pca.gate.zero_()
         self.decoder.refine_gate.zero_()
 
-
-MODELS["pca-conv"] = PCAConvAutoencoder

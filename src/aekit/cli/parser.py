@@ -7,15 +7,29 @@ A bad command line raises :class:`UsageError` (one line, naming the command whos
 from __future__ import annotations
 
 import argparse
+import re
+import textwrap
 from pathlib import Path
 
 class UsageError(Exception):
     """A command line argparse refused: the message, and the command whose --help says more."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout of help texts, but a name with a hyphen (pca-conv, fashion-mnist)
+    is never split across two lines."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line raises :class:`UsageError` for main() to print in
     one line, instead of printing the usage block and exiting. Subparsers inherit it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{message}; see `{self.prog} --help`")
@@ -98,8 +112,39 @@ def _loss_choices() -> tuple[str, ...]:
     return tuple(dict.fromkeys(o for model in MODELS.values() for o in model.objectives))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _model_help() -> str:
+    """Every registered model and what it is, in the words that open its docstring:
+    ``seed: the blog's full network, ...; conv: a convolutional autoencoder ...``."""
+    from aekit.models import MODELS
+
+    return "; ".join(f"{name}: {_first_clause(model.__doc__ or '')}" for name, model in MODELS.items())
+
+
+def _first_clause(doc: str) -> str:
+    """A docstring's opening words, up to its first ``:``, ``;`` or full stop, starting lower case
+    unless an acronym opens it (``PCA plus ...``)."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    clause = re.split(r"[:;] |\. |\.$", text, maxsplit=1)[0]
+    first = clause.split(" ", 1)[0]
+    return clause[:1].lower() + clause[1:] if first[1:] == first[1:].lower() else clause
+
+
+def _for_models(option: str) -> str:
+    """``for --model conv, map or vae``: the models whose ``options`` take ``option``."""
+    from aekit.models import MODELS
+
+    names = [name for name, model in MODELS.items() if option in model.options]
+    return f"for --model {' or '.join(filter(None, (', '.join(names[:-1]), names[-1])))}"
+
+
+def _builtin_names() -> str:
+    """The built-in data sets: ``mnist, fashion-mnist, ...``."""
     from aekit.data import BUILTINS
+
+    return ", ".join(BUILTINS)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from aekit.models import INITS, MODELS
     from aekit.noise import KINDS
     from aekit.training import RECIPES, SCHEDULES
@@ -109,16 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="print the network's layers, Keras style")
-    p.add_argument("--model", default="seed", choices=tuple(MODELS), help="model name (default: seed)")
-    p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv")
-    p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv")
+    p.add_argument("--model", default="seed", choices=tuple(MODELS), help=f"{_model_help()} (default: seed)")
+    p.add_argument("--latent-dim", type=_positive_int, help=f"latent size {_for_models('latent_dim')} (default: 32)")
+    p.add_argument("--widths", type=_int_list,
+                   help=f"encoder channels per level {_for_models('widths')} (default: 16,32)")
     p.add_argument("--image-shape", type=_int_list, default=(28, 28, 1), metavar="H,W,C",
                    help="input size (default: 28,28,1)")
 
     p = sub.add_parser("data", help="fetch built-in data sets, describe data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = data_sub.add_parser("fetch", help="download a built-in data set and print its cached path")
-    q.add_argument("name", help="mnist or fashion-mnist")
+    q.add_argument("name", help=f"one of {_builtin_names()}")
     q = data_sub.add_parser("info", help="shapes, dtype, value range and labels of a data set")
     q.add_argument("name_or_path")
     _add_resize(q)
@@ -126,12 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an autoencoder into a run folder")
     # No argparse defaults: TrainConfig's apply where the config is built, so that a flag
     # given on --resume can be told from one left out (and checked against the run).
-    p.add_argument("--data", help="built-in name or path (default: mnist)")
-    p.add_argument("--model", choices=tuple(MODELS),
-                   help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
-    p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
-    p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
-    p.add_argument("--beta", type=float, help="weight of the KL term for --model vae (default: 1.0)")
+    p.add_argument("--data", help=f"built-in name ({_builtin_names()}) or path (default: mnist)")
+    p.add_argument("--model", choices=tuple(MODELS), help=f"{_model_help()} (default: seed)")
+    p.add_argument("--latent-dim", type=_positive_int, help=f"latent size {_for_models('latent_dim')} (default: 32)")
+    p.add_argument("--widths", type=_int_list,
+                   help=f"encoder channels per level {_for_models('widths')} (default: 16,32)")
+    p.add_argument("--beta", type=float, help=f"weight of the KL term {_for_models('beta')} (default: 1.0)")
     p.add_argument("--noise", metavar="KIND:AMOUNT",
                    help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
@@ -163,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="print a run's test metrics as JSON")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", help="evaluate on other data (default: the run's)")
+    p.add_argument("--data", help=f"evaluate on other data: a built-in ({_builtin_names()}) or a path "
+                                  "(default: the run's)")
 
     p = sub.add_parser("reconstruct", help="write originals above reconstructions to a PNG")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", help="data to reconstruct (default: the run's test split)")
+    p.add_argument("--data", help=f"data to reconstruct: a built-in ({_builtin_names()}) or a path "
+                                  "(default: the run's test split)")
     p.add_argument("--n", type=_positive_int, default=10, help="number of images (default: 10)")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -206,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="autoencoders against PCA at several latent sizes")
     p.add_argument("--data", default="mnist",
-                   help=f"built-in name ({', '.join(BUILTINS)}) or path (default: mnist)")
+                   help=f"built-in name ({_builtin_names()}) or path (default: mnist)")
     p.add_argument("--latent-dims", type=_int_list, default=(2, 8, 16, 32, 64),
                    help="comma-separated latent sizes (default: 2,8,16,32,64)")
     p.add_argument("--methods", type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
@@ -224,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write DIR/report.html: figures, metrics and config in one file")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", help="data for the figures (default: the run's test split)")
+    p.add_argument("--data", help=f"data for the figures: a built-in ({_builtin_names()}) or a path "
+                                  "(default: the run's test split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
 
     p = sub.add_parser("export", help="export a run's encoder, decoder and model for other runtimes")

@@ -143,6 +143,7 @@ def cmd_sample(args) -> int:
 
     import torch
 
+    from aekit.data import parse_images
     from aekit.estimator import ConvAutoencoder
     from aekit.plots import image_rows_figure, save_figure
 
@@ -155,8 +156,10 @@ def cmd_sample(args) -> int:
     refuse_existing(args.out, overwrite=args.overwrite)
     n = 64 if args.n is None else args.n
     estimator = ConvAutoencoder.load(args.run)
-    # sample() answers in the layout fitted on (NHWC, NCHW, flat...): the estimator reads it back.
-    images = torch.from_numpy(estimator._to_nchw(estimator.sample(n, random_state=args.seed)))  # (n, C, H, W)
+    # sample() answers in the layout fitted on (NHWC, NCHW, flat...): read back as (n, C, H, W),
+    # flat rows as images of the fitted (C, H, W).
+    samples = estimator.sample(n, random_state=args.seed)
+    images = torch.from_numpy(parse_images(samples, lambda flat: estimator.image_shape_)[0])  # (n, C, H, W)
     columns = math.ceil(math.sqrt(n))
     rows = -(-n // columns)
     images = torch.cat([images, torch.ones(rows * columns - n, *images.shape[1:])])  # blank (white) tail

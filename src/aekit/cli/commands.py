@@ -171,14 +171,16 @@ def cmd_sample(args) -> int:
 
 def _sample_grid(args) -> int:
     """`aekit sample RUN --grid SIDE`: the decoded latent grid that the run's report shows."""
+    from aekit.estimator import ConvAutoencoder
     from aekit.inference import encode
     from aekit.plots import latent_grid, save_image
     from aekit.report import N_LATENTS
-    from aekit.runs import load_model, load_split
+    from aekit.runs import load_split
 
     if args.grid < 2:
         raise ValueError(f"--grid must be at least 2 (latent points per side), got {args.grid}")
-    model, config = load_model(args.run)
+    estimator = ConvAutoencoder.load(args.run)  # the one loader of `aekit sample`, as without --grid
+    model, config = estimator.model_, estimator.config_
     _, x_test, _ = load_split(config, None)
     grid = latent_grid(model, encode(model, x_test.first(N_LATENTS)), n=args.grid)
     save_image(grid.image, args.out, overwrite=args.overwrite)

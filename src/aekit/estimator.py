@@ -400,17 +400,13 @@ class ConvAutoencoder(_ImageReconstructor):
     def _read_state(cls, source: Path, config, device: str) -> tuple[ConvAutoencoder, float, str, list[dict]]:
         """estimator.json, checked against the run's ``config``: (an unfitted estimator with
         its params, threshold, layout, history)."""
-        from aekit.runs import RunError, _first_line
+        from aekit.runs import RunError, read_json_object
         from aekit.training import EpochRecord, from_plain
 
-        try:
-            state = json.loads(source.read_bytes())
-        except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
-            raise RunError(f"{source}: unreadable ({_first_line(exc)}); save the estimator again") from None
-        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
-            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        state = read_json_object(source, "estimator state", f"keys {list(_STATE_KEYS)}", "save the estimator again")
+        if set(state) != set(_STATE_KEYS):
             raise RunError(f"{source}: expected an object with keys {list(_STATE_KEYS)}, got "
-                           f"{reprlib.repr(found)}; save the estimator again")
+                           f"{reprlib.repr(sorted(state))}; save the estimator again")
         params, known = state["params"], cls().get_params()
         if isinstance(params, dict):
             params = {**_ADDED_PARAMS, **params}  # saved before those params existed

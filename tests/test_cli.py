@@ -1,9 +1,11 @@
 """The CLI, called in-process as ``main([...])``, and the run folder it writes."""
 
+import argparse
 import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 from aekit.cli import COMMANDS, as_flags, build_parser, main, parse_args
 from aekit.data import DataError, data_home
 from aekit.estimator import ConvAutoencoder
+from aekit.models import MODELS
 from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
 from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
 from conftest import one_error_line
@@ -177,6 +180,44 @@ def test_help_and_version_still_exit_0(capsys):
             main(argv)
         assert exc.value.code == 0
     assert "--batch-size" in capsys.readouterr().out
+
+
+def _help_of(*command: str) -> dict[str, str]:
+    """The help text of each option and argument of ``aekit COMMAND``, by destination."""
+    parser = build_parser()
+    for name in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return {action.dest: action.help or "" for action in parser._actions}
+
+
+def _models_named(text: str) -> set[str]:
+    """The registered models ``text`` names (``conv`` not counted inside ``pca-conv``)."""
+    return {name for name in MODELS if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
+
+
+@pytest.mark.parametrize("command", ["train", "summary"])
+def test_help_names_every_model_and_which_ones_take_each_option(command, capsys):
+    """--model's help lists every registered model; --latent-dim, --widths and --beta name
+    exactly the models whose ``options`` take them: read from the registry, so they stay true."""
+    helps = _help_of(command)
+    assert _models_named(helps["model"]) == set(MODELS), helps["model"]
+    for option in ("latent_dim", "widths", "beta"):
+        if option in helps:
+            takers = {name for name, model in MODELS.items() if option in model.options}
+            assert _models_named(helps[option]) == takers, (option, helps[option])
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert not re.search(r"\w-\n", shown), shown  # pca-conv, fashion-mnist: never split over two lines
+
+
+def test_help_names_every_built_in_data_set():
+    from aekit.data import BUILTINS
+
+    helps = [_help_of("data", "fetch")["name"]] + [_help_of(command)["data"] for command in
+                                                   ("train", "evaluate", "reconstruct", "compare", "report")]
+    for text in helps:
+        assert all(name in text for name in BUILTINS), text
 
 
 def test_an_internal_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys):

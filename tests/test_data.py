@@ -52,6 +52,21 @@ def test_to_nchw():
     assert to_nchw(np.zeros((4, 5, 6, 3))).shape == (4, 3, 5, 6)
 
 
+def test_layouts_read_and_write_every_layout_the_same_images():
+    """parse_images reads each layout as the same float32 (n, C, H, W) and names it;
+    from_nchw writes that layout back."""
+    from aekit.data import LAYOUTS, from_nchw, parse_images
+
+    nchw = np.random.default_rng(0).integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
+    expected = nchw.astype(np.float32) / np.float32(255.0)
+    for layout in LAYOUTS:
+        given = from_nchw(nchw if layout != "nhw" else nchw[:, :1], layout)
+        x, found = parse_images(given, lambda flat: (3, 5, 6))
+        assert found == layout and x.dtype == np.float32
+        np.testing.assert_array_equal(x, expected if layout != "nhw" else expected[:, :1])
+        np.testing.assert_array_equal(from_nchw(x, layout), given / np.float32(255.0))
+
+
 # ------------------------------------------------------------------------------- IDX
 
 @pytest.mark.parametrize("gz", [False, True])

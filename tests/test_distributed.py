@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from aekit.cli import main
 from aekit.distributed import Ranks
-from aekit.runs import CHECKPOINT, RUN_FILES, WEIGHTS, saved_epoch
+from aekit.runs import CHECKPOINT, RUN_FILES, WEIGHTS, saved_progress
 
 # 1000 images in batches of 37: 27 full batches split 19/18 over two ranks, then one
 # image, which leaves rank 1 nothing (its weightless stand-in row is exercised too).
@@ -261,5 +261,5 @@ def test_a_failing_rank_stops_the_run_without_a_hang(tmp_path, mnist):
     rank1 = [line for line in lines if line.startswith("aekit: error (rank 1)")]
     assert all("lost contact with the other ranks" in line for line in rank1) and len(rank1) <= 1
     assert "Traceback" not in "".join(line for line in lines if line.startswith("[rank"))
-    assert saved_epoch(out) == 1 and not (out / WEIGHTS).exists()
+    assert saved_progress(out)[0] == 1 and not (out / WEIGHTS).exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -265,7 +265,7 @@ BAD_STATES = {
     "not JSON": (b"{", "unreadable"),
     "not UTF-8": (b"\xff\xfe", "unreadable"),
     "nested 10^5 deep": (b"[" * 100_000 + b"]" * 100_000, "unreadable"),
-    "a list": (b"[]", "expected an object with keys"),
+    "a list": (b"[]", "expected a JSON object"),
     "a key missing": (lambda s: s.pop("layout"), "expected an object with keys"),
     "an unknown key": (lambda s: s.update(colour="red"), "expected an object with keys"),
     "params a list": (lambda s: s.update(params=[]), "params must hold exactly"),

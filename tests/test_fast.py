@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from aekit import fast, inference
-from aekit.fast import ConvToOne, map_chunks
+from aekit.fast import ConvToOne, run_chunks
 from aekit.models import SeedAutoencoder, build_model, init_he_
 
 
@@ -32,9 +32,9 @@ def test_inference_encode_is_the_encoder_and_leaves_the_model_as_it_was(workers)
     assert all(p.is_contiguous() for p in model.parameters())
 
 
-def test_map_chunks_keeps_the_order():
+def test_run_chunks_keeps_the_order():
     x = torch.arange(10.0).reshape(10, 1)
-    assert torch.equal(map_chunks(lambda c: c * 2, x, chunk=3, workers=3), x * 2)
+    assert torch.equal(torch.cat(run_chunks(lambda c: c * 2, x, chunk=3, workers=3)), x * 2)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -24,7 +24,7 @@ from aekit import runs
 from aekit._io import LOCK_NAME, TMP_SUFFIX, sha256_file
 from aekit.cli import main
 from aekit.models import SeedAutoencoder
-from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_epoch
+from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_progress
 from aekit.training import TrainConfig, make_optimizer
 
 from conftest import need, one_error_line
@@ -217,9 +217,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, mnist, 
     assert (out / CHECKPOINT).read_bytes() == saved["epoch 1"]
     assert no_temporaries(out) and not (out / WEIGHTS).exists()
     monkeypatch.setattr(runs, "save_file", real_save)
-    assert saved_epoch(out) == 1
+    assert saved_progress(out)[0] == 1
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # space freed: go on
-    assert saved_epoch(out) == 2
+    assert saved_progress(out)[0] == 2
 
 
 @pytest.mark.parametrize("errno_name, fix", [("EROFS", "the file system is read-only"),
@@ -262,7 +262,7 @@ def test_real_full_then_read_only_disk(tmp_path, mnist, capsys):
         assert train(out) == 2
         line = one_error_line(capsys)
         assert "No space left on device" in line and CHECKPOINT in line
-        assert saved_epoch(out) == 1 and no_temporaries(out)
+        assert saved_progress(out)[0] == 1 and no_temporaries(out)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         before = (out / CHECKPOINT).read_bytes()
         assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
@@ -404,7 +404,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_weights(tmp_path, straight_
     killed = tmp_path / "killed"
     code, _ = train_until(killed, step(19 + 7), "SIGKILL", *SMALL)
     assert code == -signal.SIGKILL
-    assert saved_epoch(killed) == 1  # the end of epoch 1: a kill leaves no time to save more
+    assert saved_progress(killed)[0] == 1  # the end of epoch 1: a kill leaves no time to save more
     assert not (killed / WEIGHTS).exists()
     assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
     assert_same_run(straight_run(*SMALL), killed)
@@ -445,9 +445,10 @@ def test_the_cli_keeps_freed_memory_for_the_process(tmp_path, mnist, monkeypatch
     assert loaded == ["libc.so.6"]
 
 
-def test_config_round_trip_through_from_dict():
+def test_config_round_trip_through_from_dict(tmp_path):
     config = TrainConfig(image_shape=(1, 28, 28), resize=(28, 28)).resolved()
-    assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+    runs.save_config(config, tmp_path)
+    assert runs.read_config(tmp_path) == config
 
 
 def test_overwrite_removes_what_other_commands_wrote_about_the_old_weights(run_copy, capsys):
@@ -485,7 +486,7 @@ def test_a_run_folder_from_aekit_0_1_loads_and_resumes(tmp_path, mnist):
         assert torch.equal(state[today], tensor), name
     assert main(["evaluate", str(run)]) == 0
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
-    assert saved_epoch(run) == 2
+    assert saved_progress(run)[0] == 2
     with safe_open(str(run / WEIGHTS), framework="pt") as f:
         assert {name.split(".")[0] for name in f.keys()} == {"encoder", "decoder"}
     load_model(run)
@@ -519,7 +520,7 @@ def test_a_run_records_its_data_absolute_and_resumes_on_it_from_any_folder(tmp_p
     # Naming d/odd.npy here means b's images: not the run's, so refused, naming both.
     assert main(["train", "--data", "d/odd.npy", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 2
     line = one_error_line(capsys)
-    assert str(tmp_path / "b" / "d" / "odd.npy") in line and str(ours.resolve()) in line and saved_epoch(out) == 2
+    assert str(tmp_path / "b" / "d" / "odd.npy") in line and str(ours.resolve()) in line and saved_progress(out)[0] == 2
     assert "drop --data, or start a new run" in line  # the flag to leave out, without a value
 
     monkeypatch.chdir(tmp_path / "c")
@@ -539,7 +540,7 @@ def test_resume_refuses_data_that_changed_since_the_run_read_it(tmp_path, mnist,
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 2
     line = one_error_line(capsys)
     assert f"{digits} changed since the run read it" in line and "sha256" in line
-    assert (out / CHECKPOINT).read_bytes() == before and saved_epoch(out) == 1
+    assert (out / CHECKPOINT).read_bytes() == before and saved_progress(out)[0] == 1
 
 
 def test_the_data_fingerprint_sees_count_shape_and_pixels(tmp_path, mnist):
@@ -624,7 +625,7 @@ def test_resume_of_a_run_stopped_before_its_first_epoch_starts_it(run_copy):
         if path.name != CONFIG:
             path.unlink()
     assert main(["train", "--out", str(run_copy), "--resume", "--quiet"]) == 0
-    assert saved_epoch(run_copy) == 2
+    assert saved_progress(run_copy)[0] == 2
 
 
 # ------------------------------------------------ the config is compared first (Trust II, 12)
@@ -699,5 +700,5 @@ def test_a_run_that_recorded_relative_data_resumes_on_the_data_it_was_trained_on
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert capsys.readouterr().out.startswith(f"data: {ours}\n")
-    assert json.loads((out / CONFIG).read_text())["data_source"] == str(ours) and saved_epoch(out) == 2
+    assert json.loads((out / CONFIG).read_text())["data_source"] == str(ours) and saved_progress(out)[0] == 2
     assert main(["evaluate", str(out)]) == 0

@@ -29,25 +29,15 @@ from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 
-from aekit import data as data_lib
 from aekit import inference
+from aekit.data import layouts
+from aekit.data.layouts import LAYOUTS
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 from aekit._typed import is_int, is_real, plain
 
-LAYOUTS = ("nhw", "nhwc", "nchw", "flat")
 _ADDED_PARAMS = {"beta": None}  # params added after 0.2.0, with the value an older save means
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
 _STATE_KEYS = ("params", "threshold", "layout", "image_shape", "history")
-
-
-def _image_shape_chw(image_shape) -> tuple[int, int, int]:
-    """(H, W) or (H, W, C), Keras order -> (C, H, W)."""
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) == 2:
-        return (1, *shape)
-    if len(shape) == 3:
-        return (shape[2], shape[0], shape[1])
-    raise ValueError(f"image_shape must be (H, W) or (H, W, C), got {image_shape!r}")
 
 
 class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
@@ -78,74 +68,16 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
     def _parse(self, X) -> tuple[np.ndarray, str]:
         """Any accepted input -> (float32 (n, C, H, W) in [0, 1], its layout name)."""
-        if isinstance(X, torch.Tensor):
-            X = X.detach().cpu().numpy()
-        if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
-            raise TypeError("sparse input is not supported: images must be a dense array; "
-                            "call X.toarray() first")
-        X = np.asarray(X)
-        if np.iscomplexobj(X):
-            raise ValueError("Complex data not supported: images must be uint8 or real floats in [0, 1]")
-        if X.dtype == bool:
-            X = X.astype(np.float32)
-        elif np.issubdtype(X.dtype, np.integer) and X.dtype != np.uint8:
-            # Integer pixels (np.array of a list, say) are fine when they fit in 8 bits.
-            if X.size and (X.min() < 0 or X.max() > 255):
-                raise ValueError(f"integer images must hold values in [0, 255], got [{X.min()}, {X.max()}]; "
-                                 "rescale them or pass floats in [0, 1]")
-            X = X.astype(np.uint8)
-        if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):
-            raise ValueError(f"X must be uint8 images or floats in [0, 1], got dtype {X.dtype}; "
-                             "convert it first (e.g. x.astype('float32') / 255)")
-        if X.ndim == 2:
-            c, h, w = self._flat_image_shape(X)
-            if X.shape[1] != c * h * w:
-                raise ValueError(f"X has {X.shape[1]} features per row but image_shape "
-                                 f"{tuple(self.image_shape)} needs {h * w * c}")
-            layout, x = "flat", X.reshape(len(X), h, w, c).transpose(0, 3, 1, 2)
-        elif X.ndim == 3:
-            layout, x = "nhw", X[:, None]
-        elif X.ndim == 4:
-            if X.shape[-1] in (1, 3):
-                layout, x = "nhwc", X.transpose(0, 3, 1, 2)
-            elif X.shape[1] in (1, 3):
-                layout, x = "nchw", X
-            else:
-                raise ValueError(f"X of shape {X.shape} has no channel axis of size 1 or 3 first or "
-                                 "last; expected (n, H, W, C) or (n, C, H, W)")
-        else:
-            raise ValueError(f"X must be (n, H, W), (n, H, W, C), (n, C, H, W) or flat (n, features) "
-                             f"with image_shape; got shape {X.shape}. Reshape your data: one flat image "
-                             "x is x.reshape(1, -1)")
-        if len(x) == 0:
-            raise ValueError("X holds no images (n = 0); pass at least one")
-        if x.shape[2] * x.shape[3] == 0:
-            raise ValueError(f"X has 0 feature(s) (shape={X.shape}) while a minimum of 1 is required: "
-                             "images need at least one pixel")
-        try:
-            x = data_lib.to_float(np.ascontiguousarray(x))
-        except data_lib.DataError as exc:
-            raise ValueError(f"X: {exc}") from None
-        return np.ascontiguousarray(x, dtype=np.float32), layout
+        return layouts.parse_images(X, self._flat_image_shape)
 
     def _flat_image_shape(self, X: np.ndarray) -> tuple[int, int, int]:
         """The (C, H, W) that the flat rows of ``X`` (n, features) are read as."""
-        if self.image_shape is None:
-            raise ValueError(f"X is flat {X.shape}; pass image_shape=(H, W) or (H, W, C) so the "
-                             "rows can be read as images")
-        return _image_shape_chw(self.image_shape)
+        return layouts.flat_shape(X, self.image_shape)
 
     def _from_nchw(self, x: np.ndarray, layout: str | None = None) -> np.ndarray:
         """(n, C, H, W) -> ``layout``, by default the one the estimator was fitted on
         (answers that have no ``X`` to take the layout of: inverse_transform, sample)."""
-        layout = self.layout_ if layout is None else layout
-        if layout == "nhw":
-            return x[:, 0]
-        if layout == "nhwc":
-            return x.transpose(0, 2, 3, 1)
-        if layout == "flat":
-            return x.transpose(0, 2, 3, 1).reshape(len(x), -1)
-        return x
+        return layouts.from_nchw(x, self.layout_ if layout is None else layout)
 
     def _check_is_fitted(self) -> None:
         if not hasattr(self, "image_shape_"):
@@ -466,17 +398,13 @@ class ConvAutoencoder(_ImageReconstructor):
     def _read_state(cls, source: Path, config, device: str) -> tuple[ConvAutoencoder, float, str, list[dict]]:
         """estimator.json, checked against the run's ``config``: (an unfitted estimator with
         its params, threshold, layout, history)."""
-        from aekit.runs import RunError, _first_line
+        from aekit.runs import RunError, read_json_object
         from aekit.training import EpochRecord, from_plain
 
-        try:
-            state = json.loads(source.read_bytes())
-        except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
-            raise RunError(f"{source}: unreadable ({_first_line(exc)}); save the estimator again") from None
-        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
-            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        state = read_json_object(source, "estimator state", f"keys {list(_STATE_KEYS)}", "save the estimator again")
+        if set(state) != set(_STATE_KEYS):
             raise RunError(f"{source}: expected an object with keys {list(_STATE_KEYS)}, got "
-                           f"{reprlib.repr(found)}; save the estimator again")
+                           f"{reprlib.repr(sorted(state))}; save the estimator again")
         params, known = state["params"], cls().get_params()
         if isinstance(params, dict):
             params = {**_ADDED_PARAMS, **params}  # saved before those params existed
@@ -514,7 +442,7 @@ class ConvAutoencoder(_ImageReconstructor):
     def _params_config(self, config):
         """The TrainConfig these params make for a run of ``config`` (ValueError/TypeError if none)."""
         self._validate_contamination()
-        if self.image_shape is not None and _image_shape_chw(self.image_shape) != tuple(config.image_shape):
+        if self.image_shape is not None and layouts.image_shape_chw(self.image_shape) != tuple(config.image_shape):
             raise ValueError(f"image_shape {self.image_shape!r} is not {tuple(config.image_shape)} (C, H, W)")
         seed = int(self.random_state) if is_int(self.random_state) else config.seed
         expected = self._config(image_shape=config.image_shape, seed=seed)

@@ -9,7 +9,7 @@ written. On the CPU, training (:func:`aekit.training.fit`) and inference
   and the parameters in channels_last memory (oneDNN's convolutions run 1.4-1.5x faster
   so); the optimiser's state follows the parameters' layout (:func:`match_state_layout`).
   After the block the model is as it was.
-- :func:`map_chunks`: inference in chunks of :data:`CPU_CHUNK` images, side by side on
+- :func:`run_chunks`: inference in chunks of :data:`CPU_CHUNK` images, side by side on
   worker threads of one PyTorch thread each.
 - :class:`ChunkPool` and :class:`PoolOrNot`: a training step's chunks of
   :data:`CPU_MICRO_BATCH` images on worker threads, and the choice, while training runs,
@@ -227,12 +227,6 @@ def run_chunks(fn: Callable[[torch.Tensor], object], x: torch.Tensor, chunk: int
         return list(pool.map(in_worker, chunks))
 
 
-def map_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CPU_CHUNK,
-               workers: int = 1) -> torch.Tensor:
-    """``fn`` applied to ``x`` (n, ...) chunk by chunk (:func:`run_chunks`), concatenated."""
-    return torch.cat(run_chunks(fn, x, chunk, workers))
-
-
 # ------------------------------------------------------------------------ training
 
 def default_micro_batch(device: torch.device, batch_size: int) -> int:
@@ -368,5 +362,5 @@ def keep_freed_memory() -> None:
 
 
 __all__ = ["on_cpu", "ConvToOne", "match_state_layout", "cpu_cores", "torch_threads", "run_chunks",
-           "map_chunks", "CPU_CHUNK", "CPU_MICRO_BATCH", "default_micro_batch", "default_workers", "trainable",
+           "CPU_CHUNK", "CPU_MICRO_BATCH", "default_micro_batch", "default_workers", "trainable",
            "ChunkPool", "PoolOrNot", "keep_freed_memory"]

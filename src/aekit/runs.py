@@ -259,11 +259,6 @@ def save_weights(model: nn.Module, path: Path, config: TrainConfig | None = None
     _save_tensors(state, path, "weights", config)
 
 
-def load_weights(model: nn.Module, path: Path, config: TrainConfig | None = None) -> None:
-    state, _ = _load_tensors(path, "weights", config)
-    _load_state(model, state, path)
-
-
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
@@ -373,12 +368,6 @@ def saved_progress(workdir: str | Path) -> tuple[int, int, int] | None:
     except (SafetensorError, OSError, ValueError, AttributeError):
         return None
     return progress if all(isinstance(v, int) for v in progress) else None
-
-
-def saved_epoch(workdir: str | Path) -> int | None:
-    """The epochs completed in the run's checkpoint, or None without a readable one."""
-    progress = saved_progress(workdir)
-    return None if progress is None else progress[0]
 
 
 def _finite_or_none(value: float) -> float | None:

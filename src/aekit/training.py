@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -178,9 +177,6 @@ class TrainConfig:
             raise ValueError(f"stream must be true or false, got {self.stream!r}")
         if self.device != "auto":
             resolve_device(self.device)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:

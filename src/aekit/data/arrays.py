@@ -1,4 +1,4 @@
-"""Checked numpy images: conversions, the checks every loader applies, the fixed
+"""Checked numpy images: pixel values as floats, the checks every loader applies, the fixed
 train/test split, and readers of IDX files, ``.npy``/``.npz`` arrays and arrays-only
 pickles that trust no header (a size a file claims is checked before it is allocated).
 
@@ -71,15 +71,6 @@ def to_float(x: np.ndarray) -> np.ndarray:
             )
         return x
     raise DataError(f"images must be uint8 or float, got dtype {x.dtype}; convert them first")
-
-
-def to_nchw(x: np.ndarray) -> np.ndarray:
-    """(n, H, W) or (n, H, W, C) -> (n, C, H, W), the layout PyTorch convolutions take."""
-    if x.ndim == 3:
-        return x[:, None, :, :]
-    if x.ndim == 4:
-        return x.transpose(0, 3, 1, 2)
-    raise DataError(f"images must be (n, H, W) or (n, H, W, C), got shape {x.shape}")
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

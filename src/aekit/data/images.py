@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from aekit.data.arrays import DataError, to_float, to_nchw
+from aekit.data.arrays import DataError, to_float
+from aekit.data.layouts import to_nchw
 
 
 def prepare_images(x: np.ndarray) -> torch.Tensor:

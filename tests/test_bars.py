@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aekit.runs import read_history, train_and_evaluate
+from aekit.experiment import train_and_evaluate
+from aekit.runs import read_history
 from aekit.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from aekit.cli import COMMANDS, as_flags, build_parser, main, parse_args
 from aekit.data import DataError, data_home
 from aekit.estimator import ConvAutoencoder
-from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
+from aekit.experiment import ResumeMismatch, resumed_config, train_and_evaluate
+from aekit.runs import load_model, read_config
 from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
 from conftest import one_error_line
 

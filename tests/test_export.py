@@ -10,7 +10,8 @@ import torch
 
 from aekit.cli import main
 from aekit.export import ONNX_FILES, export_onnx
-from aekit.runs import RunError, load_model, train_and_evaluate
+from aekit.experiment import train_and_evaluate
+from aekit.runs import RunError, load_model
 from aekit.training import TrainConfig
 from conftest import need, one_error_line
 

@@ -14,7 +14,8 @@ import torch
 
 from aekit import ConvAutoencoder
 from aekit.cli import main
-from aekit.runs import load_model, read_history, train_and_evaluate
+from aekit.experiment import train_and_evaluate
+from aekit.runs import load_model, read_history
 from aekit.training import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

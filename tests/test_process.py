@@ -18,7 +18,8 @@ from aekit import _io
 from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import MAX_IMAGE_VALUES, MAX_PARAMETERS, build_model
-from aekit.runs import evaluate_run, load_model, read_metrics, train_and_evaluate
+from aekit.experiment import evaluate_run, train_and_evaluate
+from aekit.runs import load_model, read_metrics
 from aekit.training import MAX_SEED, TrainConfig, model_for, new_model
 from conftest import one_error_line
 

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     # given on --resume can be told from one left out (and checked against the run).
     p.add_argument("--data", help="built-in name or path (default: mnist)")
     p.add_argument("--model", choices=tuple(MODELS),
-                   help="seed: the blog's network; conv: a dense latent of --latent-dim (default: seed)")
+                   help="seed: the blog's network; conv: a dense latent of --latent-dim (default: pca-conv)")
     p.add_argument("--latent-dim", type=_positive_int, help="latent size for --model conv (default: 32)")
     p.add_argument("--widths", type=_int_list, help="encoder channels per level for --model conv (default: 16,32)")
     p.add_argument("--beta", type=float, help="weight of the KL term for --model vae (default: 1.0)")
@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
-    p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
+    p.add_argument("--epochs", type=_positive_int,
+                   help="number of epochs (default: enough for 3,000 steps, 10 to 100, chosen by the number of "
+                        "training images; with more than 10, the best epoch on 10%% held out is kept)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--loss", choices=_loss_choices(), help="training loss (default: the recipe's)")
@@ -302,7 +304,8 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     from aekit import distributed
     from aekit.data import data_source
-    from aekit.runs import run_data, train_and_evaluate
+    from aekit.experiment import train_and_evaluate
+    from aekit.runs import run_data
     from aekit.training import TrainConfig, resolve_device
 
     if args.resume and args.out is None:
@@ -345,9 +348,10 @@ def cmd_train(args) -> int:
 
 
 def _resumed_config(out: Path, given: dict):
-    """The run's config with the flags given on --resume applied (runs.resumed_config);
+    """The run's config with the flags given on --resume applied (experiment.resumed_config);
     a flag that would change what the run trains is refused, named as a flag."""
-    from aekit.runs import CONFIG, ResumeMismatch, resumed_config
+    from aekit.experiment import ResumeMismatch, resumed_config
+    from aekit.runs import CONFIG
     from aekit.training import TrainConfig
 
     if not (out / CONFIG).is_file():
@@ -392,7 +396,7 @@ def _is_main_rank() -> bool:
 
 
 def cmd_evaluate(args) -> int:
-    from aekit.runs import evaluate_run
+    from aekit.experiment import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, args.data), indent=2))
     return 0

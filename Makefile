@@ -43,10 +43,11 @@ system-deps:
 	@$(call apt-need,[ -d /usr/share/datasets/fashion-mnist ],dataset-fashion-mnist,the Fashion-MNIST tests)
 	@$(call apt-need,command -v chromium >/dev/null,chromium,the report's browser tests)
 
-# The seed experiment: MNIST, the seed network, the default recipe, into a new runs/ folder.
+# The seed experiment: MNIST, the blog's network, the default recipe for 20 epochs, into a new
+# runs/ folder (without --model seed, aekit train trains the default model, pca-conv).
 demo: venv
 	$(VENV)/bin/aekit data fetch mnist
-	$(VENV)/bin/aekit train
+	$(VENV)/bin/aekit train --model seed --epochs 20
 
 test: dev system-deps
 	$(PY) -m pytest

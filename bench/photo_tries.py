@@ -28,7 +28,7 @@ over to unseen photographs:
 
 Every variant but the held-out ones trains on all the training patches and is judged by its
 last epoch, as the estimator did before its held-out rule; the held-out ones split and choose
-the epoch as the estimator now does (``ConvAutoencoder``, ``aekit.training.default_held_out``).
+the epoch as the estimator now does (``ConvAutoencoder``, ``aekit.config.default_held_out``).
 PCA is fitted to all the training patches, as in the suite. Prints one JSON line per run and
 appends it to bench/photo-tries.jsonl (git-ignored). The runs and what they showed are in
 bench/PHOTOS.md.
@@ -53,8 +53,8 @@ from aekit.data import load_dataset, prepare_images  # noqa: E402
 from aekit.estimator import PCAReconstructor  # noqa: E402
 from aekit.inference import evaluate  # noqa: E402
 from aekit.models.pca_conv import refine_net  # noqa: E402
-from aekit.training import (TrainConfig, default_epochs, default_held_out, fit, new_model,  # noqa: E402
-                            resolve_device)
+from aekit.config import TrainConfig, default_epochs, default_held_out, resolve_device
+from aekit.training import fit, new_model
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)
 
 VARIANTS = ("default", "refine-only", "no-refine", "dec-only", "per-channel", "per-channel-refine-only", "held-out",
@@ -109,7 +109,7 @@ def run(data: str, latent_dim: int, variant: str, epochs: int | None) -> dict:
         x_held, x_train = x_train[order[:count]], x_train[order[count:]]
     epochs = epochs or default_epochs(len(x_train), 32)[0]  # the rule counts the images trained on
     train, test = prepare_images(x_train), prepare_images(x_test)
-    config = TrainConfig(data=data, model="pca-conv", latent_dim=latent_dim, epochs=epochs, seed=0,
+    config = TrainConfig(data=data, model="pca-conv", model_params={"latent_dim": latent_dim}, epochs=epochs, seed=0,
                          image_shape=tuple(train.shape[1:])).resolved()
     torch.manual_seed(0)
     model = new_model(config, resolve_device("cpu"))

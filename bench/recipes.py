@@ -14,8 +14,8 @@ import dataclasses
 import tempfile
 import time
 
-from aekit.runs import train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.experiment import train_and_evaluate
+from aekit.config import TrainConfig
 
 # name -> overrides of TrainConfig, each a step from the blog's recipe towards the default.
 VARIANTS = {

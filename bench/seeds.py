@@ -3,7 +3,7 @@
     .venv/bin/python bench/seeds.py                                      # the README's table
     .venv/bin/python bench/seeds.py --epochs 1 --limit 1000 --seeds 0 1  # a smoke run
 
-Each seed trains as ``aekit train --seed S`` does (:func:`aekit.runs.train_and_evaluate`)
+Each seed trains as ``aekit train --seed S`` does (:func:`aekit.experiment.train_and_evaluate`)
 into a run folder under ``--out`` (default: a temporary folder, removed at the end) and
 gives one row: the test MSE after epoch 1 (history.csv's val_mse; validation is the test
 split) and after the last epoch (metrics.json's test_mse). A 20-epoch seed takes 4-10
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from aekit.runs import train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.experiment import train_and_evaluate
+from aekit.config import TrainConfig
 
 # The README's bars for the default recipe on full MNIST (tests/test_bars.py checks seed 0).
 BAR_AFTER_1, BAR_AFTER_20 = 0.010, 0.0030

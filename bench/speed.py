@@ -128,7 +128,8 @@ def _aekit_model(config, device):
 
 def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | None) -> float:
     from aekit.data import prepare_images
-    from aekit.training import TrainConfig, fit
+    from aekit.config import TrainConfig
+    from aekit.training import fit
 
     x, x_test = _mnist(n)
     x, x_val = prepare_images(x), prepare_images(x_test[:10])
@@ -145,7 +146,7 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
 
     from aekit.inference import encode
     from aekit.data import prepare_images
-    from aekit.training import TrainConfig
+    from aekit.config import TrainConfig
 
     _, x_test = _mnist(0)
     x = prepare_images(x_test[:batch]).to(device)
@@ -213,7 +214,8 @@ def _quality(target: float, check_every: int) -> dict:
     """Seconds of training (evaluation not counted) until test MSE <= target, default recipe."""
     from aekit import fast
     from aekit.data import prepare_images
-    from aekit.training import TrainConfig, make_optimizer
+    from aekit.config import TrainConfig
+    from aekit.training import make_optimizer
 
     x_train, x_test = _mnist(MNIST_TRAIN)
     x_train, x_test = prepare_images(x_train), prepare_images(x_test)
@@ -257,7 +259,8 @@ def _stream(path: str, train_batches: int) -> dict:
 
     from aekit import fast
     from aekit.data import NpyStream
-    from aekit.training import TrainConfig, make_optimizer
+    from aekit.config import TrainConfig
+    from aekit.training import make_optimizer
 
     config = TrainConfig(recipe="blog").resolved()
     model = _aekit_model(config, "cpu")

@@ -31,7 +31,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from aekit.data import as_images, load_dataset
-from aekit.training import TrainConfig, fit, new_model
+from aekit.config import TrainConfig
+from aekit.training import fit, new_model
 from aekit.models.vae import likelihood_metrics
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     train = as_images(x_train)          # (n, 1, 28, 28) float32 in [0, 1]
     test = as_images(x_test)
-    config = TrainConfig(data="mnist", model="vae", latent_dim=args.latent_dim, epochs=args.epochs,
+    config = TrainConfig(data="mnist", model="vae", model_params={"latent_dim": args.latent_dim}, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, schedule="constant", init="torch",
                          seed=args.seed, image_shape=tuple(train.shape[1:])).resolved()
     start = new_model(config)

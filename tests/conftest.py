@@ -81,7 +81,7 @@ def small_run(tmp_path_factory, mnist):
     from aekit.cli import main
 
     out = tmp_path_factory.mktemp("small-run") / "seed"
-    if main(["train", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
+    if main(["train", "--model", "seed", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
         pytest.fail("training the small run failed")
     return out
 

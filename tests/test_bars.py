@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from aekit.runs import read_history, train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.experiment import train_and_evaluate
+from aekit.runs import read_history
+from aekit.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

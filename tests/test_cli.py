@@ -21,16 +21,18 @@ from safetensors.torch import load_file
 from aekit.cli import COMMANDS, as_flags, build_parser, main, parse_args
 from aekit.data import DataError, data_home
 from aekit.estimator import ConvAutoencoder
+from aekit.experiment import ResumeMismatch, resumed_config, train_and_evaluate
 from aekit.models import MODELS
-from aekit.runs import ResumeMismatch, load_model, read_config, resumed_config, train_and_evaluate
-from aekit.training import COLLAPSE, CollapseWarning, TrainConfig
+from aekit.runs import load_model, read_config
+from aekit.config import TrainConfig
+from aekit.training import COLLAPSE, CollapseWarning
 from conftest import one_error_line
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--limit", "1500", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--model", "seed", "--limit", "1500", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -253,7 +255,8 @@ def test_a_stray_warning_is_one_line(monkeypatch, capsys):
 
 def test_collapse_is_reported_once_with_flags(tmp_path, mnist, capsys):
     out = tmp_path / "blog"
-    assert main(["train", "--recipe", "blog", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--model", "seed", "--recipe", "blog", "--limit", "300", "--epochs", "2", "--out", str(out),
+                 "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["collapsed"]  # both epochs collapsed
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"aekit: warning: epoch 1: {COLLAPSE}; use --recipe default (binary cross-entropy, "
@@ -275,7 +278,7 @@ def test_collapse_warns_an_estimator_user_once_in_parameters(mnist):
 
 # The run the --resume tests try to change: every flag below differs from it, including
 # --seed 0 and --batch-size 32, which are the defaults a flag left out would take.
-RUN_FLAGS = ["--limit", "300", "--epochs", "1", "--seed", "3", "--batch-size", "64", "--quiet"]
+RUN_FLAGS = ["--model", "seed", "--limit", "300", "--epochs", "1", "--seed", "3", "--batch-size", "64", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -416,21 +419,21 @@ def test_library_errors_name_parameters_and_the_cli_the_flags(trained_run, tmp_p
 
 
 def test_the_seed_networks_fixed_latent_is_refused_in_flags(tmp_path, capsys):
-    assert main(["train", "--latent-dim", "16", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert main(["train", "--model", "seed", "--latent-dim", "16", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "use --model conv" in one_error_line(capsys)
     assert not (tmp_path / "x").exists()
 
 
 def test_choices_come_from_the_registries(monkeypatch):
-    from aekit import models, noise, training
+    from aekit import config, models, noise
 
     class Tiny(models.ConvAutoencoderNet):
         objectives = (*models.ConvAutoencoderNet.objectives, "l1")
 
     monkeypatch.setitem(models.MODELS, "tiny", Tiny)
     monkeypatch.setitem(models.INITS, "zeros", models.INITS["torch"])
-    monkeypatch.setitem(training.RECIPES, "fast", training.RECIPES["default"])
-    monkeypatch.setattr(training, "SCHEDULES", (*training.SCHEDULES, "step"))
+    monkeypatch.setitem(config.RECIPES, "fast", config.RECIPES["default"])
+    monkeypatch.setattr(config, "SCHEDULES", (*config.SCHEDULES, "step"))
     monkeypatch.setattr(noise, "KINDS", (*noise.KINDS, "blur"))
     args = parse_args(["train", "--model", "tiny", "--init", "zeros", "--recipe", "fast", "--loss", "l1",
                        "--schedule", "step"])

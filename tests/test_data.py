@@ -641,7 +641,8 @@ def test_the_collapse_warning_of_a_diverging_pca_conv_suggests_what_it_offers(mn
     import warnings
 
     from aekit import training
-    from aekit.training import CollapseWarning, TrainConfig, fit, new_model
+    from aekit.config import TrainConfig
+    from aekit.training import CollapseWarning, fit, new_model
 
     real = training.evaluate
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: dataclasses.replace(real(*a, **k), collapsed=True))

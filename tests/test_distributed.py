@@ -28,7 +28,7 @@ from aekit.runs import CHECKPOINT, RUN_FILES, WEIGHTS, saved_progress
 # A constant learning rate, so that a 2-epoch run extended to 3 is a 3-epoch run. The CPU
 # (gloo) by name: --device auto would pick CUDA on a GPU machine, where two ranks need two
 # GPUs (tests/test_gpu.py runs DDP on the GPUs).
-FLAGS = ("--limit", "1000", "--batch-size", "37", "--schedule", "constant", "--device", "cpu", "--quiet")
+FLAGS = ("--model", "seed", "--limit", "1000", "--batch-size", "37", "--schedule", "constant", "--device", "cpu", "--quiet")
 
 AUDIT_HOOK = textwrap.dedent('''
     import os, sys

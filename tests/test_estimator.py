@@ -358,12 +358,12 @@ def test_every_device_default_is_auto():
     """`aekit train` picks the device; so do the estimator, its load, compare and the run readers."""
     import inspect
 
-    from aekit import runs
+    from aekit import experiment, runs
     from aekit.compare import CompareConfig
-    from aekit.training import TrainConfig
+    from aekit.config import TrainConfig
 
     assert ConvAutoencoder().device == "auto" == CompareConfig().device == TrainConfig().device
-    for function in (ConvAutoencoder.load, runs.load_model, runs.evaluate_run):
+    for function in (ConvAutoencoder.load, runs.load_model, experiment.evaluate_run):
         assert inspect.signature(function).parameters["device"].default == "auto", function.__name__
 
 
@@ -560,11 +560,11 @@ def test_numpy_hyperparameters_are_accepted_and_saved_as_plain_numbers(tmp_path)
     assert best.pca_.n_components_ == best.latent_dim
     # random_state=np.int64(0) is the seed 0, as random_state=0 is
     conv.set_params(latent_dim=np.int64(2)).fit(x)
-    assert conv.config_.seed == 0 and type(conv.config_.latent_dim) is int and type(conv.config_.lr) is float
+    assert conv.config_.seed == 0 and type(conv.config_.model_params["latent_dim"]) is int and type(conv.config_.lr) is float
     conv.save(tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["epochs"], config["latent_dim"], config["batch_size"]) == (1, 2, 16)
-    assert config["lr"] == pytest.approx(0.003, rel=1e-7) and config["beta"] == 0.5  # float32(0.003) as a float
+    assert (config["epochs"], config["model_params"]["latent_dim"], config["batch_size"]) == (1, 2, 16)
+    assert config["lr"] == pytest.approx(0.003, rel=1e-7) and config["model_params"]["beta"] == 0.5  # float32(0.003) as a float
     state = json.loads((tmp_path / "run" / "estimator.json").read_text())
     assert state["params"]["latent_dim"] == 2 and state["params"]["random_state"] == 0
     loaded = ConvAutoencoder.load(tmp_path / "run")

@@ -10,8 +10,9 @@ import torch
 
 from aekit.cli import main
 from aekit.export import ONNX_FILES, export_onnx
-from aekit.runs import RunError, load_model, train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.experiment import train_and_evaluate
+from aekit.runs import RunError, load_model
+from aekit.config import TrainConfig
 from conftest import need, one_error_line
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -32,7 +33,8 @@ def seed_run(small_run, tmp_path_factory):
 def trained_run(tmp_path_factory, model: str, latent_dim: int):
     """A run folder of ``model``: one epoch on 300 MNIST images."""
     out = tmp_path_factory.mktemp("export") / model
-    train_and_evaluate(TrainConfig(model=model, latent_dim=latent_dim, epochs=1, limit=300), out, progress=False)
+    options = {} if latent_dim is None else {"latent_dim": latent_dim}
+    train_and_evaluate(TrainConfig(model=model, model_params=options, epochs=1, limit=300), out, progress=False)
     return out
 
 

@@ -30,7 +30,8 @@ from aekit.estimator import ConvAutoencoder
 from aekit.models import INITS, build_model
 from aekit.data import prepare_images
 from aekit.runs import load_model
-from aekit.training import TrainConfig, fit
+from aekit.config import TrainConfig
+from aekit.training import fit
 
 pytestmark = pytest.mark.gpu
 

@@ -225,7 +225,7 @@ def test_fuzz_pickle_reader(raw):
 def tiny_run(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("fuzzrun") / "run"
     torch.set_num_threads(1)
-    assert main(["train", "--limit", "200", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--model", "seed", "--limit", "200", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     return {name: (out / name).read_bytes() for name in (CONFIG, WEIGHTS, CHECKPOINT, METRICS)}
 
 

@@ -12,7 +12,7 @@ from aekit.anomaly import run_threshold
 from aekit.cli import main
 from aekit.compare import CompareConfig, compare
 from aekit.report import write_report
-from aekit.runs import evaluate_run
+from aekit.experiment import evaluate_run
 
 
 @pytest.fixture

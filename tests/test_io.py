@@ -184,8 +184,8 @@ def _estimator(area, request):
 
 
 def _run(area, request):
-    from aekit.runs import train_and_evaluate
-    from aekit.training import TrainConfig
+    from aekit.experiment import train_and_evaluate
+    from aekit.config import TrainConfig
 
     request.getfixturevalue("mnist")
     (area / "run").mkdir()
@@ -222,7 +222,7 @@ def _figure(area, request):
 WRITERS = {"anomaly.write_scores": _scores, "anomaly.write_heatmaps": _heatmaps,
            "compare.write_comparison": _comparison, "report.write_report": _report,
            "export.export_onnx": _onnx, "ConvAutoencoder.save": _estimator,
-           "runs.train_and_evaluate": _run, "data.write_images": _images,
+           "experiment.train_and_evaluate": _run, "data.write_images": _images,
            "plots.save_reconstructions (and every plots.save_*)": _figure}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from aekit.cli import main
 
-FLAGS = ("--limit", "1000", "--batch-size", "37", "--schedule", "constant", "--epochs", "1",
+FLAGS = ("--model", "seed", "--limit", "1000", "--batch-size", "37", "--schedule", "constant", "--epochs", "1",
          "--device", "cpu", "--quiet")
 
 

@@ -10,7 +10,8 @@ import torch
 from aekit import ConvAutoencoder, models
 from aekit.data import NpyStream, prepare_images
 from aekit.models.map import MapAutoencoder, NeighbourGraph
-from aekit.training import TrainConfig, fit
+from aekit.config import TrainConfig
+from aekit.training import fit
 from conftest import one_error_line
 
 

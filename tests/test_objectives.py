@@ -14,8 +14,9 @@ import torch
 
 from aekit import ConvAutoencoder
 from aekit.cli import main
-from aekit.runs import load_model, read_history, train_and_evaluate
-from aekit.training import TrainConfig
+from aekit.experiment import train_and_evaluate
+from aekit.runs import load_model, read_history
+from aekit.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import penalised_model  # noqa: E402  (registers "penalised")
@@ -56,14 +57,32 @@ def test_a_model_with_an_extra_term_trains_through_the_run_folder(tmp_path):
         assert model.encode(x).pow(2).mean() < seed_model.encode(x).pow(2).mean()
 
 
-def test_the_estimator_and_cli_take_a_registered_model(tmp_path, mnist):
+def test_the_estimator_and_cli_take_a_registered_model_and_its_option(tmp_path, mnist, capsys):
+    """The family's own option, declared in its Options only, is the estimator's model_params,
+    a flag that `aekit train --help` lists, a field of the run's config, and loads back."""
     x = mnist[0][0][:256]
-    estimator = ConvAutoencoder(model="penalised", epochs=1, random_state=0).fit(x)
+    estimator = ConvAutoencoder(model="penalised", model_params={"penalty": 0.2}, epochs=1, random_state=0).fit(x)
     assert sorted(estimator.history_[0]["parts"]) == PARTS
     assert estimator.transform(x[:5]).shape == (5, 392)
-    assert main(["train", "--model", "penalised", "--limit", "128", "--epochs", "1", "--quiet",
+    assert estimator.model_.penalty == 0.2 and estimator.config_.model_params == {"penalty": 0.2}
+    loaded = ConvAutoencoder.load(estimator.save(tmp_path / "est"))
+    assert loaded.model_params == {"penalty": 0.2} and loaded.model_.penalty == 0.2
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "--penalty PENALTY weight of the latent's mean square in the loss, for --model penalised " \
+           "(default: 0.05)" in listed
+    assert main(["train", "--model", "penalised", "--penalty", "0.2", "--limit", "128", "--epochs", "1", "--quiet",
                  "--out", str(tmp_path / "cli")]) == 0
     assert_parts_add_up(csv_rows(tmp_path / "cli" / "history.csv"))
+    model, config = load_model(tmp_path / "cli")
+    assert model.penalty == 0.2 and config.model_params == {"penalty": 0.2}
+    assert ConvAutoencoder.load(tmp_path / "cli").model_params == {"penalty": 0.2}
+    # A value the family's check refuses is one line, before anything is trained.
+    assert main(["train", "--model", "penalised", "--penalty", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "penalty must be a non-negative number, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_model_refuses_an_objective_it_does_not_offer(monkeypatch):
@@ -85,12 +104,14 @@ def test_two_ranks_train_the_extra_term(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "aekit", "train", "--model", "penalised", "--limit", "300", "--batch-size", "37",
-               "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out)]
+               "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out), "--penalty", "0.2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = csv_rows(out / "history.csv")
     assert list(rows[0])[-4:] == PARTS
     assert_parts_add_up(rows)
+    model, config = load_model(out)  # the family's own option, given as a flag to both ranks
+    assert model.penalty == 0.2 and config.model_params == {"penalty": 0.2}
 
 
 class DataInitialised(penalised_model.PenalisedAutoencoder):

@@ -1,7 +1,6 @@
 """What a library call or a CLI command leaves of the process it ran in (global RNGs, the
 logger, the umask), how a closed stdout ends a command, and sizes too large to build."""
 
-import json
 import logging
 import os
 import random
@@ -18,8 +17,10 @@ from aekit import _io
 from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import MAX_IMAGE_VALUES, MAX_PARAMETERS, build_model
-from aekit.runs import evaluate_run, load_model, read_metrics, train_and_evaluate
-from aekit.training import MAX_SEED, TrainConfig, model_for, new_model
+from aekit.experiment import evaluate_run, train_and_evaluate
+from aekit.runs import load_model, read_metrics
+from aekit.config import MAX_SEED, TrainConfig
+from aekit.training import model_for, new_model
 from conftest import one_error_line
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -21,7 +21,7 @@ from aekit.inference import decode, encode, reconstruct
 from aekit.models import build_model
 from aekit.report import GRID_SIDE, N_LATENTS, write_report
 from aekit.runs import RunError, load_model, load_split, read_config, save_weights
-from aekit.training import TrainConfig
+from aekit.config import TrainConfig
 from conftest import need, one_error_line
 
 N_FIGURES = 4  # reconstructions, loss curves, error histogram, denoising

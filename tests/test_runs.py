@@ -20,12 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import aekit
-from aekit import runs
+from aekit import experiment, runs
 from aekit._io import LOCK_NAME, TMP_SUFFIX, sha256_file
 from aekit.cli import main
+from aekit.estimator import ConvAutoencoder
 from aekit.models import SeedAutoencoder
 from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_progress
-from aekit.training import TrainConfig, make_optimizer
+from aekit.config import TrainConfig
+from aekit.training import make_optimizer
 
 from conftest import need, one_error_line
 
@@ -40,7 +42,7 @@ def _deterministic_threads():
 
 
 def train(out, *flags: str) -> int:
-    return main(["train", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet", *flags])
+    return main(["train", "--model", "seed", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet", *flags])
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +280,7 @@ def test_real_full_then_read_only_disk(tmp_path, mnist, capsys):
 TRIGGER = """
 import importlib, os, signal, sys
 from aekit.cli import main
+from aekit.estimator import ConvAutoencoder
 
 module_name, name, at, sig = sys.argv[1:5]
 module = importlib.import_module(module_name)
@@ -307,7 +310,7 @@ def train_until(out, at: tuple[str, str, int], sig: str, *flags: str) -> tuple[i
     return process.returncode, process.stderr
 
 
-SMALL = ("--limit", "600", "--epochs", "2")  # 19 steps of 32 images per epoch
+SMALL = ("--model", "seed", "--limit", "600", "--epochs", "2")  # 19 steps of 32 images per epoch
 
 
 def step(k: int) -> tuple[str, str, int]:
@@ -354,7 +357,7 @@ def npy_images(tmp_path_factory, mnist):
     ("first epoch", step(5), (0, 5), "epoch 1, step 5 of 19"),
     ("late, denoising", step(19 + 17), (1, 17), "epoch 2, step 17 of 19"),
     ("streamed", step(19 + 11), (1, 11), "epoch 2, step 11 of 19"),
-    ("between epochs", ("aekit.runs", "write_history", 1), (1, 0), "1 complete epoch"),
+    ("between epochs", ("aekit.experiment", "write_history", 1), (1, 0), "1 complete epoch"),
 ], ids=["first-epoch", "late-denoising", "streamed", "between-epochs"])
 def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, straight_run, npy_images,
                                                                    case, at, saved, where):
@@ -424,7 +427,7 @@ def test_ctrl_c_before_the_first_epoch(tmp_path, mnist, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "fit", interrupt)
+    monkeypatch.setattr(experiment, "fit", interrupt)
     out = tmp_path / "run"
     assert train(out) == 130
     # Nothing trained, nothing to resume: the training leaves no folder behind.
@@ -489,6 +492,33 @@ def test_a_run_folder_from_aekit_0_1_loads_and_resumes(tmp_path, mnist):
     assert saved_progress(run)[0] == 2
     with safe_open(str(run / WEIGHTS), framework="pt") as f:
         assert {name.split(".")[0] for name in f.keys()} == {"encoder", "decoder"}
+    load_model(run)
+
+
+# `aekit train --data mnist --limit 300 --epochs 1 --seed 0` with `--model conv --latent-dim 3
+# --widths 4` by aekit 0.2.0 (cdb2c19^), and with `--model vae --latent-dim 2 --widths 4 --beta
+# 0.5` by aekit 0.3.0 (0cf5d6b): their config.json and the configs inside their weights hold
+# the model's options as fields of their own, where aekit 0.4 records model_params.
+OLD_RUNS = {"0.2.0": {"latent_dim": 3, "widths": (4,)}, "0.3.0": {"latent_dim": 2, "widths": (4,), "beta": 0.5}}
+
+
+@pytest.mark.parametrize("version", sorted(OLD_RUNS))
+def test_a_run_folder_from_aekit_0_2_and_0_3_loads_and_resumes(version, tmp_path, mnist):
+    run = Path(shutil.copytree(Path(__file__).parent / "data" / f"run-{version}", tmp_path / "old"))
+    recorded = json.loads((run / CONFIG).read_text())
+    assert recorded["aekit_version"] == version and "model_params" not in recorded
+    written = load_file(run / WEIGHTS)
+    model, config = load_model(run)
+    assert config.model_params == OLD_RUNS[version]
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in written.items())
+    est = ConvAutoencoder.load(run)
+    assert (est.latent_dim, est.widths, est.model_params) == (OLD_RUNS[version]["latent_dim"], (4,), None)
+    assert est.beta == OLD_RUNS[version].get("beta")
+    assert main(["evaluate", str(run)]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert saved_progress(run)[0] == 2
+    resumed = json.loads((run / CONFIG).read_text())
+    assert "latent_dim" not in resumed and resumed["model_params"] == json.loads(json.dumps(OLD_RUNS[version]))
     load_model(run)
 
 
@@ -568,18 +598,18 @@ def test_the_data_fingerprint_sees_count_shape_and_pixels(tmp_path, mnist):
 def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, mnist, monkeypatch, capsys):
     """While a training writes into a folder, another one into it is refused at once,
     naming the first; the first ends as if alone, and lets the folder go."""
-    out, answers, real_fit = tmp_path / "run", [], runs.fit
+    out, answers, real_fit = tmp_path / "run", [], experiment.fit
 
     def fit_beside_another(*args, **kwargs):
         answers.append(train(out, "--seed", "2", "--overwrite"))  # the other shell, same folder
         answers.append(one_error_line(capsys))
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "fit", fit_beside_another)
+    monkeypatch.setattr(experiment, "fit", fit_beside_another)
     assert train(out, "--seed", "1") == 0
     assert answers[0] == 2 and f"{out}: another training (pid {os.getpid()} on " in answers[1]
     assert answers[1].endswith(" is writing into this folder; wait for it to end, or choose another folder")
-    monkeypatch.setattr(runs, "fit", real_fit)
+    monkeypatch.setattr(experiment, "fit", real_fit)
     assert json.loads((out / CONFIG).read_text())["seed"] == 1
     assert main(["evaluate", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -693,7 +723,7 @@ def test_a_run_that_recorded_relative_data_resumes_on_the_data_it_was_trained_on
     out = tmp_path / "runs" / "odd"
     monkeypatch.chdir(tmp_path / "a")
     with monkeypatch.context() as old:
-        old.setattr(runs, "data_path", lambda data: data, raising=False)  # record it as aekit 0.3 did
+        old.setattr(experiment, "data_path", lambda data: data)  # record it as aekit 0.3 did
         assert main(["train", "--data", "d/odd.npy", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / CONFIG).read_text())["data"] == "d/odd.npy"
     monkeypatch.chdir(tmp_path / "b")

@@ -10,7 +10,8 @@ from aekit.cli import main
 from aekit.data import DataError, FolderStream, NpyStream, float_bytes, load_dataset, open_stream, prepare_images
 from aekit.inference import evaluate
 from aekit.models import SeedAutoencoder
-from aekit.training import TrainConfig, fit
+from aekit.config import TrainConfig
+from aekit.training import fit
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_fit_trains_from_a_stream_like_from_memory(tmp_path, mnist):
     (x_train, _), (x_test, _) = mnist
     path = tmp_path / "mnist.npy"
     np.save(path, x_train[:1500])
-    config = TrainConfig(epochs=2, batch_size=32).resolved()
+    config = TrainConfig(model="seed", epochs=2, batch_size=32).resolved()
     results = []
     for data in (NpyStream(path), prepare_images(x_train[:1500])):
         torch.manual_seed(0)

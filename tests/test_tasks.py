@@ -15,7 +15,7 @@ from aekit.compare import CompareConfig, compare, to_markdown
 @pytest.fixture(scope="module")
 def denoiser(tmp_path_factory, mnist):
     out = tmp_path_factory.mktemp("runs") / "dn"
-    assert main(["train", "--noise", "gaussian:0.3", "--limit", "1500", "--epochs", "2",
+    assert main(["train", "--model", "seed", "--noise", "gaussian:0.3", "--limit", "1500", "--epochs", "2",
                  "--out", str(out), "--quiet"]) == 0
     return out
 
@@ -36,7 +36,7 @@ def test_denoise_arrays_and_folders(denoiser, digits, tmp_path, rng):
     assert denoised_mse < ((noisy - clean) ** 2).mean()
     # The control: the same run without --noise learned to copy, noise included.
     plain = tmp_path / "plain"
-    assert main(["train", "--limit", "1500", "--epochs", "2", "--out", str(plain), "--quiet"]) == 0
+    assert main(["train", "--model", "seed", "--limit", "1500", "--epochs", "2", "--out", str(plain), "--quiet"]) == 0
     assert main(["denoise", str(plain), str(tmp_path / "noisy.npy"), "--out", str(tmp_path / "copied.npy")]) == 0
     copied_mse = ((np.load(tmp_path / "copied.npy") - clean) ** 2).mean()
     print(f"denoised {denoised_mse:.4f}, copied {copied_mse:.4f}")

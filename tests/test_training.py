@@ -13,8 +13,8 @@ from aekit.inference import evaluate
 from aekit.models import INITS, SeedAutoencoder, reconstruction_loss
 from aekit.data import epoch_permutation, prepare_images
 from aekit.runs import load_checkpoint, save_checkpoint
-from aekit.training import (ADAM_EPS, RECIPES, CollapseWarning, EpochRecord, TrainConfig, TrainState,
-                            fit, learning_rate, make_optimizer, train_step)
+from aekit.config import RECIPES, TrainConfig
+from aekit.training import ADAM_EPS, CollapseWarning, EpochRecord, TrainState, fit, learning_rate, make_optimizer, train_step
 
 
 def tiny_config(**overrides) -> TrainConfig:

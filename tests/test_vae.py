@@ -34,7 +34,7 @@ def test_cli_trains_a_vae_and_reports_its_likelihoods(tmp_path):
                  "--limit", "256", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == "vae" and config["beta"] == 0.5
+    assert config["model"] == "vae" and config["model_params"]["beta"] == 0.5
     # Total = reconstruction + beta * KL, per pixel; the ELBO in nats is -784 x that at beta = 1.
     assert metrics["test_loss"] == pytest.approx(metrics["test_reconstruction"] + 0.5 * metrics["test_kl"], rel=1e-4)
     assert metrics["test_iwae_nll_nats"] > 0 and metrics["test_elbo_nats"] < 0

@@ -28,24 +28,24 @@ def from_plain(cls, data: object, where: str):
     if missing:
         raise ValueError(f"{where}: missing fields {missing}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
+    return cls(**{name: conform(value, hints[name], f"{where}.{name}") for name, value in data.items()})
 
 
-def _conform(value: object, hint, where: str):
+def conform(value: object, hint, where: str):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (hint,) = [a for a in args if a is not type(None)]  # only Optional[X] is used
-        return _conform(value, hint, where)
+        return conform(value, hint, where)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):
-        return tuple(_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(_conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(conform(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _conform(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
+        return {k: conform(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
     if origin is list and isinstance(value, list):
-        return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return [conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return from_plain(hint, value, where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -31,7 +31,7 @@ OUTPUTS = {"csv": "compare.csv", "md": "compare.md", "png": "compare.png"}  # wh
 class CompareConfig:
     data: str = "mnist"
     latent_dims: tuple[int, ...] = (2, 8, 16, 32, 64)
-    epochs: int | None = None      # None: the estimator's rule (aekit.training.default_epochs)
+    epochs: int | None = None      # None: the estimator's rule (aekit.config.default_epochs)
     limit: int | None = None       # first N train and test images
     seed: int = 0
     knn_neighbors: int = 5

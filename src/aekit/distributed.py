@@ -145,7 +145,7 @@ def launched() -> bool:
 def setup(device: torch.device) -> torch.device:
     """Join the process group when launched with several ranks; return this rank's device.
 
-    ``device`` is what the run asked for (see :func:`aekit.training.resolve_device`). With
+    ``device`` is what the run asked for (see :func:`aekit.config.resolve_device`). With
     several ranks a CUDA device becomes ``cuda:LOCAL_RANK`` with NCCL, the CPU uses gloo.
     Calling it again, or inside a process group the caller started, changes nothing.
     """

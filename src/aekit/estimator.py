@@ -35,7 +35,8 @@ from aekit.data.layouts import LAYOUTS
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 from aekit._typed import is_int, is_real, plain
 
-_ADDED_PARAMS = {"beta": None}  # params added after 0.2.0, with the value an older save means
+_ADDED_PARAMS = {"beta": None, "model_params": None}  # params added after 0.2.0, with the value an older save means
+_OPTION_PARAMS = ("latent_dim", "widths", "beta")  # the options that are parameters of their own
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
 _STATE_KEYS = ("params", "threshold", "layout", "image_shape", "history")
 
@@ -189,8 +190,11 @@ class ConvAutoencoder(_ImageReconstructor):
     """A convolutional autoencoder as a scikit-learn estimator.
 
     Parameters are stored as given (scikit-learn's contract); everything learned ends in
-    ``_``: ``model_`` (the PyTorch module), ``history_`` (one dict per epoch), ``threshold_``
-    (outlier threshold on per-image MSE), ``image_shape_`` (C, H, W), ``layout_``.
+    ``_``: ``model_`` (the PyTorch module), ``config_`` (the run's TrainConfig), ``history_``
+    (one dict per epoch), ``kept_epoch_``, ``threshold_`` (outlier threshold on per-image MSE),
+    ``image_shape_`` (C, H, W), ``layout_``. It trains as ``aekit train`` does, through
+    :mod:`aekit.experiment`, with the same defaults: the same images and seed give the same
+    config and weights either way.
 
     ``model="pca-conv"`` (the default) is PCA plus convolutional corrections
     (:mod:`aekit.models.pca_conv`): it starts as PCA of the images it is fitted on and trains only
@@ -198,24 +202,25 @@ class ConvAutoencoder(_ImageReconstructor):
     convolutional autoencoder with a dense latent of ``latent_dim`` numbers;
     ``model="seed"`` is the blog's network, whose latent is its 8 x H/4 x W/4 bottleneck
     (392 numbers on MNIST). ``epochs=None`` lets the number of images decide
-    (:func:`aekit.training.default_epochs`; ``config_.chosen`` says how); when that gives
+    (:func:`aekit.config.default_epochs`; ``config_.chosen`` says how); when that gives
     more than the rule's minimum of 10 epochs (fewer than about 9,600 images), a random 10%
     of the images, drawn from ``random_state``, is held out and the weights of the epoch with
-    the lowest loss on them are kept (:func:`aekit.training.default_held_out`), so that many
+    the lowest loss on them are kept (:func:`aekit.config.default_held_out`), so that many
     passes over few images do not end on weights that learned those images. ``noise`` (e.g.
     ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a denoiser: corrupted
     inputs, clean targets. ``recipe`` supplies every training choice left ``None`` (see
-    ``aekit.training.RECIPES``); a model that does not offer the recipe's loss trains on its
+    ``aekit.config.RECIPES``); a model that does not offer the recipe's loss trains on its
     own (``pca-conv``: ``"mse"``).
     """
 
-    def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, epochs=None, batch_size=None, lr=None,
-                 loss=None, recipe="default", noise=None, contamination=0.01, image_shape=None,
-                 random_state=None, device="auto", verbose=False):
+    def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, model_params=None, epochs=None,
+                 batch_size=None, lr=None, loss=None, recipe="default", noise=None, contamination=0.01,
+                 image_shape=None, random_state=None, device="auto", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
         self.beta = beta
+        self.model_params = model_params
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -228,57 +233,59 @@ class ConvAutoencoder(_ImageReconstructor):
         self.device = device
         self.verbose = verbose
 
-    def _config(self, image_shape=None, seed=0, n_images=None):
-        """The TrainConfig of a fit on ``n_images`` images (None: as recorded, for a loaded one)."""
+    def _config(self, image_shape=None, seed=0):
+        """The TrainConfig these params make, before the number of images plans its epochs
+        (:func:`aekit.experiment.plan`)."""
+        from aekit.config import TrainConfig
         from aekit.models import MODELS
-        from aekit.training import TrainConfig, default_epochs
 
         # Only the options the model takes: latent_dim's default means nothing to the seed network.
         takes = MODELS[self.model].options if self.model in MODELS else ()
         options = {"latent_dim": self.latent_dim, "widths": None if self.widths is None else tuple(self.widths),
                    "beta": self.beta}
-        config = TrainConfig(
-            data="<array>", model=self.model, **{k: v for k, v in options.items() if k in takes},
-            noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
+        extra = {} if self.model_params is None else self.model_params
+        if not isinstance(extra, dict):
+            raise ValueError(f"model_params must be a dict of the model's options, e.g. {{'name': value}}, "
+                             f"or None; got {extra!r}")
+        doubled = sorted(set(extra) & set(_OPTION_PARAMS))
+        if doubled:
+            raise ValueError(f"model_params holds {', '.join(doubled)}, a parameter of ConvAutoencoder itself; "
+                             f"pass {doubled[0]}=... instead")
+        options = {**{k: v for k, v in options.items() if k in takes and v is not None}, **extra}
+        return TrainConfig(
+            data="<array>", model=self.model, model_params=options, noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, loss=self.loss, seed=seed, device=self.device, image_shape=image_shape,
         ).resolved()
-        if self.epochs is None and n_images is not None:
-            config.epochs, rule = default_epochs(n_images, config.batch_size)
-            config.chosen = {"epochs": rule}
-        return config
 
     def _fit(self, x: np.ndarray) -> None:
-        from aekit.training import HELD_OUT_SHARE, default_held_out, fit, new_model, resolve_device
+        """The experiment of ``aekit train`` (:mod:`aekit.experiment`) on the images ``x``."""
+        from aekit.config import resolve_device
+        from aekit.data import ArrayImages
+        from aekit.experiment import hold_out, plan, train
+        from aekit.training import new_model
 
         seed = int(check_random_state(self.random_state).randint(2 ** 31 - 1)) \
             if not is_int(self.random_state) else int(self.random_state)
-        config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x))
-        held = default_held_out(len(x), config.batch_size) if self.epochs is None else 0
-        if held:  # the epoch rule counts the images trained on
-            config = self._config(image_shape=tuple(x.shape[1:]), seed=seed, n_images=len(x) - held)
+        config, held = plan(self._config(image_shape=tuple(x.shape[1:]), seed=seed), len(x))
         model = new_model(config, resolve_device(config.device))
-        images = torch.from_numpy(x)
-        if held:  # few images, many epochs: choose the epoch on images it does not train on
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-            x_train, x_val = images[order[held:]], images[order[:held]]
-        else:  # monitoring only: val_loss on a fixed sample of the training images
-            x_train, x_val = images, images[:2048]
-        best = {}
-
-        def keep_best(model, _optimizer, state) -> None:
-            if state.epochs_since_best == 0:  # this epoch's held-out loss is the lowest so far
-                best.update(epoch=state.epoch, weights={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-        state = fit(model, x_train, x_val, config, progress=bool(self.verbose),
-                    on_epoch_end=keep_best if held else None)
-        if best:
-            model.load_state_dict(best["weights"])
-            config.chosen["held_out"] = (
-                f"{held:,} of the {len(x):,} images ({HELD_OUT_SHARE:.0%}) held out, as the epoch rule gave more "
-                f"than its minimum; kept epoch {best['epoch']} of {config.epochs}, the lowest loss on them")
+        images = ArrayImages(torch.from_numpy(x))
+        # Few images, many epochs: choose the epoch on images it does not train on; else
+        # val_loss is for monitoring only, on a fixed sample of the training images.
+        x_train, x_val = hold_out(images, held, seed) if held else (images, images.head(2048))
+        state = train(model, config, x_train, x_val, keep_best=held > 0, progress=bool(self.verbose))
         self.model_ = model.eval()
         self.config_ = config
         self.history_ = [dataclasses.asdict(r) for r in state.history]
+
+    @property
+    def kept_epoch_(self) -> int:
+        """The epoch whose weights the estimator holds: with images held out
+        (``config_.chosen["held_out"]``), the one with the lowest loss on them, else the last."""
+        self._check_is_fitted()
+        losses = [epoch["val_loss"] for epoch in self.history_]
+        if "held_out" not in self.config_.chosen or not losses:
+            return len(losses)
+        return losses.index(min(losses)) + 1  # the first of equal losses, as training keeps it
 
     def _latent_size(self) -> int:
         return int(np.prod(self.model_.latent_shape))
@@ -375,7 +382,9 @@ class ConvAutoencoder(_ImageReconstructor):
         if (path / ESTIMATOR).is_file():
             est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
-            est = cls(model=config.model, latent_dim=config.latent_dim, widths=config.widths, beta=config.beta,
+            options = config.options()
+            est = cls(model=config.model, **{k: options[k] for k in _OPTION_PARAMS if k in options},
+                      model_params={k: v for k, v in options.items() if k not in _OPTION_PARAMS} or None,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}
@@ -416,8 +425,10 @@ class ConvAutoencoder(_ImageReconstructor):
                   for k, v in params.items()}
         est = cls(**{**params, "device": device})
         expected = _as_run_error(lambda: est._params_config(config), source)
-        differ = [f.name for f in dataclasses.fields(config)
-                  if f.name != "device" and getattr(expected, f.name) != getattr(config, f.name)]
+        # An option a save of aekit 0.3 left out of config.json is the family's default, as here.
+        differ = [f.name for f in dataclasses.fields(config) if f.name != "device" and (
+            expected.options() != config.options() if f.name == "model_params"
+            else getattr(expected, f.name) != getattr(config, f.name))]
         if differ:
             raise RunError(f"{source}: its params disagree with {source.parent / 'config.json'} on "
                            f"{', '.join(differ)}; the folder mixes two models: save the estimator again")

@@ -5,18 +5,19 @@
     DIR/config.json              TrainConfig as JSON, plus the aekit version
     DIR/model.safetensors        the trained weights
     DIR/checkpoint.safetensors   weights + optimiser + progress after the last epoch, or at the
-                                 step Ctrl-C stopped (--resume)
+                                 step Ctrl-C stopped (--resume); and the best epoch's weights
+                                 when images are held out to choose it
     DIR/history.csv              epoch, loss, val_loss, val_mse, seconds, images_per_second
     DIR/metrics.json             test_mse, test_psnr, epochs, seconds, images_per_second, ...
     DIR/reconstructions.png      test originals above their reconstructions
 
+This module reads and writes those files; :mod:`aekit.experiment` trains into them.
 Nothing here is pickled: weights and optimiser state are safetensors, the rest JSON/CSV.
 Every file is written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -24,13 +25,8 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import reprlib
-import socket
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +37,14 @@ from torch import nn
 
 import aekit
 from aekit import data as data_lib
-from aekit import distributed
-from aekit._io import (AlreadyExists, atomic_path, folder_lock, make_folder, refuse_existing, remove_temporaries,
-                       sha256_array, sha256_file, write_text_atomic)
+from aekit._io import AlreadyExists, atomic_path, sha256_array, sha256_file, write_text_atomic
+from aekit.config import TrainConfig, resolve_device
 from aekit.data import ImageSource, open_images
-from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
 from aekit.models import MAX_IMAGE_VALUES
-from aekit.training import (EpochRecord, TrainConfig, TrainState, fit, make_optimizer, model_for, new_model,
-                            resolve_device)
+from aekit.training import EpochRecord, TrainState, model_for
 
 CONFIG, WEIGHTS, CHECKPOINT = "config.json", "model.safetensors", "checkpoint.safetensors"
 HISTORY, METRICS, RECONSTRUCTIONS = "history.csv", "metrics.json", "reconstructions.png"
-DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, HISTORY, METRICS, RECONSTRUCTIONS)
 TRAINED_FILES = (WEIGHTS, HISTORY, METRICS)  # what only epochs trained write, after the checkpoint
 # What other aekit calls write into a run folder about its weights (ConvAutoencoder.save,
@@ -145,7 +137,9 @@ def read_config(workdir: Path) -> TrainConfig:
         resolved = config.resolved()
     except (TypeError, ValueError) as exc:
         raise RunError(f"{path}: invalid run config ({exc}); restore it or train again") from None
-    if resolved != config:  # a run records every choice its recipe made
+    # A run records every choice its recipe made; an option of the model that a run of aekit
+    # 0.3 left out (null) was built at the family's default, as it is now.
+    if dataclasses.replace(resolved, model_params=config.model_params) != config:
         missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
         raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
     # No run was trained on larger images than aekit builds a model for: an edited or damaged config.
@@ -225,6 +219,20 @@ def _current_name(name: str) -> str:
     return name
 
 
+def _as_recorded(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as a file holds them
+
+
+def _comparable(config: TrainConfig) -> dict:
+    """``config`` as recorded, its model's options complete: a run of aekit 0.3 that left an
+    option out was built with the family's default, as the run is now."""
+    try:
+        config = dataclasses.replace(config, model_params=config.options())
+    except ValueError:  # an unknown model or option: compared as written, and refused by name
+        pass
+    return _as_recorded(config)
+
+
 _REMEDY = {"weights": "; finish the run (resume=True) or train it again (overwrite=True)",
            "checkpoint": "; start the run again with overwrite=True"}
 
@@ -241,9 +249,12 @@ def _check_same_config(recorded_json: str | None, config: TrainConfig, path: Pat
         recorded = None
     if not isinstance(recorded, dict):
         raise RunError(f"{path}: no readable config recorded in the {kind}; the file is damaged{_REMEDY[kind]}")
-    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as recorded
-    # A field an older aekit did not record has its default (e.g. "chosen": {}, "beta": None).
-    recorded = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **recorded}
+    try:  # as a TrainConfig reads it: an older aekit's fields as today's, those it did not record at their default
+        recorded = _comparable(TrainConfig.from_dict({**_as_recorded(TrainConfig()), **recorded}))
+    except (TypeError, ValueError):
+        raise RunError(f"{path}: the config recorded in the {kind} is not a valid config; the file is "
+                       f"damaged{_REMEDY[kind]}") from None
+    current = _comparable(config)
     for name in sorted(set(recorded) | set(current)):
         if name not in RUNTIME_FIELDS and recorded.get(name) != current.get(name):
             raise RunError(
@@ -301,10 +312,14 @@ def _check_recorded_checksum(workdir: Path) -> None:
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, path: Path,
-                    config: TrainConfig | None = None, data: dict[str, str] | None = None) -> None:
+                    config: TrainConfig | None = None, data: dict[str, str] | None = None,
+                    best: dict[str, torch.Tensor] | None = None) -> None:
     """Weights, Adam's moments and the loop's progress in one safetensors file, with the
-    fingerprints of the data trained on (``data``: split -> :func:`aekit.data.fingerprint`)."""
+    fingerprints of the data trained on (``data``: split -> :func:`aekit.data.fingerprint`)
+    and, for a run that keeps its best epoch, that epoch's weights (``best``, as
+    :func:`checkpoint_best` reads them)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in (best or {}).items()})
     optim = optimizer.state_dict()
     for index, param_state in optim["state"].items():
         for key, value in param_state.items():
@@ -339,6 +354,14 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise RunError(f"{path}: the checkpoint does not fit this run ({_first_line(exc)}); "
                        "start the run again with overwrite=True") from None
+
+
+def checkpoint_best(path: Path) -> dict[str, torch.Tensor] | None:
+    """The weights of the best epoch so far that the checkpoint ``path`` holds (see
+    :func:`aekit.experiment.train`), or None: checked as :func:`load_checkpoint` checks."""
+    tensors, _ = _load_tensors(path, "checkpoint", None)
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    return best or None
 
 
 def _check_same_data(raw: str, path: Path, config: TrainConfig, data: dict[str, str]) -> None:
@@ -431,244 +454,3 @@ def check_image_shape(x: torch.Tensor, config: TrainConfig) -> None:
             f"the data's images are {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
             f"{tuple(config.image_shape)}; pass data of the same size (or resize=(H, W))"
         )
-
-
-# ------------------------------------------------------------------ the experiment
-
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB of images in [0, 1] with mean squared error ``mse``."""
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-@dataclass
-class RunResult:
-    workdir: Path
-    metrics: dict
-    state: TrainState
-
-
-class ResumeMismatch(RunError):
-    """A resume asked to change the run's config field ``field`` from ``recorded`` to ``given``."""
-
-    def __init__(self, workdir: Path, field: str, given: object, recorded: object):
-        super().__init__(
-            f"{workdir}: resume continues the run as it was configured, but {field}={given!r} differs "
-            f"from the run's {field}={recorded!r}; leave {field} unset to keep the run's (only epochs and "
-            f"device may change), or start a new run in another folder")
-        self.workdir, self.field, self.given, self.recorded = workdir, field, given, recorded
-
-
-def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig:
-    """The config that continues the run in ``workdir``: its config.json, with the ``given``
-    fields applied. ``epochs`` and ``device`` replace the run's; any other given field must
-    equal the run's (recipe choices as the run resolved them), or :class:`ResumeMismatch`
-    names it: a resumed run is never silently trained with other settings than it asked for.
-    """
-    workdir = Path(workdir)
-    saved = read_config(workdir)
-    for name, value in given.items():
-        recorded = getattr(saved, name)
-        if name == "data" and value != recorded:  # the same data, named from wherever the resume runs
-            value, recorded = data_path(value), data_path(run_data(saved))
-        if name not in RUNTIME_FIELDS and value != recorded:
-            raise ResumeMismatch(workdir, name, value, recorded)
-    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUNTIME_FIELDS})
-
-
-def _set_fields(config: TrainConfig) -> dict[str, object]:
-    """The fields of ``config`` that differ from ``TrainConfig()``'s defaults."""
-    defaults = TrainConfig()
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(defaults, f.name)}
-
-
-def _check_workdir(workdir: Path, resume: bool, overwrite: bool) -> list[str]:
-    """Refuse what the flags do not allow; return the run files an overwrite replaces.
-
-    Writes nothing: the run's files are only touched at its first checkpoint (:class:`_Claim`).
-    """
-    existing = [name for name in RUN_FILES + DERIVED_FILES if (workdir / name).exists()]
-    if resume and overwrite:
-        raise RunError("resume=True and overwrite=True contradict each other; pass one")
-    if resume and not (workdir / CONFIG).exists():
-        raise RunError(f"{workdir}: nothing to resume (no {CONFIG}); pass resume=False to start a new run")
-    trained = [name for name in TRAINED_FILES if name in existing]
-    if resume and trained and CHECKPOINT not in existing:
-        raise RunError(f"{workdir} holds {', '.join(trained)} but no {CHECKPOINT}, which resume=True continues "
-                       f"from; restore {CHECKPOINT}, or train the run again with overwrite=True")
-    refuse_existing(*(workdir / name for name in existing), overwrite=overwrite or resume, what="a run",
-                    other="resume=True to continue it", error=RunExists)
-    if workdir.exists() and not workdir.is_dir():
-        raise RunError(f"{workdir} is a file, not a folder; choose another folder")
-    return [] if resume else existing
-
-
-def train_and_evaluate(
-    config: TrainConfig,
-    workdir: str | Path,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> RunResult:
-    """Train ``config`` into the run folder ``workdir`` and evaluate on the test split.
-
-    With ``resume``, training continues from the run's last checkpoint with the run's own
-    config.json: the fields of ``config`` left at their defaults (``TrainConfig()``'s) take
-    the run's values, ``epochs`` and ``device`` when set replace them (extend the run, run it
-    elsewhere), and any other field set to a value other than the run's raises
-    :class:`ResumeMismatch` (see :func:`resumed_config`); data that changed since the run
-    read it is refused (:func:`load_checkpoint`).
-
-    One training at a time writes into a folder: another one there is refused while this
-    one runs (:func:`aekit._io.folder_lock`). Nothing is written before the first
-    checkpoint, so a training that fails before it leaves the folder as it found it.
-    """
-    workdir = Path(workdir)
-    _check_workdir(workdir, resume, overwrite)  # every rank refuses alike, before any work
-    if resume:
-        config = resumed_config(workdir, _set_fields(config))
-    else:  # where the data is, whichever folder a later resume or evaluate runs in
-        config = dataclasses.replace(config, data=data_path(config.data))
-    config = config.resolved()
-
-    # Under torchrun every rank runs this function; only rank 0 writes (see aekit.distributed).
-    device = distributed.setup(resolve_device(config.device))
-    main = distributed.current().is_main
-    with _claimed(workdir, main) as claim:
-        if main:  # again, now that no other training can write here
-            claim.replaced, claim.new = _check_workdir(workdir, resume, overwrite), not resume
-        return _train(config, workdir, resume, device, claim, progress)
-
-
-@dataclass
-class _Claim:
-    """A training's hold on its run folder (rank 0): what it made there, and how far it wrote."""
-
-    workdir: Path
-    made: list[Path]  # the folders it created, innermost first
-    replaced: list[str] = dataclasses.field(default_factory=list)  # the files of the run it replaces
-    new: bool = True  # a new run, not a resume
-    began: bool = False  # config.json written, the replaced run's files removed
-    kept: bool = False  # a checkpoint written: from here on the folder holds a run to resume
-
-    def begin(self, config: TrainConfig) -> None:
-        """The run's first writes, left until its first checkpoint, so that a training that
-        fails before it (bad data, a refused stream, no memory) leaves nothing behind."""
-        if self.began:
-            return
-        for name in self.replaced:
-            (self.workdir / name).unlink(missing_ok=True)
-        remove_temporaries(self.workdir, RUN_FILES)  # what a killed run left half-written
-        save_config(config, self.workdir)
-        self.began = True
-
-    def undo(self) -> None:
-        """The folder as it was before a training that ended before its first checkpoint."""
-        if self.began and self.new:
-            (self.workdir / CONFIG).unlink(missing_ok=True)
-        for folder in self.made:
-            with contextlib.suppress(OSError):  # not empty: something else is there now
-                folder.rmdir()
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist, innermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-@contextlib.contextmanager
-def _claimed(workdir: Path, main: bool) -> Iterator[_Claim]:
-    """The run folder, made if missing and held by rank 0 for the block; a block that ends
-    (error or Ctrl-C) before its first checkpoint is undone (:meth:`_Claim.undo`). A Ctrl-C
-    mid-epoch saves a checkpoint first, so that run stays, to be resumed."""
-    claim = _Claim(workdir, _missing_folders(workdir) if main else [])
-    if not main:
-        yield claim
-        return
-    make_folder(workdir)
-    holder = (f"another training (pid {os.getpid()} on {socket.gethostname()}, "
-              f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
-    try:
-        with folder_lock(workdir, holder):
-            yield claim
-    except BaseException:
-        if not claim.kept:
-            claim.undo()
-        raise
-
-
-def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.device, claim: _Claim,
-           progress: bool) -> RunResult:
-    """:func:`train_and_evaluate` once the folder is held: train, evaluate, write the run."""
-    main = distributed.current().is_main
-    with distributed.main_first():  # rank 0 fills the data cache; all ranks have checked workdir
-        x_train, x_test, _ = load_split(config)
-    data = {"train": data_lib.fingerprint(x_train), "test": data_lib.fingerprint(x_test)}
-    config = dataclasses.replace(config, image_shape=tuple(x_train.shape[1:]),
-                                 data_source=data_lib.data_source(run_data(config)))
-    model = new_model(config, device)
-    optimizer = make_optimizer(model, config)
-    state = None
-    if resume and (workdir / CHECKPOINT).exists():
-        state = load_checkpoint(model, optimizer, workdir / CHECKPOINT, config, data)
-        state.stopped_early = False  # a longer --epochs may give early stopping another go
-        if state.step and state.epoch >= config.epochs:
-            raise RunError(f"{workdir / CHECKPOINT} stopped part-way through epoch {state.epoch + 1}; "
-                           f"pass epochs={state.epoch + 1} or more to finish it")
-
-    def checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-        if main:
-            claim.begin(config)
-            save_checkpoint(model, optimizer, state, workdir / CHECKPOINT, config, data)
-            claim.kept = True
-            write_history(state.history, workdir / HISTORY)
-
-    # A checkpoint after each epoch, and one at the very step where Ctrl-C stopped training.
-    state = fit(model, x_train, x_test, config, optimizer=optimizer, state=state,
-                on_epoch_end=checkpoint, on_interrupt=checkpoint, progress=progress)
-    result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
-    threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
-    seconds = sum(r.seconds for r in state.history)
-    metrics = {
-        "test_mse": result.mse,
-        "test_psnr": psnr(result.mse),
-        "test_loss": result.loss,
-        **{f"test_{name}": value for name, value in result.parts.items()},  # the objective's parts, if any
-        "loss": config.loss,
-        "epochs": state.epoch,
-        "stopped_early": state.stopped_early,
-        "collapsed": result.collapsed,
-        "seconds": seconds,
-        "images_per_second": (len(x_train) * len(state.history) / seconds) if seconds else None,
-        "n_train": len(x_train),
-        "n_test": len(x_test),
-        "contamination": DEFAULT_CONTAMINATION,
-        "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
-    }
-    if main:
-        metrics.update(model.test_metrics(x_test))  # the family's own test numbers (the VAE's likelihoods)
-        claim.begin(config)  # done at the first checkpoint, unless no epoch was left to train
-        save_weights(model, workdir / WEIGHTS, config)
-        write_history(state.history, workdir / HISTORY)
-        metrics["weights_sha256"] = sha256_file(workdir / WEIGHTS)
-        write_text_atomic(workdir / METRICS, json.dumps(metrics, indent=2) + "\n")
-        from aekit.plots import save_reconstructions
-
-        save_reconstructions(model, x_test.first(10), workdir / RECONSTRUCTIONS, overwrite=True)  # the run's own
-    return RunResult(workdir=workdir, metrics=metrics, state=state)
-
-
-def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto") -> dict:
-    """Test-split metrics of a trained run, on its own data or on ``data``."""
-    model, config = load_model(workdir, device)
-    _, x_test, _ = load_split(config, data)
-    check_image_shape(x_test, config)
-    started = time.perf_counter()
-    result = evaluate(model, x_test, config.loss)
-    return {"test_mse": result.mse, "test_psnr": psnr(result.mse), "test_loss": result.loss,
-            "loss": config.loss, "collapsed": result.collapsed, "n_test": len(x_test),
-            "seconds": time.perf_counter() - started, "data": data or config.data}

@@ -1,24 +1,14 @@
-"""Training: recipes, the loop, evaluation and checkpoints.
+"""Training: the plain PyTorch loop, and the models a run starts from.
 
-A *recipe* names a complete set of training choices (loss, initialisation, learning rate,
-schedule, batch size, epochs). Two ship:
-
-- ``blog``: the post as written. Keras' defaults (glorot_uniform kernels, zero biases,
-  Adam lr 1e-3 / eps 1e-7), mean squared error, batch 128. On MNIST this stays on the
-  blank-output plateau (test MSE 0.113, an all-black reconstruction), as the post's code does
-  in Keras on every backend.
-- ``default``: the same 4,385-parameter network trained with binary cross-entropy on the
-  logits, He initialisation, batch 32 and a higher learning rate decayed to zero by a cosine
-  schedule. See the README for the measurements behind each choice.
-
-:func:`fit` is the plain PyTorch loop; :func:`train_and_evaluate` wraps it with data
-loading and the run folder (see :mod:`aekit.runs`).
+:func:`fit` trains a model on images for the epochs a :class:`~aekit.config.TrainConfig`
+says (its recipe fills what is left unset); :mod:`aekit.experiment` wraps it with the rules
+that choose from the data, the run folder and the estimator, so that ``aekit train`` and
+``ConvAutoencoder().fit`` train the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import signal
@@ -32,7 +22,8 @@ import torch
 from torch import nn
 
 from aekit import distributed, fast, models
-from aekit._typed import from_plain, is_int, is_real, plain
+from aekit._typed import from_plain
+from aekit.config import RECIPES, TrainConfig, default_epochs
 from aekit.data import as_images
 from aekit.inference import evaluate
 from aekit.models import INITS
@@ -41,166 +32,7 @@ from aekit.noise import add_noise, noise_generator, parse_noise
 log = logging.getLogger("aekit")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A named set of training choices; every field can be overridden in TrainConfig."""
-
-    loss: str
-    init: str
-    lr: float
-    schedule: str
-    batch_size: int
-    epochs: int
-
-
-RECIPES = {
-    "blog": Recipe(loss="mse", init="keras", lr=1e-3, schedule="constant", batch_size=128, epochs=20),
-    "default": Recipe(loss="bce", init="he", lr=3e-3, schedule="cosine", batch_size=32, epochs=20),
-}
-SCHEDULES = ("constant", "cosine")
-
-# The estimator's number of epochs when none is given (ConvAutoencoder(epochs=None)): enough
-# epochs for EPOCH_RULE_STEPS optimiser steps, within EPOCH_RULE_RANGE. A small data set gets
-# more passes over it, a large one at least ten (README, "Defaults"; config.json records it).
-EPOCH_RULE_STEPS = 3000
-EPOCH_RULE_RANGE = (10, 100)
-
-
-def default_epochs(n_images: int, batch_size: int) -> tuple[int, str]:
-    """(epochs, the rule in words) for training on ``n_images`` in batches of ``batch_size``."""
-    steps_per_epoch = math.ceil(n_images / batch_size)
-    low, high = EPOCH_RULE_RANGE
-    epochs = min(high, max(low, math.ceil(EPOCH_RULE_STEPS / steps_per_epoch)))
-    return epochs, (f"{epochs} epochs: {EPOCH_RULE_STEPS:,} optimiser steps at {steps_per_epoch:,} a pass "
-                    f"over {n_images:,} images in batches of {batch_size}, kept within {low}..{high}")
-
-
-# When the epoch rule gives more than its minimum (fewer than about 9,600 images at batch 32),
-# many passes over few images can learn those images rather than what they have in common.
-# The estimator then holds out HELD_OUT_SHARE of them, at random, and keeps the weights of the
-# epoch with the lowest loss on them (README, "Defaults"; config.json records it).
-HELD_OUT_SHARE = 0.1
-
-
-def default_held_out(n_images: int, batch_size: int) -> int:
-    """How many of ``n_images`` the estimator holds out to choose its epoch (0: none)."""
-    epochs, _ = default_epochs(n_images, batch_size)
-    return int(n_images * HELD_OUT_SHARE) if epochs > EPOCH_RULE_RANGE[0] else 0
-
-
 ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
-
-
-MAX_SEED = 2 ** 63 - 1  # seeds are int64 in torch's generators (and in numpy's SeedSequence, any size)
-
-
-def check_seed(seed) -> int:
-    """``seed``, or a one-line error for one that is not an int in [0, :data:`MAX_SEED`]."""
-    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed!r} is out of range; expected an int from 0 to 2**63 - 1")
-    return seed
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run, saved as the run's config.json.
-
-    Fields left ``None`` take the recipe's value when the config is resolved.
-    """
-
-    data: str = "mnist"
-    model: str = "seed"
-    latent_dim: int | None = None          # dense-latent models (conv, pca-conv, vae, map); the seed's is 8 x H/4 x W/4
-    widths: tuple[int, ...] | None = None  # models "conv", "pca-conv", "vae", "map": encoder channels per level
-    beta: float | None = None              # model "vae" only: the weight of the KL term (1.0: the plain VAE)
-    noise: str | None = None               # denoising: train on corrupted inputs, e.g. "gaussian:0.5"
-    recipe: str = "default"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    loss: str | None = None
-    init: str | None = None
-    schedule: str | None = None
-    seed: int = 0
-    limit: int | None = None
-    patience: int | None = None
-    device: str = "auto"
-    resize: tuple[int, int] | None = None
-    stream: bool = False  # read the data from disk batch by batch (aekit.data.streams)
-    image_shape: tuple[int, int, int] | None = field(default=None)  # (C, H, W), set from the data
-    data_source: str | None = None  # set by the run: where `data` was found (aekit.data.data_source)
-    chosen: dict[str, str] = field(default_factory=dict)  # field -> the rule that chose its value from the data
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the recipe's values filled in and every field validated."""
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
-        recipe = dataclasses.asdict(RECIPES[self.recipe])
-        # plain: numpy numbers (a grid search's np.arange) become the Python ones config.json can hold.
-        filled = {k: plain(recipe[k] if getattr(self, k) is None and k in recipe else getattr(self, k))
-                  for k in (f.name for f in dataclasses.fields(self))}
-        # A model owns its objective: one that does not offer the recipe's loss trains on its first.
-        offered = models.MODELS[self.model].objectives if self.model in models.MODELS else ()
-        if self.loss is None and offered and recipe["loss"] not in offered:
-            filled["loss"] = offered[0]
-        config = TrainConfig(**filled)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        def positive(name: str, value) -> None:
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-        models.check_options(self.model, latent_dim=self.latent_dim, widths=self.widths, beta=self.beta)
-        positive("epochs", self.epochs)
-        check_seed(self.seed)
-        for name, shape, size in (("resize", self.resize, 2), ("image_shape", self.image_shape, 3)):
-            if shape is not None and (len(shape) != size or not all(
-                    is_int(v) and v > 0 for v in shape)):
-                raise ValueError(f"{name} must be {size} positive ints, got {shape!r}")
-        positive("latent_dim", self.latent_dim)
-        parse_noise(self.noise)
-        positive("batch_size", self.batch_size)
-        positive("limit", self.limit)
-        positive("patience", self.patience)
-        if self.lr is not None and not (is_real(self.lr) and 0 < self.lr < 1):
-            raise ValueError(f"lr must be a number in (0, 1), got {self.lr!r}")
-        for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("init", self.init, tuple(INITS))):
-            if value is not None and value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
-        offered = models.MODELS[self.model].objectives
-        if self.loss is not None and self.loss not in offered:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {', '.join(offered)} "
-                             f"(the objectives model={self.model!r} offers)")
-        if not isinstance(self.stream, bool):
-            raise ValueError(f"stream must be true or false, got {self.stream!r}")
-        if self.device != "auto":
-            resolve_device(self.device)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """From JSON-decoded ``data``, each field checked against its type (lists -> tuples)."""
-        return from_plain(cls, data, "config")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use device=\"cpu\"")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available; use device=\"cpu\"")
-    return device
 
 
 # ------------------------------------------------------------------------- the data
@@ -261,6 +93,7 @@ class TrainState:
     history: list[EpochRecord] = field(default_factory=list)
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
+    best_epoch: int = 0                              # the epoch of best_val_loss (0: none yet)
     stopped_early: bool = False
     step: int = 0                                    # batches done of epoch `epoch + 1`
     steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
@@ -349,8 +182,7 @@ def _build(config: TrainConfig) -> nn.Module:
     """:func:`model_for` without the seeding: the draws come from the global generator."""
     if config.image_shape is None:
         raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
-    return models.build_model(config.model, config.image_shape, latent_dim=config.latent_dim, widths=config.widths,
-                              beta=config.beta)
+    return models.build_model(config.model, config.image_shape, **config.model_params)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -472,7 +304,8 @@ def fit(
     workers: int | None = None,
 ) -> TrainState:
     """Train ``model`` to reconstruct the images ``x_train``; ``config``'s fields left None
-    take its recipe's values (``fit(model, x_train, x_val, TrainConfig(epochs=5))``).
+    take its recipe's values (``fit(model, x_train, x_val, TrainConfig(epochs=5))``), and
+    ``epochs`` left None the number :func:`aekit.config.default_epochs` gives ``x_train``.
 
     ``x_train`` and ``x_val`` are each a numpy array in the loaders' layout, (n, H, W) or
     (n, H, W, C), uint8 or float in [0, 1] (converted by :func:`aekit.data.prepare_images`); a float
@@ -518,6 +351,8 @@ def fit(
     config = config.resolved()
     device = _check_trainable(model, config.loss)
     x_train, x_val = as_images(x_train, "fit: x_train"), as_images(x_val, "fit: x_val")
+    if config.epochs is None:  # the rule a run applies: aekit.config.default_epochs
+        config.epochs, _ = default_epochs(len(x_train), config.batch_size)
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
     n = len(x_train)
@@ -627,7 +462,7 @@ def fit(
                 warnings.warn(CollapseWarning(state.epoch, collapse_hint(model, config.loss, config.lr)), stacklevel=2)
                 collapse_warned = True
             if record.val_loss < state.best_val_loss:
-                state.best_val_loss, state.epochs_since_best = record.val_loss, 0
+                state.best_val_loss, state.epochs_since_best, state.best_epoch = record.val_loss, 0, record.epoch
             else:
                 state.epochs_since_best += 1
                 if config.patience is not None and state.epochs_since_best >= config.patience:
@@ -650,7 +485,6 @@ def fit(
     return state
 
 
-__all__ = ["Recipe", "RECIPES", "TrainConfig", "TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
-           "learning_rate", "resolve_device", "make_optimizer", "model_for", "new_model", "default_epochs",
-           "default_held_out", "check_seed", "MAX_SEED", "seeded",
+__all__ = ["TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
+           "learning_rate", "make_optimizer", "model_for", "new_model", "seeded",
            "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

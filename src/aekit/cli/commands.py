@@ -23,7 +23,7 @@ def cmd_summary(args) -> int:
     if len(args.image_shape) != 3:
         raise ValueError(f"--image-shape needs H,W,C, got {','.join(map(str, args.image_shape))}")
     height, width, channels = args.image_shape
-    print(summary(build_model(args.model, (channels, height, width), latent_dim=args.latent_dim, widths=args.widths)))
+    print(summary(build_model(args.model, (channels, height, width), **_model_params(args))))
     return 0
 
 
@@ -40,14 +40,18 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     from aekit import distributed
     from aekit.data import data_source
-    from aekit.runs import run_data, train_and_evaluate
-    from aekit.training import TrainConfig, resolve_device
+    from aekit.config import TrainConfig, resolve_device
+    from aekit.experiment import train_and_evaluate
+    from aekit.runs import run_data
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR, the run folder to continue")
-    # Each TrainConfig field is set by the flag of the same name, when given.
+    # Each TrainConfig field is set by the flag of the same name, when given; each option of
+    # the model by its own flag, into model_params.
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
+    if _model_params(args):
+        given["model_params"] = _model_params(args)
     config = _resumed_config(args.out, given) if args.resume else TrainConfig(**given)
     if args.threads is not None:
         import torch
@@ -82,11 +86,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _model_params(args) -> dict:
+    """The model options given on the command line (``--latent-dim 8`` -> ``{"latent_dim": 8}``)."""
+    from aekit.cli.parser import model_options
+
+    return {name: getattr(args, name) for name in model_options() if getattr(args, name, None) is not None}
+
+
 def _resumed_config(out: Path, given: dict):
-    """The run's config with the flags given on --resume applied (runs.resumed_config);
+    """The run's config with the flags given on --resume applied (experiment.resumed_config);
     a flag that would change what the run trains is refused, named as a flag."""
-    from aekit.runs import CONFIG, ResumeMismatch, resumed_config
-    from aekit.training import TrainConfig
+    from aekit.config import TrainConfig
+    from aekit.experiment import ResumeMismatch, resumed_config
+    from aekit.runs import CONFIG
 
     if not (out / CONFIG).is_file():
         return TrainConfig(**given)  # train_and_evaluate says that there is nothing to resume
@@ -119,7 +131,7 @@ def _interrupted(out: Path) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from aekit.runs import evaluate_run
+    from aekit.experiment import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, args.data), indent=2))
     return 0

@@ -7,8 +7,10 @@ A bad command line raises :class:`UsageError` (one line, naming the command whos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import textwrap
+import typing
 from pathlib import Path
 
 class UsageError(Exception):
@@ -46,8 +48,8 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """A run's seed (TrainConfig.seed): an int from 0 to :data:`aekit.training.MAX_SEED`."""
-    from aekit.training import MAX_SEED
+    """A run's seed (TrainConfig.seed): an int from 0 to :data:`aekit.config.MAX_SEED`."""
+    from aekit.config import MAX_SEED
 
     return _int_up_to(text, MAX_SEED)
 
@@ -137,6 +139,44 @@ def _for_models(option: str) -> str:
     return f"for --model {' or '.join(filter(None, (', '.join(names[:-1]), names[-1])))}"
 
 
+def model_options() -> dict[str, list[tuple[str, dataclasses.Field, object]]]:
+    """Every option a registered family declares in its ``Options``, by name, with the
+    (model, field, type) of each family that takes it: the flags of ``aekit train``."""
+    from aekit.models import MODELS
+
+    found: dict[str, list] = {}
+    for name, model in MODELS.items():
+        hints = typing.get_type_hints(model.Options)
+        for f in dataclasses.fields(model.Options):
+            found.setdefault(f.name, []).append((name, f, hints[f.name]))
+    return found
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """A flag for each option the families declare (``--latent-dim``, ``--widths``, ...): its
+    type, help and default read from the ``Options`` dataclasses, its value for model_params."""
+    for option, takers in model_options().items():
+        _, f, hint = takers[0]
+        defaults = list(dict.fromkeys(_default_text(taker_f) for _, taker_f, _ in takers))
+        default = defaults[0] if len(defaults) == 1 else "; ".join(
+            f"{_default_text(taker_f)} for {name}" for name, taker_f, _ in takers)
+        help_text = f"{f.metadata.get('help', option)}, {_for_models(option)} (default: {default})"
+        flag = "--" + option.replace("_", "-")
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=_OPTION_TYPES.get(hint, hint), help=help_text,
+                                metavar=option.upper() if hint in _OPTION_TYPES or hint in (int, float, str) else None)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+_OPTION_TYPES = {int: _positive_int, tuple[int, ...]: _int_list}
+
+
 def _builtin_names() -> str:
     """The built-in data sets: ``mnist, fashion-mnist, ...``."""
     from aekit.data import BUILTINS
@@ -147,7 +187,7 @@ def _builtin_names() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from aekit.models import INITS, MODELS
     from aekit.noise import KINDS
-    from aekit.training import RECIPES, SCHEDULES
+    from aekit.config import RECIPES, SCHEDULES
 
     parser = Parser(prog="aekit", description="Convolutional autoencoders for images.")
     parser.add_argument("--version", action="version", version=f"aekit {_version()}")
@@ -155,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print the network's layers, Keras style")
     p.add_argument("--model", default="seed", choices=tuple(MODELS), help=f"{_model_help()} (default: seed)")
-    p.add_argument("--latent-dim", type=_positive_int, help=f"latent size {_for_models('latent_dim')} (default: 32)")
-    p.add_argument("--widths", type=_int_list,
-                   help=f"encoder channels per level {_for_models('widths')} (default: 16,32)")
+    _add_model_options(p)
     p.add_argument("--image-shape", type=_int_list, default=(28, 28, 1), metavar="H,W,C",
                    help="input size (default: 28,28,1)")
 
@@ -173,16 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     # No argparse defaults: TrainConfig's apply where the config is built, so that a flag
     # given on --resume can be told from one left out (and checked against the run).
     p.add_argument("--data", help=f"built-in name ({_builtin_names()}) or path (default: mnist)")
-    p.add_argument("--model", choices=tuple(MODELS), help=f"{_model_help()} (default: seed)")
-    p.add_argument("--latent-dim", type=_positive_int, help=f"latent size {_for_models('latent_dim')} (default: 32)")
-    p.add_argument("--widths", type=_int_list,
-                   help=f"encoder channels per level {_for_models('widths')} (default: 16,32)")
-    p.add_argument("--beta", type=float, help=f"weight of the KL term {_for_models('beta')} (default: 1.0)")
+    p.add_argument("--model", choices=tuple(MODELS), help=f"{_model_help()} (default: pca-conv)")
+    _add_model_options(p)
     p.add_argument("--noise", metavar="KIND:AMOUNT",
                    help=f"train a denoiser on KIND noise, one of {', '.join(KINDS)} (e.g. gaussian:0.5)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe (default: default; 'blog' is the post as written)")
-    p.add_argument("--epochs", type=_positive_int, help="number of epochs (default: the recipe's)")
+    p.add_argument("--epochs", type=_positive_int,
+                   help="number of epochs (default: enough for 3,000 steps, 10 to 100, chosen by the number of "
+                        "training images; with more than 10, the best epoch on 10%% held out is kept)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--loss", choices=_loss_choices(), help="training loss (default: the recipe's)")

@@ -76,6 +76,11 @@ class ImageSource(ABC):
         finally:  # a stream's reader thread and file are let go now, not when collected
             getattr(batches, "close", lambda: None)()
 
+    @abstractmethod
+    def take(self, indices: torch.Tensor) -> ImageSource:
+        """The images at ``indices`` (k,), a source of the same kind: in that order in memory,
+        in file order for a stream (which reads its files front to back)."""
+
     def to(self, device: torch.device | str) -> ImageSource:
         """The images on ``device``; a stream stays on disk (its batches are moved by the caller)."""
         return self
@@ -101,6 +106,9 @@ class ArrayImages(ImageSource):
 
     def first(self, n: int) -> torch.Tensor:
         return self.tensor[:n]
+
+    def take(self, indices: torch.Tensor) -> ArrayImages:
+        return ArrayImages(self.tensor[indices.to(self.tensor.device)])
 
     def to(self, device: torch.device | str) -> ArrayImages:
         return ArrayImages(self.tensor.to(device))

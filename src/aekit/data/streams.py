@@ -116,6 +116,9 @@ class NpyStream(ImageStream):
     def head(self, n: int) -> NpyStream:
         return NpyStream(self.path, self.rows[:n], self.chunk, self.mix)
 
+    def take(self, indices: torch.Tensor) -> NpyStream:
+        return NpyStream(self.path, self.rows[np.sort(np.asarray(indices))], self.chunk, self.mix)
+
     def _read_chunk(self, fd: int, chunk_id: int) -> np.ndarray:
         """The stream's images in file chunk ``chunk_id``, in file order."""
         lo = chunk_id * self.chunk
@@ -203,6 +206,10 @@ class FolderStream(ImageStream):
 
     def head(self, n: int) -> FolderStream:
         return FolderStream(self.files[:n], self.resize, self.where, self.channels)
+
+    def take(self, indices: torch.Tensor) -> FolderStream:
+        return FolderStream([self.files[i] for i in np.sort(np.asarray(indices))], self.resize, self.where,
+                            self.channels)
 
     def _read(self, paths: list[Path]) -> np.ndarray:
         images = []

@@ -27,7 +27,7 @@ from aekit.models.base import (RECONSTRUCTION_OBJECTIVES, Autoencoder, Loss, NoO
 from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions, conv3x3
 from aekit.models.init import INITS, init_he_, init_keras_
 from aekit.models.registry import (MAX_IMAGE_VALUES, MAX_PARAMETERS, MODELS, build_model, check_options,
-                                   check_size, register)
+                                   check_size, register, resolve_options)
 from aekit.models.summary import summary
 
 # The families, in the order of MODELS (the CLI's choices, compare's default methods).
@@ -43,5 +43,5 @@ __all__ = [
     "MODELS", "INITS", "register", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "conv3x3",
     "RECONSTRUCTION_OBJECTIVES", "training_data", "batch_generator", "check_size", "MAX_IMAGE_VALUES",
-    "MAX_PARAMETERS",
+    "MAX_PARAMETERS", "resolve_options",
 ]

@@ -103,7 +103,7 @@ def count_parameters(model: nn.Module) -> int:
 class NoOptions:
     """The options of a family that takes none beside the image shape."""
 
-    def check(self, image_shape: tuple[int, int, int]) -> None:
+    def check(self, image_shape: tuple[int, int, int] | None) -> None:
         """Nothing to check."""
 
 
@@ -115,7 +115,8 @@ class Autoencoder(nn.Module):
     and overrides the hooks below where its family differs from the defaults. ``Options``:
     a frozen dataclass of the constructor arguments :func:`aekit.models.build_model` may pass
     beside image_shape (each field with its default and ``metadata["help"]``), with a
-    ``check(image_shape)`` that raises the one-line error of a value the family cannot take;
+    ``check(image_shape)`` that raises the one-line error of a value the family cannot take
+    (``image_shape`` None: before the data is read, the values alone);
     ``options``, the names of its fields, is set from it for every subclass.
     """
 

@@ -84,14 +84,16 @@ class ConvOptions:
     widths: tuple[int, ...] = field(default=(16, 32), metadata={
         "help": "the encoder's channels, one per 2x downsampling; the decoder mirrors them"})
 
-    def check(self, image_shape: tuple[int, int, int]) -> None:
+    def check(self, image_shape: tuple[int, int, int] | None) -> None:
         """A one-line error for a ``latent_dim``, ``widths`` or image size (C, H, W) that the
-        encoder and decoder cannot take."""
+        encoder and decoder cannot take (the size only where ``image_shape`` is known)."""
         if not is_int(self.latent_dim) or self.latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
         widths = tuple(self.widths)
         if not widths or any(not is_int(w) or w < 1 for w in widths):
             raise ValueError(f"widths must be positive integers, one per downsampling, got {widths!r}")
+        if image_shape is None:
+            return
         _, height, width = image_shape
         if min(height, width) < 2 ** len(widths) // 2:
             raise ValueError(f"images of {height}x{width} are too small for {len(widths)} downsamplings; "

@@ -50,19 +50,27 @@ def check_options(name: str, **options) -> dict:
     return given
 
 
+def resolve_options(name: str, options: dict) -> dict:
+    """Every option model ``name`` declares in its ``Options``: those in ``options`` as given
+    (sequences as tuples), the others at the family's default. Unknown names are refused as
+    :func:`check_options` refuses them; the values are checked where the model is built."""
+    given = check_options(name, **options)
+    defaults = MODELS[name].Options()
+    return {key: _plain(given.get(key, getattr(defaults, key))) for key in MODELS[name].options}
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def build_model(name: str, image_shape: tuple[int, int, int], **options) -> Autoencoder:
     """Model ``name`` of :data:`MODELS` for images of ``image_shape = (C, H, W)``, with its
     ``options`` (e.g. ``latent_dim``, ``widths`` for ``conv``); options left None take the
     defaults of the family's ``Options``. Images or a model larger than
     :data:`MAX_IMAGE_VALUES` / :data:`MAX_PARAMETERS` are refused before anything is allocated."""
-    given = check_options(name, **options)
-    cls = MODELS[name]
-    defaults = cls.Options()
-    kwargs = {key: given.get(key, getattr(defaults, key)) for key in cls.options}
-    if "widths" in kwargs:
-        kwargs["widths"] = tuple(kwargs["widths"])
+    kwargs = resolve_options(name, options)
     check_size(name, image_shape, kwargs)
-    return cls(image_shape, **kwargs)
+    return MODELS[name](image_shape, **kwargs)
 
 
 def check_size(name: str, image_shape: tuple[int, int, int], kwargs: dict) -> None:

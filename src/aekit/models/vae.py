@@ -49,7 +49,7 @@ class VAEOptions(ConvOptions):
 
     beta: float = field(default=1.0, metadata={"help": "the weight of the KL term (1.0: the plain VAE)"})
 
-    def check(self, image_shape: tuple[int, int, int]) -> None:
+    def check(self, image_shape: tuple[int, int, int] | None) -> None:
         """A one-line error for a ``beta`` that is not a non-negative number, then the conv checks."""
         if not is_real(self.beta) or not 0 <= self.beta < math.inf:
             raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {self.beta!r}")

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
-            config = dataclasses.replace(TrainConfig(epochs=args.epochs, seed=seed, limit=args.limit),
+            config = dataclasses.replace(TrainConfig(model="seed", epochs=args.epochs, seed=seed, limit=args.limit),
                                          **overrides)
             resolved = config.resolved()
             with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ BAR_AFTER_1, BAR_AFTER_20 = 0.010, 0.0030
 
 def seed_row(seed: int, epochs: int, limit: int | None, device: str, workdir: Path) -> tuple[float, float]:
     """(test MSE after epoch 1, after the last epoch) of one seed's run in ``workdir``."""
-    config = TrainConfig(seed=seed, epochs=epochs, limit=limit, device=device)
+    config = TrainConfig(model="seed", seed=seed, epochs=epochs, limit=limit, device=device)
     result = train_and_evaluate(config, workdir, progress=False)
     return result.state.history[0].val_mse, result.metrics["test_mse"]
 

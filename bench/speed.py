@@ -133,7 +133,7 @@ def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | No
 
     x, x_test = _mnist(n)
     x, x_val = prepare_images(x), prepare_images(x_test[:10])
-    config = TrainConfig(recipe=recipe, epochs=1, batch_size=batch, device=device).resolved()
+    config = TrainConfig(model="seed", recipe=recipe, epochs=1, batch_size=batch, device=device).resolved()
     fit(_aekit_model(config, device), x[:2 * batch], x_val, config, progress=False, workers=workers)  # warm up
     model = _aekit_model(config, device)
     started = time.perf_counter()
@@ -150,7 +150,7 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
 
     _, x_test = _mnist(0)
     x = prepare_images(x_test[:batch]).to(device)
-    model = _aekit_model(TrainConfig().resolved(), device).eval()
+    model = _aekit_model(TrainConfig(model="seed").resolved(), device).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def rate(images: torch.Tensor, times: int) -> list[float]:
@@ -219,7 +219,7 @@ def _quality(target: float, check_every: int) -> dict:
 
     x_train, x_test = _mnist(MNIST_TRAIN)
     x_train, x_test = prepare_images(x_train), prepare_images(x_test)
-    config = TrainConfig().resolved()
+    config = TrainConfig(model="seed").resolved()
     model = _aekit_model(config, "cpu")
     optimizer = make_optimizer(model, config)
     with fast.on_cpu(model, optimizer) as twin:  # as fit trains: aekit.fast's twin, channels_last
@@ -262,7 +262,7 @@ def _stream(path: str, train_batches: int) -> dict:
     from aekit.config import TrainConfig
     from aekit.training import make_optimizer
 
-    config = TrainConfig(recipe="blog").resolved()
+    config = TrainConfig(model="seed", recipe="blog").resolved()
     model = _aekit_model(config, "cpu")
     optimizer = make_optimizer(model, config)
     stream = NpyStream(path)

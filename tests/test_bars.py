@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_default_recipe_reaches_the_bar_after_20_epochs(mnist, tmp_path):
-    result = train_and_evaluate(TrainConfig(epochs=20, seed=0), tmp_path / "seed0", progress=False)
+    result = train_and_evaluate(TrainConfig(model="seed", epochs=20, seed=0), tmp_path / "seed0",
+                                progress=False)
     history = result.state.history
     print(f"seed 0: test MSE {history[0].val_mse:.5f} after epoch 1, {result.metrics['test_mse']:.5f} after 20")
     assert len(history) == 20 and result.metrics["n_train"] == 60_000 and result.metrics["n_test"] == 10_000

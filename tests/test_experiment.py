@@ -81,16 +81,19 @@ def test_hold_out_draws_the_same_images_on_every_call():
     assert sorted(torch.cat([a.tensor, b.tensor]).flatten().tolist()) == list(range(10))
 
 
+@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # lr=0.1: a flat first epoch
 def test_a_run_stopped_with_images_held_out_resumes_to_the_same_kept_weights(tmp_path, few, monkeypatch):
     """The best epoch's weights travel in the checkpoint: a run stopped after its best epoch
-    ends, resumed, on those weights, as the run that was never stopped."""
+    ends, resumed, on those weights, as the run that was never stopped. (A learning rate
+    high enough that the held-out loss is lowest at epoch 3 of 8, by 9%: the later epochs'
+    weights are not the kept ones.)"""
     monkeypatch.setattr(config_lib, "EPOCH_RULE_RANGE", (2, 8))  # 8 epochs, 10 images held out
     x_train, x_test = few
     np.savez(tmp_path / "few.npz", x_train=x_train, x_test=x_test)
-    config = TrainConfig(data=str(tmp_path / "few.npz"), model="conv", model_params={"latent_dim": 4}, lr=0.01)
+    config = TrainConfig(data=str(tmp_path / "few.npz"), model="conv", model_params={"latent_dim": 8}, lr=0.1)
     straight = train_and_evaluate(config, tmp_path / "straight", progress=False)
     kept = straight.metrics["kept_epoch"]
-    assert straight.metrics["epochs"] == 8
+    assert straight.metrics["epochs"] == 8 and kept < 7  # the run goes on for epochs after its best
 
     saved = runs.save_checkpoint
 

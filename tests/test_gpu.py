@@ -71,7 +71,7 @@ def images(mnist):
 
 def one_epoch(device: str, images) -> dict[str, float]:
     """One epoch of the seed network, default recipe, from the same initial weights."""
-    config = TrainConfig(epochs=1, device=device).resolved()
+    config = TrainConfig(model="seed", epochs=1, device=device).resolved()
     torch.manual_seed(0)
     model = build_model("seed", (1, 28, 28))
     INITS[config.init](model)  # on the CPU: the same weights for every device

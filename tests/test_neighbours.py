@@ -75,7 +75,8 @@ def test_fit_builds_the_graph_from_a_stream_and_lets_it_go(tmp_path, mnist, monk
     seen = []
     build = NeighbourGraph.build
     monkeypatch.setattr(NeighbourGraph, "build", classmethod(lambda cls, images: seen.append(len(images)) or build(images)))
-    state = fit(model, NpyStream(path), prepare_images(x_test[:100]), TrainConfig(epochs=1).resolved(), progress=False)
+    state = fit(model, NpyStream(path), prepare_images(x_test[:100]), TrainConfig(model="map", epochs=1).resolved(),
+                progress=False)
     assert seen == [600] and model.graph is None
     assert state.history[-1].parts["neighbours"] > 0 and np.isfinite(state.history[-1].val_loss)
 

@@ -18,7 +18,7 @@ from aekit.training import ADAM_EPS, CollapseWarning, EpochRecord, TrainState, f
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    return dataclasses.replace(TrainConfig(epochs=2, batch_size=64), **overrides).resolved()
+    return dataclasses.replace(TrainConfig(model="seed", epochs=2, batch_size=64), **overrides).resolved()
 
 
 def seeded_model(config: TrainConfig) -> SeedAutoencoder:
@@ -35,11 +35,13 @@ def mnist_small(mnist):
 
 
 def test_recipes_resolve_and_flags_override():
-    blog = TrainConfig(recipe="blog").resolved()
+    blog = TrainConfig(model="seed", recipe="blog").resolved()
     assert (blog.loss, blog.init, blog.lr, blog.batch_size, blog.schedule) == ("mse", "keras", 1e-3, 128, "constant")
-    default = TrainConfig().resolved()
+    default = TrainConfig(model="seed").resolved()
     assert (default.loss, default.init, default.schedule) == ("bce", "he", "cosine")
-    assert TrainConfig(recipe="blog", loss="bce", epochs=3).resolved().loss == "bce"
+    # The default family offers only mse: it trains on that, with the recipe's other choices.
+    assert (TrainConfig().resolved().loss, TrainConfig().resolved().init) == ("mse", "he")
+    assert TrainConfig(model="seed", recipe="blog", loss="bce", epochs=3).resolved().loss == "bce"
     assert set(RECIPES) == {"blog", "default"}
     assert ADAM_EPS == 1e-7  # Keras' Adam epsilon
 
@@ -54,7 +56,7 @@ def test_recipes_resolve_and_flags_override():
 ])
 def test_config_errors_name_the_value(field, value, message):
     with pytest.raises(ValueError, match=message):
-        dataclasses.replace(TrainConfig(), **{field: value}).resolved()
+        dataclasses.replace(TrainConfig(model="seed"), **{field: value}).resolved()
 
 
 def test_cosine_schedule_runs_from_peak_to_zero():
@@ -201,7 +203,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist_small):
 @pytest.mark.slow
 def test_default_recipe_reaches_the_bar_after_one_epoch(mnist):
     (x_train, _), (x_test, _) = mnist
-    config = TrainConfig(epochs=1).resolved()
+    config = TrainConfig(model="seed", epochs=1).resolved()
     model = seeded_model(config)
     state = fit(model, prepare_images(x_train), prepare_images(x_test), config, progress=False)
     assert state.history[0].val_mse <= 0.010
@@ -400,6 +402,27 @@ def test_the_readme_library_example_runs_as_written(mnist):
         assert state.epoch == 1 and math.isfinite(state.history[0].val_mse)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_fit_trains_the_model_it_is_given_on_that_models_objective(mnist):
+    """TrainConfig() names the default family, pca-conv, whose only objective is mse; fit
+    trains the model it is given, here the seed network, on the recipe's loss (bce), which
+    that model offers: the config's family does not choose another model's loss."""
+    seen = []
+
+    class Recording(SeedAutoencoder):
+        def loss(self, x, target, objective):
+            seen.append(objective)
+            return super().loss(x, target, objective)
+
+    config = TrainConfig(epochs=1)
+    assert config.resolved().loss == "mse" and config.resolved(Recording()).loss == "bce"
+    x = mnist[0][0][:64]
+    fit(Recording(), x, x[:32], config, progress=False)
+    assert seen and set(seen) == {"bce"}
+    with pytest.raises(ValueError, match=r"unknown loss 'l1'; expected one of mse, bce \(the objectives "
+                                         r"ForwardOnly offers\)"):
+        fit(ForwardOnly(), x, x[:32], TrainConfig(epochs=1, loss="l1"), progress=False)
 
 
 def test_fit_trains_a_users_own_module(mnist):

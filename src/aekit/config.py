@@ -129,8 +129,10 @@ class TrainConfig:
     data_source: str | None = None  # set by the run: where `data` was found (aekit.data.data_source)
     chosen: dict[str, str] = field(default_factory=dict)  # field -> the rule that chose its value from the data
 
-    def resolved(self) -> TrainConfig:
-        """A copy with the recipe's values filled in and every field validated."""
+    def resolved(self, model: torch.nn.Module | None = None) -> TrainConfig:
+        """A copy with the recipe's values filled in and every field validated. The loss is
+        one the model offers: that of ``model`` when one is given to be trained with this
+        config (:func:`aekit.training.fit`'s own), else that of the family ``self.model``."""
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
         recipe = dataclasses.asdict(RECIPES[self.recipe])
@@ -138,7 +140,7 @@ class TrainConfig:
         filled = {k: plain(recipe[k] if getattr(self, k) is None and k in recipe else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         # A model owns its objective: one that does not offer the recipe's loss trains on its first.
-        offered = models.MODELS[self.model].objectives if self.model in models.MODELS else ()
+        offered = _objectives(self.model, model)[0] if model is not None or self.model in models.MODELS else ()
         if self.loss is None and offered and recipe["loss"] not in offered:
             filled["loss"] = offered[0]
         if not isinstance(self.model_params, dict):
@@ -146,10 +148,12 @@ class TrainConfig:
         if self.model in models.MODELS:
             filled["model_params"] = models.resolve_options(self.model, {k: plain(v) for k, v in self.model_params.items()})
         config = TrainConfig(**filled)
-        config.validate()
+        config.validate(model)
         return config
 
-    def validate(self) -> None:
+    def validate(self, model: torch.nn.Module | None = None) -> None:
+        """Raise a one-line ValueError for a field that no run can take; the loss must be one
+        that ``model`` (as in :meth:`resolved`) offers."""
         def positive(name: str, value) -> None:
             if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -173,10 +177,10 @@ class TrainConfig:
         for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("init", self.init, tuple(INITS))):
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
-        offered = models.MODELS[self.model].objectives
+        offered, owner = _objectives(self.model, model)
         if self.loss is not None and self.loss not in offered:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {', '.join(offered)} "
-                             f"(the objectives model={self.model!r} offers)")
+                             f"(the objectives {owner} offers)")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be true or false, got {self.stream!r}")
         if self.device != "auto":
@@ -206,6 +210,14 @@ class TrainConfig:
     def options(self) -> dict[str, Any]:
         """Every option of the model, those not in ``model_params`` at the family's default."""
         return models.resolve_options(self.model, self.model_params)
+
+
+def _objectives(name: str, model: torch.nn.Module | None) -> tuple[tuple[str, ...], str]:
+    """(the objectives offered, who offers them): ``model``'s own when given (a module
+    without ``objectives`` is trained on reconstruction alone), else family ``name``'s."""
+    if model is None:
+        return models.MODELS[name].objectives, f"model={name!r}"
+    return getattr(model, "objectives", models.RECONSTRUCTION_OBJECTIVES), type(model).__name__
 
 
 def resolve_device(name: str = "auto") -> torch.device:

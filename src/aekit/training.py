@@ -348,7 +348,7 @@ def fit(
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
-    config = config.resolved()
+    config = config.resolved(model)  # the loss is one this model offers, whatever config.model names
     device = _check_trainable(model, config.loss)
     x_train, x_val = as_images(x_train, "fit: x_train"), as_images(x_val, "fit: x_val")
     if config.epochs is None:  # the rule a run applies: aekit.config.default_epochs

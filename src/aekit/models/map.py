@@ -4,8 +4,8 @@ Trained on the reconstruction loss plus a neighbourhood term in the manner of Pa
 UMAP (Sainburg, McInnes & Gentner 2021). When a run starts,
 :meth:`MapAutoencoder.training_data` finds the :data:`NEIGHBOURS` nearest neighbours of
 every image of (a random sample of) the training images. Each training step then also
-encodes a sample of that graph, :data:`SEEDS_PER_IMAGE` random images per image of the batch
-with :data:`PER_SEED` of each one's neighbours, and minimises UMAP's cross-entropy in the
+encodes a sample of that graph, :data:`HEADS_PER_IMAGE` random images per image of the batch
+with :data:`PER_HEAD` of each one's neighbours, and minimises UMAP's cross-entropy in the
 code space over every graph edge between two images of the sample, with the batch's own
 images (random images) as the negative samples::
 
@@ -16,7 +16,7 @@ images (random images) as the negative samples::
 The attraction pulls the two ends of each edge together; the repulsion pushes every head
 away from random images, weighted as UMAP's :data:`NEGATIVES` negative samples per edge.
 Drawing neighbours together gives several edges per encoded image (the neighbours of a
-seed are often each other's), which is what makes the term affordable on a CPU.
+head are often each other's), which is what makes the term affordable on a CPU.
 
 The reconstruction term is the conv autoencoder's (``"bce"`` or ``"mse"``). The encoder and
 decoder are :class:`~aekit.models.blocks.ConvEncoder` / :class:`~aekit.models.blocks.ConvDecoder`
@@ -44,8 +44,8 @@ from aekit.models.registry import register
 
 HIDDEN = 256            # the dense layer between the conv features and the code, both ways
 NEIGHBOURS = 15         # k of the graph (UMAP's default n_neighbors)
-SEEDS_PER_IMAGE = 1     # graph images drawn at random per image of the batch ...
-PER_SEED = 7            # ... each with this many of its neighbours
+HEADS_PER_IMAGE = 1     # graph images drawn at random per image of the batch ...
+PER_HEAD = 7            # ... each with this many of its neighbours
 NEGATIVES = 5           # negative samples per edge (UMAP's negative_sample_rate)
 WEIGHT = 1.0            # the neighbourhood term's weight beside the per-pixel reconstruction
 GRAPH_IMAGES = 60000    # the graph's images: a random sample of at most this many ...
@@ -81,14 +81,14 @@ class NeighbourGraph:
         neighbours = NearestNeighbors(n_neighbors=k).fit(flat).kneighbors(return_distance=False)  # (n, k)
         return cls(images, torch.from_numpy(neighbours))
 
-    def sample(self, seeds: int, per_seed: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``seeds`` random images and ``per_seed`` random neighbours of each: (index (g,)
+    def sample(self, heads: int, per_head: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``heads`` random images and ``per_head`` random neighbours of each: (index (g,)
         of the distinct images drawn, edges (m, 2) as positions in ``index``): every edge
         of the graph from one of them to another."""
         n, k = self.neighbours.shape
-        heads = torch.randint(n, (seeds,), generator=generator)
-        chosen = torch.rand(seeds, k, generator=generator).argsort(1)[:, :per_seed]     # (seeds, per_seed)
-        index = torch.cat([heads, self.neighbours[heads].gather(1, chosen).flatten()]).unique()  # (g,)
+        drawn = torch.randint(n, (heads,), generator=generator)
+        chosen = torch.rand(heads, k, generator=generator).argsort(1)[:, :per_head]     # (heads, per_head)
+        index = torch.cat([drawn, self.neighbours[drawn].gather(1, chosen).flatten()]).unique()  # (g,)
         position = torch.full((n,), -1, dtype=torch.long)
         position[index] = torch.arange(len(index))
         tails = position[self.neighbours[index]]                                         # (g, k); -1: not drawn
@@ -161,7 +161,7 @@ class MapAutoencoder(Autoencoder):
         if self.graph is None or not self.training:
             return recon
         generator = batch_generator(self.graph_seed, x, device="cpu")  # the graph's indices live on the CPU
-        index, edges = self.graph.sample(SEEDS_PER_IMAGE * len(x), PER_SEED, generator)
+        index, edges = self.graph.sample(HEADS_PER_IMAGE * len(x), PER_HEAD, generator)
         z = self.encoder(self.graph.images[index])                                       # (g, d)
         head, tail = z[edges[:, 0]], z[edges[:, 1]]                                      # (m, d)
         attract = -torch.log(umap_similarity((head - tail).pow(2).sum(1)))               # (m,)

@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -74,16 +75,59 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(scope="session")
-def small_run(tmp_path_factory, mnist):
-    """A trained run folder: the seed network, one epoch on 300 MNIST images. Shared by
-    the report and export tests; a test that changes the folder works on a copy."""
+# Trained run folders, one per kind of run (family x data x epochs), each trained once per
+# session and shared by every test file that asks for that kind. They are read-only by
+# convention: a test that changes a run folder (writes a report or an export into it,
+# damages a file) works on a copy (copy_run).
+
+def train_run(tmp_path_factory, name: str, *flags: str):
+    """``aekit train FLAGS --out <fresh folder>/NAME --quiet``, the folder it wrote."""
     from aekit.cli import main
 
-    out = tmp_path_factory.mktemp("small-run") / "seed"
-    if main(["train", "--model", "seed", "--limit", "300", "--epochs", "1", "--out", str(out), "--quiet"]) != 0:
-        pytest.fail("training the small run failed")
+    out = tmp_path_factory.mktemp(name) / name
+    if main(["train", *flags, "--out", str(out), "--quiet"]) != 0:
+        pytest.fail(f"training the shared run {name} ({' '.join(flags)}) failed")
     return out
+
+
+def copy_run(run, dest):
+    """A copy of a run folder without its report, for tests that change it."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("report.html"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, mnist):
+    """The seed network, one epoch on 300 MNIST images (report, export, io, inference, estimator)."""
+    return train_run(tmp_path_factory, "seed", "--model", "seed", "--limit", "300", "--epochs", "1")
+
+
+@pytest.fixture(scope="session")
+def seed_1500_run(tmp_path_factory, mnist):
+    """The seed network, two epochs on 1,500 MNIST images (the CLI's run folder, and the
+    plain control that the denoising run is measured against)."""
+    return train_run(tmp_path_factory, "seed1500", "--model", "seed", "--limit", "1500", "--epochs", "2")
+
+
+@pytest.fixture(scope="session")
+def conv_run(tmp_path_factory, mnist):
+    """model="conv" with a 2-number code, one epoch on 300 MNIST images (report's latent grid, export)."""
+    return train_run(tmp_path_factory, "conv", "--model", "conv", "--latent-dim", "2", "--limit", "300",
+                     "--epochs", "1")
+
+
+@pytest.fixture(scope="session")
+def pca_conv_run(tmp_path_factory, mnist):
+    """model="pca-conv" with a 4-number code, one epoch on 300 MNIST images (export)."""
+    return train_run(tmp_path_factory, "pca-conv", "--model", "pca-conv", "--latent-dim", "4", "--limit", "300",
+                     "--epochs", "1")
+
+
+@pytest.fixture(scope="session")
+def map_run(tmp_path_factory, mnist):
+    """model="map" with a 2-number code, one epoch on 300 MNIST images (sample --grid, export)."""
+    return train_run(tmp_path_factory, "map", "--model", "map", "--latent-dim", "2", "--limit", "300",
+                     "--epochs", "1")
 
 
 @pytest.fixture

@@ -30,10 +30,9 @@ from conftest import one_error_line
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--model", "seed", "--limit", "1500", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
-    return out
+def trained_run(seed_1500_run):
+    """conftest's shared seed run (1,500 images, 2 epochs); read-only: a test that changes it copies it."""
+    return seed_1500_run
 
 
 def test_summary_prints_the_blog_table(capsys):

@@ -10,9 +10,7 @@ import torch
 
 from aekit.cli import main
 from aekit.export import ONNX_FILES, export_onnx
-from aekit.experiment import train_and_evaluate
 from aekit.runs import RunError, load_model
-from aekit.config import TrainConfig
 from conftest import need, one_error_line
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -30,27 +28,8 @@ def seed_run(small_run, tmp_path_factory):
     return out
 
 
-def trained_run(tmp_path_factory, model: str, latent_dim: int):
-    """A run folder of ``model``: one epoch on 300 MNIST images."""
-    out = tmp_path_factory.mktemp("export") / model
-    options = {} if latent_dim is None else {"latent_dim": latent_dim}
-    train_and_evaluate(TrainConfig(model=model, model_params=options, epochs=1, limit=300), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def conv_run(tmp_path_factory, mnist):
-    return trained_run(tmp_path_factory, "conv", latent_dim=2)
-
-
-@pytest.fixture(scope="module")
-def pca_conv_run(tmp_path_factory, mnist):
-    return trained_run(tmp_path_factory, "pca-conv", latent_dim=4)
-
-
-@pytest.fixture(scope="module")
-def map_run(tmp_path_factory, mnist):
-    return trained_run(tmp_path_factory, "map", latent_dim=2)
+# conv_run, pca_conv_run and map_run are conftest's shared runs: the library exports them
+# into another folder, so they stay as trained.
 
 
 @pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run", "map_run"])

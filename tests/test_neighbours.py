@@ -94,7 +94,7 @@ def test_map_codes_keep_neighbours_better_than_the_plain_autoencoders(mnist):
     assert accuracy["map"] > accuracy["conv"] + 0.2, accuracy
 
 
-def test_cli_trains_a_map_and_draws_its_decoded_grid(tmp_path, capsys, mnist):
+def test_cli_trains_a_map_and_draws_its_decoded_grid(map_run, tmp_path, capsys):
     """`aekit train --model map` and `aekit sample RUN --grid SIDE`: the grid the report shows,
     decoded from the codes of the run's test images; a run without a 2-number code, and --n or
     --seed beside --grid, are refused."""
@@ -105,9 +105,7 @@ def test_cli_trains_a_map_and_draws_its_decoded_grid(tmp_path, capsys, mnist):
     from aekit.plots import latent_grid
     from aekit.runs import load_model, load_split
 
-    run, grid = tmp_path / "run", tmp_path / "grid.png"
-    assert main(["train", "--model", "map", "--latent-dim", "2", "--limit", "300", "--epochs", "1",
-                 "--out", str(run), "--quiet"]) == 0
+    run, grid = map_run, tmp_path / "grid.png"  # aekit train --model map --latent-dim 2 --limit 300 --epochs 1
     assert main(["sample", str(run), "--grid", "4", "--out", str(grid)]) == 0
     model, config = load_model(run)
     expected = latent_grid(model, encode(model, load_split(config, None)[1].first(2000)), n=4).image

@@ -22,7 +22,7 @@ from aekit.models import build_model
 from aekit.report import GRID_SIDE, N_LATENTS, write_report
 from aekit.runs import RunError, load_model, load_split, read_config, save_weights
 from aekit.config import TrainConfig
-from conftest import need, one_error_line
+from conftest import copy_run, need, one_error_line
 
 N_FIGURES = 4  # reconstructions, loss curves, error histogram, denoising
 N_IMAGES = N_FIGURES + 2  # and the latent map's two sprite sheets (originals, reconstructions)
@@ -38,12 +38,6 @@ def run(small_run, tmp_path_factory):
 def report(run):
     assert main(["report", str(run)]) == 0
     return run / "report.html"
-
-
-def copy_run(run, dest):
-    """A copy of a run folder without its report, for tests that change it."""
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("report.html"))
-    return dest
 
 
 class Resources(HTMLParser):
@@ -346,11 +340,8 @@ def test_a_2d_model_shows_its_decoded_grid(small_2d_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_2d_run(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("report-2d") / "conv2"
-    assert main(["train", "--model", "conv", "--latent-dim", "2", "--limit", "300", "--epochs", "1",
-                 "--out", str(out), "--quiet"]) == 0
-    return out
+def small_2d_run(conv_run, tmp_path_factory):
+    return copy_run(conv_run, tmp_path_factory.mktemp("report-2d") / "conv2")  # the report writes into it
 
 
 def test_latent_grid_decodes_corners_the_right_way_up(small_2d_run, mnist):

@@ -25,7 +25,7 @@ def digits(mnist):
     return mnist[1][0][:12]
 
 
-def test_denoise_arrays_and_folders(denoiser, digits, tmp_path, rng):
+def test_denoise_arrays_and_folders(denoiser, seed_1500_run, digits, tmp_path, rng):
     clean = digits / np.float32(255)
     noisy = np.clip(clean + rng.normal(0, 0.3, clean.shape), 0, 1).astype(np.float32)
     np.save(tmp_path / "noisy.npy", noisy)
@@ -35,8 +35,7 @@ def test_denoise_arrays_and_folders(denoiser, digits, tmp_path, rng):
     denoised_mse = ((cleaned - clean) ** 2).mean()
     assert denoised_mse < ((noisy - clean) ** 2).mean()
     # The control: the same run without --noise learned to copy, noise included.
-    plain = tmp_path / "plain"
-    assert main(["train", "--model", "seed", "--limit", "1500", "--epochs", "2", "--out", str(plain), "--quiet"]) == 0
+    plain = seed_1500_run  # aekit train --model seed --limit 1500 --epochs 2, trained once in conftest
     assert main(["denoise", str(plain), str(tmp_path / "noisy.npy"), "--out", str(tmp_path / "copied.npy")]) == 0
     copied_mse = ((np.load(tmp_path / "copied.npy") - clean) ** 2).mean()
     print(f"denoised {denoised_mse:.4f}, copied {copied_mse:.4f}")

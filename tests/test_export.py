@@ -11,7 +11,8 @@ import torch
 from aekit.cli import main
 from aekit.export import ONNX_FILES, export_onnx
 from aekit.experiment import train_and_evaluate
-from aekit.runs import RunError, load_model
+from aekit.runs import RunError
+from aekit.weights import load_model
 from aekit.config import TrainConfig
 from conftest import need, one_error_line
 

@@ -1,8 +1,11 @@
-"""Training: the plain PyTorch loop, and the models a run starts from.
+"""Training: the plain PyTorch loop.
 
 :func:`fit` trains a model on images for the epochs a :class:`~aekit.config.TrainConfig`
-says (its recipe fills what is left unset); :mod:`aekit.experiment` wraps it with the rules
-that choose from the data, the run folder and the estimator, so that ``aekit train`` and
+says (its recipe fills what is left unset), one optimiser step at a time
+(:func:`train_step`), and hands on its progress (:mod:`aekit.progress`) at each epoch's end
+and at Ctrl-C (:class:`HeldInterrupts`). The model and optimiser a run starts from are
+:mod:`aekit.start`'s; :mod:`aekit.experiment` wraps fit with the rules that choose from the
+data, the run folder and the estimator, so that ``aekit train`` and
 ``ConvAutoencoder().fit`` train the same way.
 """
 
@@ -16,23 +19,20 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from aekit import distributed, fast, models
-from aekit._typed import from_plain
-from aekit.config import RECIPES, TrainConfig, default_epochs
+from aekit.collapse import CollapseWarning, collapse_hint
+from aekit.config import TrainConfig, default_epochs
 from aekit.data import as_images
 from aekit.inference import evaluate
-from aekit.models import INITS
 from aekit.noise import add_noise, noise_generator, parse_noise
+from aekit.progress import EpochRecord, TrainState
+from aekit.start import learning_rate, make_optimizer
 
 log = logging.getLogger("aekit")
-
-
-ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
 # ------------------------------------------------------------------------- the data
@@ -58,143 +58,6 @@ def _check_trainable(model: nn.Module, loss: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------- the loop
-
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """The recipe's learning rate at optimiser step ``step`` of ``total_steps``."""
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    loss: float
-    val_loss: float
-    val_mse: float
-    seconds: float
-    images_per_second: float
-    parts: dict[str, float] = field(default_factory=dict)  # the objective's named parts, and val_ ones
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds beside the weights and the optimiser.
-
-    Between epochs ``step``, ``loss_sum`` and ``seconds`` are 0. A state that :func:`fit`
-    hands to ``on_interrupt`` is part-way through epoch ``epoch + 1``: its first ``step``
-    batches are trained, with the summed loss ``loss_sum`` and the time ``seconds`` so far
-    (on rank 0 of a DDP run, that rank's rows); the shuffle, the noise and the learning rate
-    of the batches left follow from (seed, epoch, step), so training goes on exactly.
-    Checkpoints from before these fields load as a state between epochs.
-    """
-
-    epoch: int = 0                                   # epochs completed
-    history: list[EpochRecord] = field(default_factory=list)
-    best_val_loss: float = math.inf
-    epochs_since_best: int = 0
-    best_epoch: int = 0                              # the epoch of best_val_loss (0: none yet)
-    stopped_early: bool = False
-    step: int = 0                                    # batches done of epoch `epoch + 1`
-    steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
-    loss_sum: float = 0.0                            # those batches' summed loss
-    seconds: float = 0.0                             # and their time
-    parts_sum: dict[str, float] = field(default_factory=dict)  # and their summed loss parts
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainState:
-        state = from_plain(cls, data, "state")
-        if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
-            raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
-        if not 0 <= state.step <= state.steps_per_epoch:
-            raise ValueError(f"inconsistent progress: step {state.step} of {state.steps_per_epoch}")
-        return state
-
-    def finish_epoch(self, record: EpochRecord) -> None:
-        self.history.append(record)
-        self.epoch, self.step, self.loss_sum, self.seconds, self.parts_sum = record.epoch, 0, 0.0, 0.0, {}
-
-
-_CONSTANT = "the reconstructions are nearly constant: every image decodes to the same picture"
-_STUCK = "Training on will not leave it"
-COLLAPSE = f"{_CONSTANT} (the blank-output plateau of sigmoid + MSE). {_STUCK}"
-COLLAPSE_HINT = f'{COLLAPSE}; use recipe="default" (binary cross-entropy, He init) or loss="bce"'
-
-
-def collapse_hint(model: nn.Module, loss: str, lr: float) -> str:
-    """What the collapse warning says for ``model`` trained on ``loss`` at ``lr``: binary
-    cross-entropy only where the model offers it (:func:`aekit.models.objectives`) and
-    trains on MSE, whose sigmoid plateau it leaves; a lower lr where ``lr`` is above every
-    recipe's, since a step that large can throw the weights where every image decodes alike."""
-    plateau = loss == "mse" and "bce" in models.objectives(model)
-    top = max(recipe.lr for recipe in RECIPES.values())
-    fixes = ['use recipe="default" (binary cross-entropy, He init) or loss="bce"'] if plateau else []
-    if lr > top:
-        fixes.append(f"lr={lr:g} is above every recipe's (at most {top:g}): lower lr")
-    fixes = fixes or ["lower lr, or check the data: images with nothing in common decode best as one average"]
-    return f"{COLLAPSE if plateau else f'{_CONSTANT}. {_STUCK}'}; {'; '.join(fixes)}"
-
-
-class CollapseWarning(UserWarning):
-    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit);
-    ``hint`` is what to do about it (:func:`collapse_hint`)."""
-
-    def __init__(self, epoch: int, hint: str = COLLAPSE_HINT):
-        super().__init__(f"epoch {epoch}: {hint}")
-        self.epoch = epoch
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Inside: torch's global CPU generator seeded by ``seed``, for the draws PyTorch's layers
-    make when built (and a model's own seeds, e.g. a VAE's noise_seed). After: the caller's
-    generator state back, as if nothing had been drawn.
-
-    Models are built on the CPU and moved afterwards, so only the CPU generator draws; it
-    alone is seeded (``torch.manual_seed`` would also reseed every GPU's generator, which
-    the fork does not restore). Not thread-safe, as torch's global generator itself.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
-
-
-def model_for(config: TrainConfig) -> nn.Module:
-    """The untrained model ``config`` describes: ``config.model`` for ``config.image_shape``
-    with its options; its weights as PyTorch initialises them under :func:`seeded`
-    (``config.seed``), so that the seeds a model draws when built (a VAE's noise_seed, a
-    map's graph_seed) are those it trained with. torch's global generator is left as found."""
-    with seeded(config.seed):
-        return _build(config)
-
-
-def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model a run with ``config`` starts from: :func:`model_for`, then initialised by
-    ``config.init`` from the same seeded draws, on ``device``. torch's global generator is
-    left as found."""
-    with seeded(config.seed):
-        model = _build(config)
-        INITS[config.init](model)
-    return model.to(device)
-
-
-def _build(config: TrainConfig) -> nn.Module:
-    """:func:`model_for` without the seeding: the draws come from the global generator."""
-    if config.image_shape is None:
-        raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
-    return models.build_model(config.model, config.image_shape, **config.model_params)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with Keras' epsilon; the fused kernel where PyTorch has one for the device.
-
-    Fused Adam is the same update in one kernel per step instead of a dozen small ops per
-    parameter (measured: 3-6% of a CPU training step, bench/RESULTS.md).
-    """
-    params = list(model.parameters())
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=fused)
-
 
 def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
                optimizer: torch.optim.Optimizer, micro_batch: int, pool: fast.ChunkPool | None = None,
@@ -485,6 +348,4 @@ def fit(
     return state
 
 
-__all__ = ["TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
-           "learning_rate", "make_optimizer", "model_for", "new_model", "seeded",
-           "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]
+__all__ = ["TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts"]

@@ -13,8 +13,9 @@ class PCAReconstructor(_ImageReconstructor):
     """PCA (scikit-learn) with the autoencoder's verbs: the linear baseline.
 
     ``latent_dim`` is the number of principal components, named as in
-    :class:`ConvAutoencoder` so that one grid search covers both. ``transform`` gives the
-    component scores; ``inverse_transform`` maps them back to images (clipped to [0, 1]).
+    :class:`~aekit.estimator.ConvAutoencoder` so that one grid search covers both.
+    ``transform`` gives the component scores; ``inverse_transform`` maps them back to
+    images (clipped to [0, 1]).
     """
 
     def __init__(self, latent_dim=32, contamination=0.01, image_shape=None, random_state=None):

@@ -1,9 +1,10 @@
 """Training: the plain PyTorch loop.
 
 :func:`fit` trains a model on images for the epochs a :class:`~aekit.config.TrainConfig`
-says (its recipe fills what is left unset), one optimiser step at a time
-(:func:`train_step`), and hands on its progress (:mod:`aekit.progress`) at each epoch's end
-and at Ctrl-C (:class:`HeldInterrupts`). The model and optimiser a run starts from are
+says (its recipe fills what is left unset), one epoch at a time (:func:`_train_epoch`), one
+optimiser step at a time (:func:`train_step`), and hands on its progress
+(:mod:`aekit.progress`) at each epoch's end and at Ctrl-C
+(:class:`HeldInterrupts`). The model and optimiser a run starts from are
 :mod:`aekit.start`'s; :mod:`aekit.experiment` wraps fit with the rules that choose from the
 data, the run folder and the estimator, so that ``aekit train`` and
 ``ConvAutoencoder().fit`` train the same way.
@@ -26,9 +27,9 @@ from torch import nn
 from aekit import distributed, fast, models
 from aekit.collapse import CollapseWarning, collapse_hint
 from aekit.config import TrainConfig, default_epochs
-from aekit.data import as_images
+from aekit.data import ImageSource, as_images
 from aekit.inference import evaluate
-from aekit.noise import add_noise, noise_generator, parse_noise
+from aekit.noise import Noise, add_noise, noise_generator, parse_noise
 from aekit.progress import EpochRecord, TrainState
 from aekit.start import learning_rate, make_optimizer
 
@@ -153,6 +154,88 @@ class HeldInterrupts:
             raise KeyboardInterrupt
 
 
+def _train_epoch(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 x_train: ImageSource, x_val: ImageSource, config: TrainConfig, state: TrainState,
+                 ranks: distributed.Ranks, device: torch.device, micro_batch: int, pool: fast.ChunkPool | None,
+                 chooser: fast.PoolOrNot | None, noise: Noise | None, interrupts: HeldInterrupts,
+                 progress: bool, saves_interrupt: Callable[[], bool]) -> tuple[EpochRecord, bool]:
+    """Train epoch ``state.epoch + 1`` from its step ``state.step`` (0, or where an
+    interrupted run stopped) to its end, then validate ``model`` on ``x_val``.
+
+    ``x_train`` and ``x_val`` are image sources of (n, C, H, W) floats in [0, 1] (a stream's
+    batches are moved to ``device`` as read); the batches' order, noise and learning rate
+    follow from (``config.seed``, epoch, step). ``train_model`` is the model the steps run
+    (fast, and DDP-wrapped under torchrun: see :func:`fit`); ``state.step`` counts the steps
+    taken. Where ``saves_interrupt()`` says a Ctrl-C is handed on, the epoch's sums so far
+    go into ``state`` first (``loss_sum``, ``seconds``, ``parts_sum``), so that a checkpoint
+    of it goes on exactly.
+
+    Returns (the epoch's record, whether its reconstructions collapsed), with ``interrupts``
+    held: the caller puts the record into ``state`` and releases them.
+    """
+    from tqdm.auto import tqdm
+
+    epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
+    n, steps_per_epoch = len(x_train), state.steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
+    batches = (xb.to(device, non_blocking=True)  # a stream's batches come from disk
+               for xb in x_train.batches(config.batch_size, config.seed, epoch))
+    bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
+               leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+    # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
+    loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
+    parts_sum = {k: torch.tensor(v if ranks.is_main else 0.0, device=device) for k, v in state.parts_sum.items()}
+    generator = noise_generator(config.seed, epoch, device) if noise is not None else None
+    started = time.perf_counter() - state.seconds
+    try:
+        for step, xb in enumerate(batches):
+            if step < done:  # trained before: draw its noise again, so that the rest match
+                if generator is not None:
+                    add_noise(xb, noise, generator)
+                continue
+            interrupts.hold()  # until the step is taken and counted
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+            x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
+            rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+            inputs, _ = ranks.share(x_in)
+            use_pool = chooser.pool_now() if chooser is not None else pool is not None
+            step_started = time.perf_counter()
+            step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
+                                               pool if use_pool else None, weight=weight)
+            if not weight:  # a stand-in row so this rank joins the all-reduce; not data
+                step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
+            loss_sum += step_loss
+            _add_parts(parts_sum, step_parts)  # every rank names every part, for ranks.sum
+            state.step = step + 1
+            interrupts.release()
+            if chooser is not None:
+                chooser.record(use_pool, time.perf_counter() - step_started)
+            if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
+                bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+        epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+        parts = {name: ranks.sum(value).item() / n for name, value in sorted(parts_sum.items())}
+        seconds = time.perf_counter() - started
+        result = evaluate(model, x_val, config.loss, workers=1 if ranks.size > 1 else None)
+        parts.update({f"val_{name}": value for name, value in result.parts.items()})
+        record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
+                             val_mse=result.mse, seconds=seconds, images_per_second=n / seconds,
+                             parts=parts)
+        if progress:
+            bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
+                            img_s=f"{record.images_per_second:,.0f}")
+        bar.close()
+        interrupts.hold()  # the epoch's results go into the state together
+    except KeyboardInterrupt:
+        if saves_interrupt() and state.step:  # part-way through the epoch
+            state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+            state.parts_sum = {name: float(value) for name, value in parts_sum.items()}
+        raise
+    return record, result.collapsed
+
+
 def fit(
     model: nn.Module,
     x_train,
@@ -207,8 +290,6 @@ def fit(
     as the machine's load changes) how many threads run chunks side by side
     (:class:`ChunkPool`); they change the speed, not the step.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
     config = config.resolved()
@@ -218,9 +299,7 @@ def fit(
         config.epochs, _ = default_epochs(len(x_train), config.batch_size)
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
-    n = len(x_train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     if micro_batch is None:
         micro_batch = fast.default_micro_batch(device, config.batch_size)
     elif isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
@@ -250,6 +329,12 @@ def fit(
     state.steps_per_epoch = steps_per_epoch
     began = (state.epoch, state.step)
     interrupts = HeldInterrupts()
+
+    def saves_interrupt() -> bool:
+        """Whether a Ctrl-C now hands the state to ``on_interrupt``: between two steps, and
+        with training past where this call started."""
+        return on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began
+
     collapse_warned = False
     # On the CPU: the model made fast (aekit.fast), channels_last, for the whole of training.
     speed = contextlib.ExitStack()
@@ -268,60 +353,12 @@ def fit(
         if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
             interrupts.install()
         while state.epoch < config.epochs and not state.stopped_early:
-            epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
             fast_model.train()
-            batches = (xb.to(device, non_blocking=True)  # a stream's batches come from disk
-                       for xb in x_train.batches(config.batch_size, config.seed, epoch))
-            bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
-                       leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
-            # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
-            loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
-            parts_sum = {k: torch.tensor(v if ranks.is_main else 0.0, device=device)
-                         for k, v in state.parts_sum.items()}
-            generator = noise_generator(config.seed, epoch, device) if noise is not None else None
-            started = time.perf_counter() - state.seconds
-            for step, xb in enumerate(batches):
-                if step < done:  # trained before: draw its noise again, so that the rest match
-                    if generator is not None:
-                        add_noise(xb, noise, generator)
-                    continue
-                interrupts.hold()  # until the step is taken and counted
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-                x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
-                rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
-                inputs, _ = ranks.share(x_in)
-                use_pool = chooser.pool_now() if chooser is not None else pool is not None
-                step_started = time.perf_counter()
-                step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
-                                                   pool if use_pool else None, weight=weight)
-                if not weight:  # a stand-in row so this rank joins the all-reduce; not data
-                    step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
-                loss_sum += step_loss
-                _add_parts(parts_sum, step_parts)  # every rank names every part, for ranks.sum
-                state.step = step + 1
-                interrupts.release()
-                if chooser is not None:
-                    chooser.record(use_pool, time.perf_counter() - step_started)
-                if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
-                    bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
-            epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
-            parts = {name: ranks.sum(value).item() / n for name, value in sorted(parts_sum.items())}
-            seconds = time.perf_counter() - started
-            result = evaluate(model, x_val, config.loss, workers=1 if ranks.size > 1 else None)
-            parts.update({f"val_{name}": value for name, value in result.parts.items()})
-            record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
-                                 val_mse=result.mse, seconds=seconds, images_per_second=n / seconds,
-                                 parts=parts)
-            if progress:
-                bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
-                                img_s=f"{record.images_per_second:,.0f}")
-            bar.close()
-            interrupts.hold()  # the epoch's results go into the state together
-            state.finish_epoch(record)
-            if result.collapsed and not collapse_warned:  # once: training on will not leave it
+            record, collapsed = _train_epoch(model, train_model, optimizer, x_train, x_val, config, state,
+                                             ranks, device, micro_batch, pool, chooser, noise, interrupts,
+                                             progress, saves_interrupt)
+            state.finish_epoch(record)  # interrupts held by _train_epoch: the results go in together
+            if collapsed and not collapse_warned:  # once: training on will not leave it
                 warnings.warn(CollapseWarning(state.epoch, collapse_hint(model, config.loss, config.lr)), stacklevel=2)
                 collapse_warned = True
             if record.val_loss < state.best_val_loss:
@@ -331,15 +368,12 @@ def fit(
                 if config.patience is not None and state.epochs_since_best >= config.patience:
                     state.stopped_early = True
                     log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
-                                epoch + 1, config.patience)
+                                record.epoch, config.patience)
             interrupts.release()
             if on_epoch_end is not None:
                 on_epoch_end(model, optimizer, state)
     except KeyboardInterrupt:
-        if on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began:
-            if state.step:  # part-way through an epoch
-                state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
-                state.parts_sum = {name: float(value) for name, value in parts_sum.items()}
+        if saves_interrupt():
             on_interrupt(model, optimizer, state)
         raise
     finally:

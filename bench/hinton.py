@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from aekit import ConvAutoencoder  # noqa: E402
 from aekit.data import load_dataset, prepare_images  # noqa: E402
-from aekit.estimator import PCAReconstructor  # noqa: E402
-from aekit.training import fit, new_model  # noqa: E402
+from aekit.pca import PCAReconstructor  # noqa: E402
+from aekit.start import new_model  # noqa: E402
+from aekit.training import fit  # noqa: E402
 
 PIXELS = 784
 

@@ -50,11 +50,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from aekit.data import load_dataset, prepare_images  # noqa: E402
-from aekit.estimator import PCAReconstructor  # noqa: E402
+from aekit.pca import PCAReconstructor  # noqa: E402
 from aekit.inference import evaluate  # noqa: E402
 from aekit.models.pca_conv import refine_net  # noqa: E402
 from aekit.config import TrainConfig, default_epochs, default_held_out, resolve_device
-from aekit.training import fit, new_model
+from aekit.start import new_model
+from aekit.training import fit
 from quality import LIMITS  # noqa: E402  (bench/quality.py: the suite's training-set limits)
 
 VARIANTS = ("default", "refine-only", "no-refine", "dec-only", "per-channel", "per-channel-refine-only", "held-out",

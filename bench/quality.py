@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import aekit  # noqa: E402
 from aekit.data import load_dataset  # noqa: E402
-from aekit.estimator import ConvAutoencoder, PCAReconstructor  # noqa: E402
+from aekit.estimator import ConvAutoencoder  # noqa: E402
+from aekit.pca import PCAReconstructor  # noqa: E402
 from speed import machine  # noqa: E402  (bench/speed.py: the CPU, cores, torch)
 
 DATA = ("mnist", "fashion-mnist", "digits8", "gray32", "photos32", "photos64")

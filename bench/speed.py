@@ -122,7 +122,7 @@ def _train_plain(n: int, batch: int, device: str) -> float:
 def _aekit_model(config, device):
     import dataclasses
 
-    from aekit.training import new_model
+    from aekit.start import new_model
     return new_model(dataclasses.replace(config, image_shape=(1, 28, 28)), device)
 
 
@@ -215,7 +215,7 @@ def _quality(target: float, check_every: int) -> dict:
     from aekit import fast
     from aekit.data import prepare_images
     from aekit.config import TrainConfig
-    from aekit.training import make_optimizer
+    from aekit.start import make_optimizer
 
     x_train, x_test = _mnist(MNIST_TRAIN)
     x_train, x_test = prepare_images(x_train), prepare_images(x_test)
@@ -232,7 +232,8 @@ def _train_to(model, twin, optimizer, config, x_train, x_test, target: float, ch
     from aekit import fast
     from aekit.inference import evaluate
     from aekit.data import ArrayImages
-    from aekit.training import learning_rate, train_step
+    from aekit.start import learning_rate
+    from aekit.training import train_step
 
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -260,7 +261,7 @@ def _stream(path: str, train_batches: int) -> dict:
     from aekit import fast
     from aekit.data import NpyStream
     from aekit.config import TrainConfig
-    from aekit.training import make_optimizer
+    from aekit.start import make_optimizer
 
     config = TrainConfig(model="seed", recipe="blog").resolved()
     model = _aekit_model(config, "cpu")

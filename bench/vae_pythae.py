@@ -32,7 +32,8 @@ from sklearn.linear_model import LogisticRegression
 
 from aekit.data import as_images, load_dataset
 from aekit.config import TrainConfig
-from aekit.training import fit, new_model
+from aekit.start import new_model
+from aekit.training import fit
 from aekit.models.vae import likelihood_metrics
 
 

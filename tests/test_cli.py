@@ -23,9 +23,10 @@ from aekit.data import DataError, data_home
 from aekit.estimator import ConvAutoencoder
 from aekit.experiment import ResumeMismatch, resumed_config, train_and_evaluate
 from aekit.models import MODELS
-from aekit.runs import load_model, read_config
+from aekit.runs import read_config
+from aekit.weights import load_model
 from aekit.config import TrainConfig
-from aekit.training import COLLAPSE, CollapseWarning
+from aekit.collapse import COLLAPSE, CollapseWarning
 from conftest import one_error_line
 
 
@@ -383,7 +384,8 @@ def test_library_parameters_read_as_flags(message, command, shown):
 
 def test_library_errors_name_parameters_and_the_cli_the_flags(trained_run, tmp_path, capsys):
     from aekit.export import export_onnx
-    from aekit.runs import RunError, load_model, load_split
+    from aekit.runs import RunError, load_split
+    from aekit.weights import load_model
 
     # Training into a run folder without overwrite=True / --overwrite.
     with pytest.raises(RunError, match=r"pass resume=True to continue it, overwrite=True to replace it") as caught:

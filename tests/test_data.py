@@ -642,7 +642,9 @@ def test_the_collapse_warning_of_a_diverging_pca_conv_suggests_what_it_offers(mn
 
     from aekit import training
     from aekit.config import TrainConfig
-    from aekit.training import CollapseWarning, fit, new_model
+    from aekit.collapse import CollapseWarning
+    from aekit.start import new_model
+    from aekit.training import fit
 
     real = training.evaluate
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: dataclasses.replace(real(*a, **k), collapsed=True))
@@ -659,7 +661,7 @@ def test_the_collapse_warning_of_a_diverging_pca_conv_suggests_what_it_offers(mn
 
 def test_the_collapse_advice_fits_the_model_and_lr():
     from aekit.models import build_model
-    from aekit.training import COLLAPSE_HINT, collapse_hint
+    from aekit.collapse import COLLAPSE_HINT, collapse_hint
 
     seed, pca = build_model("seed", (1, 8, 8)), build_model("pca-conv", (1, 8, 8), latent_dim=2)
     assert collapse_hint(seed, "mse", 1e-3) == COLLAPSE_HINT

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from aekit.cli import main
 from aekit.distributed import Ranks
-from aekit.runs import CHECKPOINT, RUN_FILES, WEIGHTS, saved_progress
+from aekit.runs import CHECKPOINT, RUN_FILES, WEIGHTS
+from aekit.weights import saved_progress
 
 # 1000 images in batches of 37: 27 full batches split 19/18 over two ranks, then one
 # image, which leaves rank 1 nothing (its weightless stand-in row is exercised too).

@@ -358,12 +358,12 @@ def test_every_device_default_is_auto():
     """`aekit train` picks the device; so do the estimator, its load, compare and the run readers."""
     import inspect
 
-    from aekit import experiment, runs
+    from aekit import experiment, weights
     from aekit.compare import CompareConfig
     from aekit.config import TrainConfig
 
     assert ConvAutoencoder().device == "auto" == CompareConfig().device == TrainConfig().device
-    for function in (ConvAutoencoder.load, runs.load_model, experiment.evaluate_run):
+    for function in (ConvAutoencoder.load, weights.load_model, experiment.evaluate_run):
         assert inspect.signature(function).parameters["device"].default == "auto", function.__name__
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aekit import ConvAutoencoder, config as config_lib, runs
+from aekit import ConvAutoencoder, config as config_lib, runs, weights
 from aekit.cli import main
 from aekit.config import TrainConfig
 from aekit.experiment import hold_out, plan, train_and_evaluate
@@ -95,7 +95,7 @@ def test_a_run_stopped_with_images_held_out_resumes_to_the_same_kept_weights(tmp
     kept = straight.metrics["kept_epoch"]
     assert straight.metrics["epochs"] == 8 and kept < 7  # the run goes on for epochs after its best
 
-    saved = runs.save_checkpoint
+    saved = weights.save_checkpoint
 
     def stop_after(epoch):
         def save_then_stop(model, optimizer, state, *args):
@@ -109,7 +109,7 @@ def test_a_run_stopped_with_images_held_out_resumes_to_the_same_kept_weights(tmp
     monkeypatch.setattr(experiment, "save_checkpoint", stop_after(min(kept + 1, 7)))
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(config, tmp_path / "stopped", progress=False)
-    best = runs.checkpoint_best(tmp_path / "stopped" / runs.CHECKPOINT)
+    best = weights.checkpoint_best(tmp_path / "stopped" / runs.CHECKPOINT)
     assert best is not None
     monkeypatch.setattr(experiment, "save_checkpoint", saved)
     resumed = train_and_evaluate(TrainConfig(), tmp_path / "stopped", resume=True, progress=False)

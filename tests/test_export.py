@@ -10,7 +10,8 @@ import torch
 
 from aekit.cli import main
 from aekit.export import ONNX_FILES, export_onnx
-from aekit.runs import RunError, load_model
+from aekit.runs import RunError
+from aekit.weights import load_model
 from conftest import need, one_error_line
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

@@ -29,7 +29,7 @@ from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import INITS, build_model
 from aekit.data import prepare_images
-from aekit.runs import load_model
+from aekit.weights import load_model
 from aekit.config import TrainConfig
 from aekit.training import fit
 

@@ -32,9 +32,11 @@ from aekit.cli import main
 from aekit.data import DataError
 from aekit.models import SeedAutoencoder
 from aekit.estimator import ESTIMATOR, ConvAutoencoder
-from aekit.runs import (CHECKPOINT, CONFIG, HISTORY, METRICS, WEIGHTS, RunError, load_checkpoint, load_model,
-                        read_config, read_history, read_metrics, write_history)
-from aekit.training import EpochRecord, make_optimizer
+from aekit.progress import EpochRecord
+from aekit.runs import (CHECKPOINT, CONFIG, HISTORY, METRICS, WEIGHTS, RunError, read_config, read_history,
+                        read_metrics, write_history)
+from aekit.start import make_optimizer
+from aekit.weights import load_checkpoint, load_model
 
 pytestmark = pytest.mark.fuzz
 

@@ -63,7 +63,7 @@ def test_the_neighbourhood_term_counts_only_while_training(rng):
     assert copy.deepcopy(model).graph is model.graph  # fast.ChunkPool's copies share it, not copy it
 
 
-@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # 1 epoch of 19 steps: not about quality
+@pytest.mark.filterwarnings("ignore::aekit.collapse.CollapseWarning")  # 1 epoch of 19 steps: not about quality
 def test_fit_builds_the_graph_from_a_stream_and_lets_it_go(tmp_path, mnist, monkeypatch):
     """A stream is read for the graph's sample, then trained on batch by batch; the graph
     (the sample of images) is held only while training."""
@@ -103,7 +103,8 @@ def test_cli_trains_a_map_and_draws_its_decoded_grid(map_run, tmp_path, capsys):
     from aekit.cli import main
     from aekit.inference import encode
     from aekit.plots import latent_grid
-    from aekit.runs import load_model, load_split
+    from aekit.runs import load_split
+    from aekit.weights import load_model
 
     run, grid = map_run, tmp_path / "grid.png"  # aekit train --model map --latent-dim 2 --limit 300 --epochs 1
     assert main(["sample", str(run), "--grid", "4", "--out", str(grid)]) == 0

@@ -15,7 +15,8 @@ import torch
 from aekit import ConvAutoencoder
 from aekit.cli import main
 from aekit.experiment import train_and_evaluate
-from aekit.runs import load_model, read_history
+from aekit.runs import read_history
+from aekit.weights import load_model
 from aekit.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,7 +135,7 @@ class DataInitialised(penalised_model.PenalisedAutoencoder):
             record["left"] = True
 
 
-@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # random pixels: nothing to learn
+@pytest.mark.filterwarnings("ignore::aekit.collapse.CollapseWarning")  # random pixels: nothing to learn
 def test_fit_gives_a_model_its_training_data_new_or_continued():
     from aekit.training import fit
 

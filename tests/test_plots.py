@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from aekit import plots
-from aekit.training import EpochRecord
+from aekit.progress import EpochRecord
 
 
 def records(n=3):

@@ -18,9 +18,10 @@ from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import MAX_IMAGE_VALUES, MAX_PARAMETERS, build_model
 from aekit.experiment import evaluate_run, train_and_evaluate
-from aekit.runs import load_model, read_metrics
+from aekit.runs import read_metrics
+from aekit.weights import load_model
 from aekit.config import MAX_SEED, TrainConfig
-from aekit.training import model_for, new_model
+from aekit.start import model_for, new_model
 from conftest import one_error_line
 
 SRC = Path(__file__).resolve().parents[1] / "src"

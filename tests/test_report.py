@@ -20,7 +20,8 @@ from aekit import plots
 from aekit.inference import decode, encode, reconstruct
 from aekit.models import build_model
 from aekit.report import GRID_SIDE, N_LATENTS, write_report
-from aekit.runs import RunError, load_model, load_split, read_config, save_weights
+from aekit.runs import RunError, load_split, read_config
+from aekit.weights import load_model, save_weights
 from aekit.config import TrainConfig
 from conftest import copy_run, need, one_error_line
 

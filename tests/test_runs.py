@@ -20,14 +20,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import aekit
-from aekit import experiment, runs
+from aekit import experiment, runs, weights
 from aekit._io import LOCK_NAME, TMP_SUFFIX, sha256_file
 from aekit.cli import main
 from aekit.estimator import ConvAutoencoder
 from aekit.models import SeedAutoencoder
-from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS, load_checkpoint, load_model, saved_progress
+from aekit.runs import CHECKPOINT, CONFIG, METRICS, WEIGHTS
 from aekit.config import TrainConfig
-from aekit.training import make_optimizer
+from aekit.start import make_optimizer
+from aekit.weights import load_checkpoint, load_model, saved_progress
 
 from conftest import need, one_error_line
 
@@ -78,7 +79,7 @@ def test_run_records_the_weights_checksum_and_config(finished_run):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["format"] == "aekit-weights-1" and meta["aekit_version"] == aekit.__version__
-    assert meta["tensors_sha256"] == runs.tensors_sha256(tensors)
+    assert meta["tensors_sha256"] == weights.tensors_sha256(tensors)
     recorded = json.loads(meta["config"])
     config = json.loads((finished_run / CONFIG).read_text())
     assert recorded == {k: v for k, v in config.items() if k != "aekit_version"}
@@ -86,12 +87,12 @@ def test_run_records_the_weights_checksum_and_config(finished_run):
 
 def test_tensors_checksum_sees_every_byte_name_and_shape():
     a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
-    digest = runs.tensors_sha256(a)
-    assert digest == runs.tensors_sha256({"w": a["w"].clone()})
+    digest = weights.tensors_sha256(a)
+    assert digest == weights.tensors_sha256({"w": a["w"].clone()})
     flipped = a["w"].clone()
     flipped.view(torch.int32)[1, 2] ^= 1  # one bit of one float
     for other in ({"w": flipped}, {"v": a["w"]}, {"w": a["w"].reshape(3, 2)}, {"w": a["w"].double()}):
-        assert runs.tensors_sha256(other) != digest
+        assert weights.tensors_sha256(other) != digest
 
 
 def flip_last_byte(path):
@@ -164,8 +165,8 @@ def test_run_made_by_a_newer_aekit(run_copy, capsys, monkeypatch):
     optimizer = make_optimizer(model, config)
     state = load_checkpoint(model, optimizer, run_copy / CHECKPOINT, config)
     monkeypatch.setattr(aekit, "__version__", "0.9.0")  # as a newer aekit would write them:
-    runs.save_weights(model, run_copy / WEIGHTS, config)
-    runs.save_checkpoint(model, optimizer, state, run_copy / CHECKPOINT, config)
+    weights.save_weights(model, run_copy / WEIGHTS, config)
+    weights.save_checkpoint(model, optimizer, state, run_copy / CHECKPOINT, config)
     monkeypatch.undo()
     (run_copy / METRICS).unlink()
     assert main(["evaluate", str(run_copy)]) == 2
@@ -200,7 +201,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, mnist, 
     (A real full disk is tested below where tmpfs can be mounted.)
     """
     out = tmp_path / "run"
-    real_save = runs.save_file
+    real_save = weights.save_file
     saved = {}
 
     def save_file(tensors, filename, metadata=None):
@@ -211,14 +212,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, mnist, 
             raise SafetensorError(ENOSPC_FROM_SAFETENSORS)
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(runs, "save_file", save_file)
+    monkeypatch.setattr(weights, "save_file", save_file)
     assert train(out) == 2
     line = one_error_line(capsys)
     assert f"cannot write {out / CHECKPOINT} (" in line and "No space left on device" in line
     assert "free some disk space" in line and "any earlier checkpoint.safetensors is intact" in line
     assert (out / CHECKPOINT).read_bytes() == saved["epoch 1"]
     assert no_temporaries(out) and not (out / WEIGHTS).exists()
-    monkeypatch.setattr(runs, "save_file", real_save)
+    monkeypatch.setattr(weights, "save_file", real_save)
     assert saved_progress(out)[0] == 1
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # space freed: go on
     assert saved_progress(out)[0] == 2
@@ -671,7 +672,7 @@ def test_an_edited_image_shape_is_refused_before_a_model_is_built(run_copy, caps
     def model_for(*args, **kwargs):
         raise AssertionError("a model was built from the edited config")
 
-    monkeypatch.setattr(runs, "model_for", model_for)
+    monkeypatch.setattr(weights, "model_for", model_for)
     assert main(["evaluate", str(run_copy)]) == 2
     assert message in one_error_line(capsys)
 

@@ -12,9 +12,12 @@ from aekit.fast import PoolOrNot
 from aekit.inference import evaluate
 from aekit.models import INITS, SeedAutoencoder, reconstruction_loss
 from aekit.data import epoch_permutation, prepare_images
-from aekit.runs import load_checkpoint, save_checkpoint
+from aekit.weights import load_checkpoint, save_checkpoint
 from aekit.config import RECIPES, TrainConfig
-from aekit.training import ADAM_EPS, CollapseWarning, EpochRecord, TrainState, fit, learning_rate, make_optimizer, train_step
+from aekit.collapse import CollapseWarning
+from aekit.progress import EpochRecord, TrainState
+from aekit.start import ADAM_EPS, learning_rate, make_optimizer
+from aekit.training import fit, train_step
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -127,7 +130,7 @@ def test_blog_recipe_collapse_is_reported(mnist_small):
         fit(model, x_train, x_test, config, progress=False)
 
 
-@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # lr 0.9 collapses, as meant
+@pytest.mark.filterwarnings("ignore::aekit.collapse.CollapseWarning")  # lr 0.9 collapses, as meant
 def test_early_stopping(mnist_small):
     x_train, x_test = mnist_small
     config = tiny_config(epochs=10, patience=1, lr=0.9, schedule="constant")  # lr far too high
@@ -387,7 +390,7 @@ def test_fit_and_evaluate_leave_the_allocator_alone(mnist_small, monkeypatch):
 
 # ------------------------------------------------------------- fit for the user's own model
 
-@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning")  # 8 steps from PyTorch's init
+@pytest.mark.filterwarnings("ignore::aekit.collapse.CollapseWarning")  # 8 steps from PyTorch's init
 def test_the_readme_library_example_runs_as_written(mnist):
     """README: fit(model, x_train, x_val, TrainConfig(epochs=5)) with load_dataset's uint8
     (n, 28, 28) arrays: the recipe fills in the rest; numpy images are converted as the

@@ -5,8 +5,12 @@ __version__ = "0.4.0"
 
 def __getattr__(name: str):
     # The estimators pull in torch and scikit-learn; import them only when asked for.
-    if name in ("ConvAutoencoder", "PCAReconstructor"):
-        from aekit import estimator
+    if name == "ConvAutoencoder":
+        from aekit.estimator import ConvAutoencoder
 
-        return getattr(estimator, name)
+        return ConvAutoencoder
+    if name == "PCAReconstructor":
+        from aekit.pca import PCAReconstructor
+
+        return PCAReconstructor
     raise AttributeError(f"module 'aekit' has no attribute {name!r}")

@@ -20,7 +20,8 @@ def run_threshold(run_dir: str | Path, contamination: float | None = None,
     batches, so a streamed run's data is never loaded whole. ``model`` is the run's
     trained model when the caller has it already.
     """
-    from aekit.runs import load_model, load_split, read_config
+    from aekit.runs import load_split, read_config
+    from aekit.weights import load_model
     from aekit.inference import outlier_threshold, reconstruction_errors
 
     if (contamination is None) == (false_positive_rate is None):

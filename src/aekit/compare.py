@@ -21,7 +21,8 @@ import numpy as np
 from aekit._io import refuse_existing, write_text_atomic
 from aekit._typed import is_int
 from aekit.data import limited, load_dataset
-from aekit.estimator import ConvAutoencoder, PCAReconstructor
+from aekit.estimator import ConvAutoencoder
+from aekit.pca import PCAReconstructor
 
 FIELDS = ("method", "latent_dim", "test_mse", "test_sse_per_image", "knn_accuracy", "fit_seconds")
 OUTPUTS = {"csv": "compare.csv", "md": "compare.md", "png": "compare.png"}  # what write_comparison writes

@@ -9,9 +9,9 @@ Both go through the same steps, with the same defaults (:class:`aekit.config.Tra
                                 lowest loss on the held-out images when some are held out
     outlier threshold           on the training images' errors (aekit.inference)
 
-:func:`train_and_evaluate` does that into a run folder (:mod:`aekit.runs`: checkpoints after
-every epoch, resume, test metrics, figures), on data named by path or built-in name; the
-estimator (:meth:`aekit.ConvAutoencoder.fit`) does it on arrays in memory.
+:func:`train_and_evaluate` does that into a run folder (:mod:`aekit.runs`, :mod:`aekit.weights`:
+checkpoints after every epoch, resume, test metrics, figures), on data named by path or
+built-in name; the estimator (:meth:`aekit.ConvAutoencoder.fit`) does it on arrays in memory.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from aekit._io import folder_lock, make_folder, refuse_existing, remove_temporar
 from aekit.config import HELD_OUT_SHARE, TrainConfig, default_epochs, default_held_out, resolve_device
 from aekit.data import ImageSource
 from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
+from aekit.progress import TrainState
 from aekit.runs import (CHECKPOINT, CONFIG, DERIVED_FILES, HISTORY, METRICS, RECONSTRUCTIONS, RUN_FILES,
-                        RUNTIME_FIELDS, TRAINED_FILES, WEIGHTS, RunError, RunExists, check_image_shape,
-                        checkpoint_best, data_path, load_checkpoint, load_model, load_split, read_config,
-                        run_data, save_checkpoint, save_config, save_weights, write_history)
-from aekit.training import TrainState, fit, make_optimizer, new_model
+                        RUNTIME_FIELDS, TRAINED_FILES, WEIGHTS, RunError, RunExists, check_image_shape, data_path,
+                        load_split, read_config, run_data, save_config, write_history)
+from aekit.start import make_optimizer, new_model
+from aekit.training import fit
+from aekit.weights import checkpoint_best, load_checkpoint, load_model, save_checkpoint, save_weights
 
 DEFAULT_CONTAMINATION = 0.01  # fraction of training images an outlier threshold flags
 
@@ -196,7 +198,7 @@ def train_and_evaluate(
     the run's values, ``epochs`` and ``device`` when set replace them (extend the run, run it
     elsewhere), and any other field set to a value other than the run's raises
     :class:`ResumeMismatch` (see :func:`resumed_config`); data that changed since the run
-    read it is refused (:func:`aekit.runs.load_checkpoint`).
+    read it is refused (:func:`aekit.weights.load_checkpoint`).
 
     One training at a time writes into a folder: another one there is refused while this
     one runs (:func:`aekit._io.folder_lock`). Nothing is written before the first

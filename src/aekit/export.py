@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from aekit._io import atomic_path, refuse_existing
-from aekit.runs import RunError, RunExists, load_model, read_config
+from aekit.runs import RunError, RunExists, read_config
+from aekit.weights import load_model
 
 ONNX_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "model": "model.onnx"}
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1, so trace with 2

@@ -25,8 +25,9 @@ from aekit import plots
 from aekit._io import refuse_existing, write_text_atomic
 from aekit.models import count_parameters
 from aekit.noise import add_noise, parse_noise
-from aekit.runs import (CONFIG, RunExists, check_image_shape, is_own_data, load_model, load_split,
-                        read_config, read_history, read_metrics)
+from aekit.runs import (CONFIG, RunExists, check_image_shape, is_own_data, load_split, read_config, read_history,
+                        read_metrics)
+from aekit.weights import load_model
 from aekit.inference import encode, reconstruct, reconstruction_errors
 
 REPORT = "report.html"

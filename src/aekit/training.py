@@ -1,8 +1,12 @@
-"""Training: the plain PyTorch loop, and the models a run starts from.
+"""Training: the plain PyTorch loop.
 
 :func:`fit` trains a model on images for the epochs a :class:`~aekit.config.TrainConfig`
-says (its recipe fills what is left unset); :mod:`aekit.experiment` wraps it with the rules
-that choose from the data, the run folder and the estimator, so that ``aekit train`` and
+says (its recipe fills what is left unset), one epoch at a time (:func:`_train_epoch`), one
+optimiser step at a time (:func:`train_step`), and hands on its progress
+(:mod:`aekit.progress`) at each epoch's end and at Ctrl-C
+(:class:`HeldInterrupts`). The model and optimiser a run starts from are
+:mod:`aekit.start`'s; :mod:`aekit.experiment` wraps fit with the rules that choose from the
+data, the run folder and the estimator, so that ``aekit train`` and
 ``ConvAutoencoder().fit`` train the same way.
 """
 
@@ -16,23 +20,20 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from aekit import distributed, fast, models
-from aekit._typed import from_plain
-from aekit.config import RECIPES, TrainConfig, default_epochs
-from aekit.data import as_images
+from aekit.collapse import CollapseWarning, collapse_hint
+from aekit.config import TrainConfig, default_epochs
+from aekit.data import ImageSource, as_images
 from aekit.inference import evaluate
-from aekit.models import INITS
-from aekit.noise import add_noise, noise_generator, parse_noise
+from aekit.noise import Noise, add_noise, noise_generator, parse_noise
+from aekit.progress import EpochRecord, TrainState
+from aekit.start import learning_rate, make_optimizer
 
 log = logging.getLogger("aekit")
-
-
-ADAM_EPS = 1e-7  # Keras' default; PyTorch's is 1e-8
 
 
 # ------------------------------------------------------------------------- the data
@@ -58,143 +59,6 @@ def _check_trainable(model: nn.Module, loss: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------- the loop
-
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """The recipe's learning rate at optimiser step ``step`` of ``total_steps``."""
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    loss: float
-    val_loss: float
-    val_mse: float
-    seconds: float
-    images_per_second: float
-    parts: dict[str, float] = field(default_factory=dict)  # the objective's named parts, and val_ ones
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds beside the weights and the optimiser.
-
-    Between epochs ``step``, ``loss_sum`` and ``seconds`` are 0. A state that :func:`fit`
-    hands to ``on_interrupt`` is part-way through epoch ``epoch + 1``: its first ``step``
-    batches are trained, with the summed loss ``loss_sum`` and the time ``seconds`` so far
-    (on rank 0 of a DDP run, that rank's rows); the shuffle, the noise and the learning rate
-    of the batches left follow from (seed, epoch, step), so training goes on exactly.
-    Checkpoints from before these fields load as a state between epochs.
-    """
-
-    epoch: int = 0                                   # epochs completed
-    history: list[EpochRecord] = field(default_factory=list)
-    best_val_loss: float = math.inf
-    epochs_since_best: int = 0
-    best_epoch: int = 0                              # the epoch of best_val_loss (0: none yet)
-    stopped_early: bool = False
-    step: int = 0                                    # batches done of epoch `epoch + 1`
-    steps_per_epoch: int = 0                         # of the run that saved it (0: unknown)
-    loss_sum: float = 0.0                            # those batches' summed loss
-    seconds: float = 0.0                             # and their time
-    parts_sum: dict[str, float] = field(default_factory=dict)  # and their summed loss parts
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainState:
-        state = from_plain(cls, data, "state")
-        if state.epoch < 0 or state.epochs_since_best < 0 or len(state.history) != state.epoch:
-            raise ValueError(f"inconsistent progress: epoch {state.epoch}, {len(state.history)} history rows")
-        if not 0 <= state.step <= state.steps_per_epoch:
-            raise ValueError(f"inconsistent progress: step {state.step} of {state.steps_per_epoch}")
-        return state
-
-    def finish_epoch(self, record: EpochRecord) -> None:
-        self.history.append(record)
-        self.epoch, self.step, self.loss_sum, self.seconds, self.parts_sum = record.epoch, 0, 0.0, 0.0, {}
-
-
-_CONSTANT = "the reconstructions are nearly constant: every image decodes to the same picture"
-_STUCK = "Training on will not leave it"
-COLLAPSE = f"{_CONSTANT} (the blank-output plateau of sigmoid + MSE). {_STUCK}"
-COLLAPSE_HINT = f'{COLLAPSE}; use recipe="default" (binary cross-entropy, He init) or loss="bce"'
-
-
-def collapse_hint(model: nn.Module, loss: str, lr: float) -> str:
-    """What the collapse warning says for ``model`` trained on ``loss`` at ``lr``: binary
-    cross-entropy only where the model offers it (:func:`aekit.models.objectives`) and
-    trains on MSE, whose sigmoid plateau it leaves; a lower lr where ``lr`` is above every
-    recipe's, since a step that large can throw the weights where every image decodes alike."""
-    plateau = loss == "mse" and "bce" in models.objectives(model)
-    top = max(recipe.lr for recipe in RECIPES.values())
-    fixes = ['use recipe="default" (binary cross-entropy, He init) or loss="bce"'] if plateau else []
-    if lr > top:
-        fixes.append(f"lr={lr:g} is above every recipe's (at most {top:g}): lower lr")
-    fixes = fixes or ["lower lr, or check the data: images with nothing in common decode best as one average"]
-    return f"{COLLAPSE if plateau else f'{_CONSTANT}. {_STUCK}'}; {'; '.join(fixes)}"
-
-
-class CollapseWarning(UserWarning):
-    """:func:`fit` saw nearly constant reconstructions after epoch ``epoch`` (once per fit);
-    ``hint`` is what to do about it (:func:`collapse_hint`)."""
-
-    def __init__(self, epoch: int, hint: str = COLLAPSE_HINT):
-        super().__init__(f"epoch {epoch}: {hint}")
-        self.epoch = epoch
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Inside: torch's global CPU generator seeded by ``seed``, for the draws PyTorch's layers
-    make when built (and a model's own seeds, e.g. a VAE's noise_seed). After: the caller's
-    generator state back, as if nothing had been drawn.
-
-    Models are built on the CPU and moved afterwards, so only the CPU generator draws; it
-    alone is seeded (``torch.manual_seed`` would also reseed every GPU's generator, which
-    the fork does not restore). Not thread-safe, as torch's global generator itself.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
-
-
-def model_for(config: TrainConfig) -> nn.Module:
-    """The untrained model ``config`` describes: ``config.model`` for ``config.image_shape``
-    with its options; its weights as PyTorch initialises them under :func:`seeded`
-    (``config.seed``), so that the seeds a model draws when built (a VAE's noise_seed, a
-    map's graph_seed) are those it trained with. torch's global generator is left as found."""
-    with seeded(config.seed):
-        return _build(config)
-
-
-def new_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model a run with ``config`` starts from: :func:`model_for`, then initialised by
-    ``config.init`` from the same seeded draws, on ``device``. torch's global generator is
-    left as found."""
-    with seeded(config.seed):
-        model = _build(config)
-        INITS[config.init](model)
-    return model.to(device)
-
-
-def _build(config: TrainConfig) -> nn.Module:
-    """:func:`model_for` without the seeding: the draws come from the global generator."""
-    if config.image_shape is None:
-        raise ValueError("config.image_shape is None; set it to the images' (C, H, W)")
-    return models.build_model(config.model, config.image_shape, **config.model_params)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with Keras' epsilon; the fused kernel where PyTorch has one for the device.
-
-    Fused Adam is the same update in one kernel per step instead of a dozen small ops per
-    parameter (measured: 3-6% of a CPU training step, bench/RESULTS.md).
-    """
-    params = list(model.parameters())
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=fused)
-
 
 def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
                optimizer: torch.optim.Optimizer, micro_batch: int, pool: fast.ChunkPool | None = None,
@@ -290,6 +154,88 @@ class HeldInterrupts:
             raise KeyboardInterrupt
 
 
+def _train_epoch(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 x_train: ImageSource, x_val: ImageSource, config: TrainConfig, state: TrainState,
+                 ranks: distributed.Ranks, device: torch.device, micro_batch: int, pool: fast.ChunkPool | None,
+                 chooser: fast.PoolOrNot | None, noise: Noise | None, interrupts: HeldInterrupts,
+                 progress: bool, saves_interrupt: Callable[[], bool]) -> tuple[EpochRecord, bool]:
+    """Train epoch ``state.epoch + 1`` from its step ``state.step`` (0, or where an
+    interrupted run stopped) to its end, then validate ``model`` on ``x_val``.
+
+    ``x_train`` and ``x_val`` are image sources of (n, C, H, W) floats in [0, 1] (a stream's
+    batches are moved to ``device`` as read); the batches' order, noise and learning rate
+    follow from (``config.seed``, epoch, step). ``train_model`` is the model the steps run
+    (fast, and DDP-wrapped under torchrun: see :func:`fit`); ``state.step`` counts the steps
+    taken. Where ``saves_interrupt()`` says a Ctrl-C is handed on, the epoch's sums so far
+    go into ``state`` first (``loss_sum``, ``seconds``, ``parts_sum``), so that a checkpoint
+    of it goes on exactly.
+
+    Returns (the epoch's record, whether its reconstructions collapsed), with ``interrupts``
+    held: the caller puts the record into ``state`` and releases them.
+    """
+    from tqdm.auto import tqdm
+
+    epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
+    n, steps_per_epoch = len(x_train), state.steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
+    batches = (xb.to(device, non_blocking=True)  # a stream's batches come from disk
+               for xb in x_train.batches(config.batch_size, config.seed, epoch))
+    bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
+               leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+    # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
+    loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
+    parts_sum = {k: torch.tensor(v if ranks.is_main else 0.0, device=device) for k, v in state.parts_sum.items()}
+    generator = noise_generator(config.seed, epoch, device) if noise is not None else None
+    started = time.perf_counter() - state.seconds
+    try:
+        for step, xb in enumerate(batches):
+            if step < done:  # trained before: draw its noise again, so that the rest match
+                if generator is not None:
+                    add_noise(xb, noise, generator)
+                continue
+            interrupts.hold()  # until the step is taken and counted
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+            x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
+            rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
+            inputs, _ = ranks.share(x_in)
+            use_pool = chooser.pool_now() if chooser is not None else pool is not None
+            step_started = time.perf_counter()
+            step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
+                                               pool if use_pool else None, weight=weight)
+            if not weight:  # a stand-in row so this rank joins the all-reduce; not data
+                step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
+            loss_sum += step_loss
+            _add_parts(parts_sum, step_parts)  # every rank names every part, for ranks.sum
+            state.step = step + 1
+            interrupts.release()
+            if chooser is not None:
+                chooser.record(use_pool, time.perf_counter() - step_started)
+            if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
+                bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
+        epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
+        parts = {name: ranks.sum(value).item() / n for name, value in sorted(parts_sum.items())}
+        seconds = time.perf_counter() - started
+        result = evaluate(model, x_val, config.loss, workers=1 if ranks.size > 1 else None)
+        parts.update({f"val_{name}": value for name, value in result.parts.items()})
+        record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
+                             val_mse=result.mse, seconds=seconds, images_per_second=n / seconds,
+                             parts=parts)
+        if progress:
+            bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
+                            img_s=f"{record.images_per_second:,.0f}")
+        bar.close()
+        interrupts.hold()  # the epoch's results go into the state together
+    except KeyboardInterrupt:
+        if saves_interrupt() and state.step:  # part-way through the epoch
+            state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+            state.parts_sum = {name: float(value) for name, value in parts_sum.items()}
+        raise
+    return record, result.collapsed
+
+
 def fit(
     model: nn.Module,
     x_train,
@@ -344,8 +290,6 @@ def fit(
     as the machine's load changes) how many threads run chunks side by side
     (:class:`ChunkPool`); they change the speed, not the step.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
     config = config.resolved(model)  # the loss is one this model offers, whatever config.model names
@@ -355,9 +299,7 @@ def fit(
         config.epochs, _ = default_epochs(len(x_train), config.batch_size)
     optimizer = optimizer or make_optimizer(model, config)
     state = state or TrainState()
-    n = len(x_train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     if micro_batch is None:
         micro_batch = fast.default_micro_batch(device, config.batch_size)
     elif isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
@@ -387,6 +329,12 @@ def fit(
     state.steps_per_epoch = steps_per_epoch
     began = (state.epoch, state.step)
     interrupts = HeldInterrupts()
+
+    def saves_interrupt() -> bool:
+        """Whether a Ctrl-C now hands the state to ``on_interrupt``: between two steps, and
+        with training past where this call started."""
+        return on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began
+
     collapse_warned = False
     # On the CPU: the model made fast (aekit.fast), channels_last, for the whole of training.
     speed = contextlib.ExitStack()
@@ -405,60 +353,12 @@ def fit(
         if ranks.size == 1:  # under DDP, a rank that held Ctrl-C could wait on one that did not
             interrupts.install()
         while state.epoch < config.epochs and not state.stopped_early:
-            epoch, done = state.epoch, state.step  # `done` batches trained before an interrupt
             fast_model.train()
-            batches = (xb.to(device, non_blocking=True)  # a stream's batches come from disk
-                       for xb in x_train.batches(config.batch_size, config.seed, epoch))
-            bar = tqdm(total=n, initial=min(n, done * config.batch_size), unit="img", disable=not progress,
-                       leave=True, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
-            # This rank's summed loss and the time so far: 0, or where an interrupted run stopped.
-            loss_sum = torch.tensor(state.loss_sum if ranks.is_main else 0.0, device=device)
-            parts_sum = {k: torch.tensor(v if ranks.is_main else 0.0, device=device)
-                         for k, v in state.parts_sum.items()}
-            generator = noise_generator(config.seed, epoch, device) if noise is not None else None
-            started = time.perf_counter() - state.seconds
-            for step, xb in enumerate(batches):
-                if step < done:  # trained before: draw its noise again, so that the rest match
-                    if generator is not None:
-                        add_noise(xb, noise, generator)
-                    continue
-                interrupts.hold()  # until the step is taken and counted
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-                x_in = xb if noise is None else add_noise(xb, noise, generator)  # the same on every rank
-                rows, weight = ranks.share(xb)  # this rank's rows of the global batch xb
-                inputs, _ = ranks.share(x_in)
-                use_pool = chooser.pool_now() if chooser is not None else pool is not None
-                step_started = time.perf_counter()
-                step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
-                                                   pool if use_pool else None, weight=weight)
-                if not weight:  # a stand-in row so this rank joins the all-reduce; not data
-                    step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
-                loss_sum += step_loss
-                _add_parts(parts_sum, step_parts)  # every rank names every part, for ranks.sum
-                state.step = step + 1
-                interrupts.release()
-                if chooser is not None:
-                    chooser.record(use_pool, time.perf_counter() - step_started)
-                if progress and (step % 50 == 0 or step == steps_per_epoch - 1):
-                    bar.update(min(n, (step + 1) * config.batch_size) - bar.n)
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss_sum.item() / bar.n:.4f}", img_s=f"{bar.n / elapsed:,.0f}")
-            epoch_loss = ranks.sum(loss_sum)  # summed over every rank's rows: the whole epoch
-            parts = {name: ranks.sum(value).item() / n for name, value in sorted(parts_sum.items())}
-            seconds = time.perf_counter() - started
-            result = evaluate(model, x_val, config.loss, workers=1 if ranks.size > 1 else None)
-            parts.update({f"val_{name}": value for name, value in result.parts.items()})
-            record = EpochRecord(epoch=epoch + 1, loss=epoch_loss.item() / n, val_loss=result.loss,
-                                 val_mse=result.mse, seconds=seconds, images_per_second=n / seconds,
-                                 parts=parts)
-            if progress:
-                bar.set_postfix(loss=f"{record.loss:.4f}", val_loss=f"{record.val_loss:.4f}",
-                                img_s=f"{record.images_per_second:,.0f}")
-            bar.close()
-            interrupts.hold()  # the epoch's results go into the state together
-            state.finish_epoch(record)
-            if result.collapsed and not collapse_warned:  # once: training on will not leave it
+            record, collapsed = _train_epoch(model, train_model, optimizer, x_train, x_val, config, state,
+                                             ranks, device, micro_batch, pool, chooser, noise, interrupts,
+                                             progress, saves_interrupt)
+            state.finish_epoch(record)  # interrupts held by _train_epoch: the results go in together
+            if collapsed and not collapse_warned:  # once: training on will not leave it
                 warnings.warn(CollapseWarning(state.epoch, collapse_hint(model, config.loss, config.lr)), stacklevel=2)
                 collapse_warned = True
             if record.val_loss < state.best_val_loss:
@@ -468,15 +368,12 @@ def fit(
                 if config.patience is not None and state.epochs_since_best >= config.patience:
                     state.stopped_early = True
                     log.warning("epoch %d: val_loss has not improved for %d epochs; stopping early",
-                                epoch + 1, config.patience)
+                                record.epoch, config.patience)
             interrupts.release()
             if on_epoch_end is not None:
                 on_epoch_end(model, optimizer, state)
     except KeyboardInterrupt:
-        if on_interrupt is not None and not interrupts.busy and (state.epoch, state.step) != began:
-            if state.step:  # part-way through an epoch
-                state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
-                state.parts_sum = {name: float(value) for name, value in parts_sum.items()}
+        if saves_interrupt():
             on_interrupt(model, optimizer, state)
         raise
     finally:
@@ -485,6 +382,4 @@ def fit(
     return state
 
 
-__all__ = ["TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts",
-           "learning_rate", "make_optimizer", "model_for", "new_model", "seeded",
-           "COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]
+__all__ = ["TrainState", "EpochRecord", "fit", "train_step", "HeldInterrupts"]

@@ -116,7 +116,8 @@ def _resumed_config(out: Path, given: dict):
 
 def _interrupted(out: Path) -> str:
     """What Ctrl-C left in the run folder, and how to go on."""
-    from aekit.runs import CHECKPOINT, CONFIG, saved_progress
+    from aekit.runs import CHECKPOINT, CONFIG
+    from aekit.weights import saved_progress
 
     resume = f"resume with: aekit train --out {out} --resume"
     progress = saved_progress(out)
@@ -139,7 +140,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     from aekit.plots import save_reconstructions
-    from aekit.runs import check_image_shape, load_model, load_split
+    from aekit.runs import check_image_shape, load_split
+    from aekit.weights import load_model
 
     refuse_existing(args.out, overwrite=args.overwrite)
     model, config = load_model(args.run)

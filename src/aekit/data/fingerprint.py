@@ -1,7 +1,7 @@
 """A checksum of the images a source gives, to tell whether data changed between two reads.
 
 A run records its data's fingerprint in its checkpoint, and a resume compares it with the
-data it reads then (:mod:`aekit.runs`): the same path may hold other images by then.
+data it reads then (:mod:`aekit.weights`): the same path may hold other images by then.
 """
 
 from __future__ import annotations

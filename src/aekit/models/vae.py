@@ -15,7 +15,7 @@ objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a varian
 The reparameterisation noise: each call of :meth:`VAE.loss` draws it from a local
 ``torch.Generator`` seeded by the model's ``noise_seed`` (drawn from torch's global generator
 when the model is built, so ``torch.manual_seed`` before building fixes it; a run's model is
-built under :func:`aekit.training.seeded` with the run's seed, so a loaded run has the
+built under :func:`aekit.start.seeded` with the run's seed, so a loaded run has the
 ``noise_seed`` it trained with) and by the pixels of the batch it is given. It depends on
 nothing else, so the same model and images give the same noise in any thread, in any order
 of a step's chunks, in training and in evaluation (:func:`aekit.inference.evaluate` is

@@ -55,7 +55,10 @@ class ConvAutoencoder(_ImageReconstructor):
     ``"gaussian:0.5"``, ``"salt_pepper:0.1"``, ``"mask:0.3"``) trains a denoiser: corrupted
     inputs, clean targets. ``recipe`` supplies every training choice left ``None`` (see
     ``aekit.config.RECIPES``); a model that does not offer the recipe's loss trains on its
-    own (``pca-conv``: ``"mse"``).
+    own (``pca-conv``: ``"mse"``). ``latent_dim``, ``widths`` and ``beta`` are the options of
+    the built-in families that take them (see ``aekit train --help``); ``model_params`` (a
+    dict, as scikit-learn's ``metric_params``) gives any other option a family declares in
+    its ``Options``, e.g. ``model_params={"penalty": 0.2}`` for a family that takes one.
     """
 
     def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, model_params=None, epochs=None,
@@ -98,8 +101,9 @@ class ConvAutoencoder(_ImageReconstructor):
                              f"pass {doubled[0]}=... instead")
         options = {**{k: v for k, v in options.items() if k in takes and v is not None}, **extra}
         return TrainConfig(
-            data="<array>", model=self.model, model_params=options, noise=self.noise, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, loss=self.loss, seed=seed, device=self.device, image_shape=image_shape,
+            data="<array>", model=self.model, model_params=options, noise=self.noise, recipe=self.recipe,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, loss=self.loss, seed=seed,
+            device=self.device, image_shape=image_shape,
         ).resolved()
 
     def _fit(self, x: np.ndarray) -> None:

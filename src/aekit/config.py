@@ -189,8 +189,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         """From JSON-decoded ``data``, each field checked against its type (lists -> tuples),
-        the model's options against the types its family declares. A config of aekit 0.3 or
-        older, with the options as fields of their own, reads as one with ``model_params``."""
+        the model's options against the types its family declares and completed with its
+        defaults. A config of aekit 0.3 or older, with the options as fields of their own,
+        reads as one with ``model_params``; an option it left out (null) was built at the
+        family's default, and reads so."""
         if not isinstance(data, dict):
             return from_plain(cls, data, "config")  # the one error for what is not an object
         data = dict(data)
@@ -203,13 +205,10 @@ class TrainConfig:
         family = models.MODELS.get(config.model)
         if family is not None:  # an unknown model is refused, by name, when the config is validated
             hints = typing.get_type_hints(family.Options)
-            params = {key: conform(value, hints[key], f"config.model_params.{key}") if key in hints else value
-                      for key, value in params.items()}
+            params = models.resolve_options(config.model, {
+                key: conform(value, hints[key], f"config.model_params.{key}") if key in hints else value
+                for key, value in params.items()})
         return dataclasses.replace(config, model_params=params)
-
-    def options(self) -> dict[str, Any]:
-        """Every option of the model, those not in ``model_params`` at the family's default."""
-        return models.resolve_options(self.model, self.model_params)
 
 
 def _objectives(name: str, model: torch.nn.Module | None) -> tuple[tuple[str, ...], str]:

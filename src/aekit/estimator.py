@@ -233,7 +233,7 @@ class ConvAutoencoder(_ImageReconstructor):
         if (path / ESTIMATOR).is_file():
             est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
-            options = config.options()
+            options = config.model_params
             est = cls(model=config.model, **{k: options[k] for k in _OPTION_PARAMS if k in options},
                       model_params={k: v for k, v in options.items() if k not in _OPTION_PARAMS} or None,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
@@ -277,10 +277,8 @@ class ConvAutoencoder(_ImageReconstructor):
                   for k, v in params.items()}
         est = cls(**{**params, "device": device})
         expected = _as_run_error(lambda: est._params_config(config), source)
-        # An option a save of aekit 0.3 left out of config.json is the family's default, as here.
-        differ = [f.name for f in dataclasses.fields(config) if f.name != "device" and (
-            expected.options() != config.options() if f.name == "model_params"
-            else getattr(expected, f.name) != getattr(config, f.name))]
+        differ = [f.name for f in dataclasses.fields(config)
+                  if f.name != "device" and getattr(expected, f.name) != getattr(config, f.name)]
         if differ:
             raise RunError(f"{source}: its params disagree with {source.parent / 'config.json'} on "
                            f"{', '.join(differ)}; the folder mixes two models: save the estimator again")

@@ -143,7 +143,7 @@ def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig
     workdir = Path(workdir)
     saved = read_config(workdir)
     given = dict(given)
-    options = saved.options()
+    options = saved.model_params
     for name, value in given.pop("model_params", {}).items():  # compared option by option
         if name not in options or value != options[name]:
             raise ResumeMismatch(workdir, name, value, options.get(name))

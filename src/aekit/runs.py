@@ -134,9 +134,7 @@ def read_config(workdir: Path) -> TrainConfig:
         resolved = config.resolved()
     except (TypeError, ValueError) as exc:
         raise RunError(f"{path}: invalid run config ({exc}); restore it or train again") from None
-    # A run records every choice its recipe made; an option of the model that a run of aekit
-    # 0.3 left out (null) was built at the family's default, as it is now.
-    if dataclasses.replace(resolved, model_params=config.model_params) != config:
+    if resolved != config:  # a run records every choice its recipe made
         missing = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(resolved, f.name)]
         raise RunError(f"{path}: {', '.join(missing)} missing (null); restore it or train again")
     # No run was trained on larger images than aekit builds a model for: an edited or damaged config.

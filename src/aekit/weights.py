@@ -108,16 +108,6 @@ def _as_recorded(config: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as a file holds them
 
 
-def _comparable(config: TrainConfig) -> dict:
-    """``config`` as recorded, its model's options complete: a run of aekit 0.3 that left an
-    option out was built with the family's default, as the run is now."""
-    try:
-        config = dataclasses.replace(config, model_params=config.options())
-    except ValueError:  # an unknown model or option: compared as written, and refused by name
-        pass
-    return _as_recorded(config)
-
-
 _REMEDY = {"weights": "; finish the run (resume=True) or train it again (overwrite=True)",
            "checkpoint": "; start the run again with overwrite=True"}
 
@@ -129,11 +119,11 @@ def _check_same_config(recorded_json: str | None, config: TrainConfig, path: Pat
     if not isinstance(recorded, dict):
         raise RunError(f"{path}: no readable config recorded in the {kind}; the file is damaged{_REMEDY[kind]}")
     try:  # as a TrainConfig reads it: an older aekit's fields as today's, those it did not record at their default
-        recorded = _comparable(TrainConfig.from_dict({**_as_recorded(TrainConfig()), **recorded}))
+        recorded = _as_recorded(TrainConfig.from_dict({**_as_recorded(TrainConfig()), **recorded}))
     except (TypeError, ValueError):
         raise RunError(f"{path}: the config recorded in the {kind} is not a valid config; the file is "
                        f"damaged{_REMEDY[kind]}") from None
-    current = _comparable(config)
+    current = _as_recorded(config)
     for name in sorted(set(recorded) | set(current)):
         if name not in RUNTIME_FIELDS and recorded.get(name) != current.get(name):
             raise RunError(

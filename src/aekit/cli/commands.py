@@ -50,8 +50,9 @@ def cmd_train(args) -> int:
     # the model by its own flag, into model_params.
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
-    if _model_params(args):
-        given["model_params"] = _model_params(args)
+    options = _model_params(args)
+    if options:
+        given["model_params"] = options
     config = _resumed_config(args.out, given) if args.resume else TrainConfig(**given)
     if args.threads is not None:
         import torch

@@ -49,8 +49,12 @@ demo: venv
 	$(VENV)/bin/aekit data fetch mnist
 	$(VENV)/bin/aekit train --model seed --epochs 20
 
+# Two pytest-xdist workers of one PyTorch thread each: the tests are many small trainings,
+# which two threads in one process share worse than two processes do.
+TEST_WORKERS ?= 2
+
 test: dev system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 # The slow runs, and the fuzz tests again with 5,000 examples each instead of 100.
 test-slow: dev system-deps

@@ -29,6 +29,13 @@ settings.register_profile("slow", max_examples=5000, derandomize=False, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked heavy first, the rest in file order: pytest-xdist hands tests out in
+    this order, so under `make test` (two workers) no long test starts while the other worker
+    has nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip with a visible reason when a dependency is absent; under CI=true, fail instead."""
     if not condition:
@@ -64,9 +71,18 @@ def data_home(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Two threads, the machine's cores, for every test: results then do not depend on
-    # what another test left behind.
-    torch.set_num_threads(2)
+    # A fixed thread count for every test, so results do not depend on what another test
+    # left behind: the machine's two cores, or one each when pytest-xdist runs two workers.
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded_generators():
+    # The same draws for every test, whichever tests ran before it in this process (pytest-
+    # xdist hands tests to workers in an order that changes from run to run).
+    torch.manual_seed(0)
+    np.random.seed(0)
     yield
 
 

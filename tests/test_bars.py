@@ -30,6 +30,7 @@ def test_default_recipe_reaches_the_bar_after_20_epochs(mnist, tmp_path):
     assert result.metrics["test_mse"] <= 0.0030
 
 
+@pytest.mark.heavy
 def test_seed_table_script(mnist, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), "--epochs", "1", "--limit", "1000",
                           "--seeds", "0", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)

@@ -195,6 +195,7 @@ def assert_same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tole
     return worst
 
 
+@pytest.mark.heavy
 def test_two_ranks_train_like_one_process_and_only_rank_0_writes(tmp_path, one_process):
     out = tmp_path / "two"
     data_home = os.environ.get("AEKIT_DATA") or os.path.expanduser("~/.cache/aekit")
@@ -229,6 +230,7 @@ def test_two_ranks_train_like_one_process_and_only_rank_0_writes(tmp_path, one_p
     print(f"2 ranks x 2 epochs + 1 process x 1 epoch vs 1 process x 3 epochs: max |dw| = {worst:.3g}")
 
 
+@pytest.mark.heavy
 def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, one_process):
     out = tmp_path / "resumed"
     assert main(["train", *FLAGS, "--epochs", "1", "--out", str(out)]) == 0
@@ -244,6 +246,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, one_process):
     print(f"1 process x 1 epoch + 2 ranks x 2 epochs vs 1 process x 3 epochs: max |dw| = {worst:.3g}")
 
 
+@pytest.mark.heavy
 def test_a_failing_rank_stops_the_run_without_a_hang(tmp_path, mnist):
     """Rank 0's disk fills at the second checkpoint; rank 1 waits in the next all-reduce.
     torchrun stops it at once (not after the 10-minute collective timeout), and the first

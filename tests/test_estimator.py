@@ -194,6 +194,7 @@ def test_denoising_cleans(digits):
     assert mse["gaussian:0.3"] < 0.8 * mse[None]
 
 
+@pytest.mark.heavy
 def test_pipeline_clone_and_grid_search(digits):
     x_train, y_train, x_test, y_test = digits
     flat = x_train.reshape(len(x_train), -1)

@@ -29,6 +29,7 @@ def few(mnist):
     return x_train[:100, ::2, ::2], x_test[:20, ::2, ::2]
 
 
+@pytest.mark.heavy
 def test_train_and_fit_give_the_same_config_and_weights(tmp_path, few, capsys):
     x_train, x_test = few
     np.savez(tmp_path / "few.npz", x_train=x_train, x_test=x_test)

@@ -27,6 +27,7 @@ def history(out) -> list[dict[str, str]]:
     return list(csv.DictReader(open(out / "history.csv")))
 
 
+@pytest.mark.heavy
 def test_two_nodes_train_like_one_process(tmp_path, mnist):
     torch.set_num_threads(1)
     assert main(["train", *FLAGS, "--out", str(tmp_path / "one")]) == 0

@@ -81,6 +81,7 @@ def test_fit_builds_the_graph_from_a_stream_and_lets_it_go(tmp_path, mnist, monk
     assert state.history[-1].parts["neighbours"] > 0 and np.isfinite(state.history[-1].val_loss)
 
 
+@pytest.mark.heavy
 def test_map_codes_keep_neighbours_better_than_the_plain_autoencoders(mnist):
     """The reason the model exists, on a budget a test affords: 2 numbers per digit from
     2,000 training images for 8 epochs, 5-NN accuracy on 1,000 test digits. Measured: map

@@ -93,6 +93,7 @@ def test_a_model_refuses_an_objective_it_does_not_offer(monkeypatch):
         TrainConfig(model="penalised", loss="mse").resolved()
 
 
+@pytest.mark.heavy
 def test_two_ranks_train_the_extra_term(tmp_path):
     """DDP forwards the model's whole objective: two torchrun ranks log the same parts and
     they add up. The ranks register the model through a sitecustomize, as a plugin would."""

@@ -360,6 +360,7 @@ def npy_images(tmp_path_factory, mnist):
     ("streamed", step(19 + 11), (1, 11), "epoch 2, step 11 of 19"),
     ("between epochs", ("aekit.experiment", "write_history", 1), (1, 0), "1 complete epoch"),
 ], ids=["first-epoch", "late-denoising", "streamed", "between-epochs"])
+@pytest.mark.heavy
 def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, straight_run, npy_images,
                                                                    case, at, saved, where):
     """Ctrl-C mid-epoch: the checkpoint holds that very step (weights, Adam, the epoch's
@@ -620,6 +621,7 @@ def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, mnist, monkey
     assert train(out, "--overwrite") == 0  # a stale lock file blocks nothing
 
 
+@pytest.mark.heavy
 def test_a_training_in_another_process_holds_the_folder_until_it_ends(tmp_path, mnist, capsys):
     """Two shells, one --out: the second is refused while the first trains (here: stopped
     by itself after its first step), and the first ends as if alone."""

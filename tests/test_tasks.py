@@ -115,6 +115,7 @@ def test_heatmap_is_zero_where_reconstruction_is_perfect():
     assert heat[20:24, 20:24].max() > 200 and heat[60:, 60:].max() < 20  # only the wrong pixel glows
 
 
+@pytest.mark.heavy
 def test_compare_both_methods_every_size(mnist, tmp_path, capsys):
     """The README's claim at one size, on a budget a test can afford: 5,000 images for 5
     epochs at 8 numbers, where the autoencoder reconstructs clearly better than PCA

@@ -1,4 +1,4 @@
-"""Training and encoding speed of the seed network, measured side by side (issue 4).
+"""Training and encoding speed of the seed network, measured side by side (issues 4 and 20).
 
     .venv/bin/python bench/speed.py            # the full table (make bench); ~10 min on 2 busy cores
     .venv/bin/python bench/speed.py --quick    # fewer images, one round: a smoke run
@@ -12,7 +12,12 @@ hits them all alike; the table gives each one's median. What is compared:
   "not installed" when ``keras`` does not import (``pip install -e '.[bench]'``).
 - ``plain``: a plain PyTorch loop as a tutorial writes it: ``nn.Sequential``, NCHW,
   ``DataLoader(shuffle=True)``, ``Adam``, ``MSELoss``, ``loss.item()`` every step.
-- ``aekit``: :func:`aekit.training.fit` on the same data, recipe and batch.
+- ``aekit``: :func:`aekit.training.fit` on the same data and batch, with the blog's recipe
+  and with the default one.
+
+All three at batch 32 and at batch 128. Then where an epoch of aekit goes (one thread, under
+:mod:`torch.profiler`: bench/profile_step.py), and the default model (``pca-conv``) against
+a plain eager loop and encoder over the same network.
 
 Then the encoder: :func:`aekit.inference.encode` at each thread count, and the user's call,
 ``ConvAutoencoder(model="seed").transform`` on the 10,000 MNIST test images, against that
@@ -39,6 +44,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from profile_step import print_profile, profile_fit  # noqa: E402  (bench/profile_step.py)
 MNIST_TRAIN = 60_000
 
 
@@ -166,6 +173,58 @@ def _encode(device: str, workers: int, batch: int = 1024, repeats: int = 20) -> 
     batch_rate = batch / statistics.median(rate(x, repeats))
     latency = statistics.median(rate(x[:1], 200))
     return {"images_per_second": batch_rate, "latency_ms": 1e3 * latency}
+
+
+def _default_model(n: int, batch: int = 32) -> dict:
+    """The default model: images/s of aekit's fit and of a plain eager loop over the same
+    network (one pass over ``n`` images each, after a warm-up), and of
+    :func:`aekit.inference.encode` and an eager ``model.encode`` on the 10,000 test images."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from aekit.config import TrainConfig
+    from aekit.data import prepare_images
+    from aekit.inference import encode
+    from aekit.start import new_model
+    from aekit.training import fit
+
+    x_train, x_test = _mnist(n)
+    x, x_val, x_test = prepare_images(x_train), prepare_images(x_test[:10]), prepare_images(x_test)
+    config = TrainConfig(model="pca-conv", epochs=1, batch_size=batch).resolved()
+    config = dataclasses.replace(config, image_shape=(1, 28, 28))
+
+    def aekit_fit(images) -> float:
+        model = new_model(config, torch.device("cpu"))
+        started = time.perf_counter()
+        fit(model, images, x_val, config, progress=False)
+        return len(images) / (time.perf_counter() - started)
+
+    def plain_fit(images) -> float:
+        model = new_model(config, torch.device("cpu"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        started = time.perf_counter()
+        for xb in images[torch.randperm(len(images))].split(batch):
+            loss = nn.functional.mse_loss(model(xb), xb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return len(images) / (time.perf_counter() - started)
+
+    aekit_fit(x[:4 * batch]), plain_fit(x[:4 * batch])  # warm up
+    out = {"fit": aekit_fit(x), "plain": plain_fit(x)}
+    model = new_model(config, torch.device("cpu")).eval()
+    encode(model, x_test[:256])
+    started = time.perf_counter()
+    encode(model, x_test)
+    out["encode"] = len(x_test) / (time.perf_counter() - started)
+    with torch.inference_mode():
+        model.encode(x_test[:256])
+        started = time.perf_counter()
+        model.encode(x_test)
+    out["eager_encode"] = len(x_test) / (time.perf_counter() - started)
+    return out
 
 
 def _transform(rounds: int = 7) -> dict:
@@ -309,6 +368,10 @@ def worker(spec: dict) -> dict:
         out = _encode(spec.get("device", "cpu"), spec["threads"])
     elif kind == "transform":
         out = _transform()
+    elif kind == "profile":
+        out = profile_fit(spec["model"], spec["recipe"], spec["batch"], spec["images"])
+    elif kind == "default_model":
+        out = _default_model(spec["images"])
     elif kind == "matmul":
         out = {"gflops": _matmul()}
     elif kind == "quality":
@@ -391,7 +454,29 @@ def machine() -> str:
         pass
     gpu = f", CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device"
     return (f"{cpu}, {os.cpu_count()} cores (torch default {torch.get_num_threads()} threads){gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+            f"{isa_and_caches()}; Python {platform.python_version()}, torch {torch.__version__} "
+            f"(CPU kernels: {torch.backends.cpu.get_cpu_capability()})")
+
+
+def isa_and_caches() -> str:
+    """The vector instruction sets that matter to float32 training, and the caches of
+    core 0, from Linux's /proc and /sys ('?' where they cannot be read)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    isa = " ".join(flag for flag in wanted if flag in flags) or "?"
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level} {size}")
+    return f"ISA {isa}; caches per core 0: {', '.join(caches) or '?'}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -402,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="thread counts to compare (default: 1 and the number of cores)")
     parser.add_argument("--stream-images", type=int, default=1_000_000, help="size of the big .npy")
     parser.add_argument("--quick", action="store_true", help="2,560 images, 1 round, a 100,000-image stream")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["keras", "quality", "stream", "cuda"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["keras", "quality", "stream", "cuda", "profile", "default-model"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -425,16 +511,17 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []  # (label, spec)
     for t in threads:
-        if keras_missing is None:
-            rows.append((f"Keras 3, torch backend, batch 128, {t} thr", dict(impl="keras", batch=128, threads=t)))
-        rows.append((f"plain PyTorch loop, batch 128, {t} thr", dict(impl="plain", batch=128, threads=t)))
-        rows.append((f"aekit fit, blog recipe, batch 128, {t} thr",
-                     dict(impl="aekit", recipe="blog", batch=128, threads=t, workers=t)))
+        for batch in (32, 128):
+            if keras_missing is None:
+                rows.append((f"Keras 3, torch backend, batch {batch}, {t} thr",
+                             dict(impl="keras", batch=batch, threads=t)))
+            rows.append((f"plain PyTorch loop, batch {batch}, {t} thr", dict(impl="plain", batch=batch, threads=t)))
+            for recipe in ("blog", "default"):
+                rows.append((f"aekit fit, {recipe} recipe, batch {batch}, {t} thr",
+                             dict(impl="aekit", recipe=recipe, batch=batch, threads=t, workers=t)))
         if t == max(threads):
             rows.append(("aekit fit, blog recipe, batch 128, default (pool or 1 thr, as load allows)",
                          dict(impl="aekit", recipe="blog", batch=128, threads=t, workers=None)))
-        rows.append((f"aekit fit, default recipe, batch 32, {t} thr",
-                     dict(impl="aekit", recipe="default", batch=32, threads=t)))
     results: dict[str, list[dict]] = {label: [] for label, _ in rows}
     peaks = {t: [] for t in threads}
     for round_index in range(args.rounds):
@@ -452,7 +539,9 @@ def main(argv: list[str] | None = None) -> None:
     print("## Training (seed network, MNIST images, one pass over the measured images)\n")
     print("'N thr' is torch.set_num_threads(N) for Keras, the plain loop and aekit at batch 32 (one "
           "chunk, so no ChunkPool); aekit at batch 128 runs N ChunkPool workers of one thread each; "
-          "'default' is fit() left to choose (ChunkPool or one thread, re-checked every 400 steps).\n")
+          "'default' is fit() left to choose (ChunkPool or one thread, re-checked every 400 steps). "
+          "'vs Keras' and 'vs plain' compare rows of the same batch and threads; Keras runs the blog's "
+          "code (its recipe: MSE, Glorot init), against which both of aekit's recipes are compared.\n")
     print("| implementation | images/s median (min-max) | s/epoch (60k) | GFLOP/s | % of matmul peak | vs Keras | vs plain | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rates = {label: median(results[label], "images_per_second") for label, _ in rows}
@@ -463,8 +552,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {label} | failed: {errors[0] if errors else '?'} | | | | | | |")
             continue
         gflops = rate * step_flops / 1e9
-        keras = rates.get(f"Keras 3, torch backend, batch 128, {t} thr")
-        plain = rates.get(f"plain PyTorch loop, batch 128, {t} thr")
+        keras = rates.get(f"Keras 3, torch backend, batch {spec['batch']}, {t} thr")
+        plain = rates.get(f"plain PyTorch loop, batch {spec['batch']}, {t} thr")
         ratio = lambda ref: f"{rate / ref:.2f}x" if ref else "-"  # noqa: E731
         spread = [r["images_per_second"] for r in results[label] if "images_per_second" in r]
         print(f"| {label} | {rate:,.0f} ({min(spread):,.0f}-{max(spread):,.0f}) | {MNIST_TRAIN / rate:.1f} | {gflops:.1f} | "
@@ -474,14 +563,51 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| Keras 3, torch backend | {keras_missing} | | | | | | |")
     print("\nfloat32 matrix-product peak (2048x2048, best of 10, median of rounds): "
           + ", ".join(f"{t} thr {peak[t]:.0f} GFLOP/s" for t in threads))
-    best = max((label for label, spec in rows if spec["impl"] == "aekit" and spec["batch"] == 128 and rates[label]),
-               key=lambda label: rates[label], default=None)
     stock_t = torch.get_num_threads()
-    for ref_name in ("Keras 3, torch backend", "plain PyTorch loop"):
-        ref = rates.get(f"{ref_name}, batch 128, {stock_t} thr")
-        if best and ref:
-            print(f"best aekit (batch 128, {best.split('batch 128, ', 1)[1]}) vs {ref_name} at torch's default "
-                  f"{stock_t} threads: {rates[best] / ref:.2f}x")
+    for batch in (32, 128):
+        best = max((label for label, spec in rows
+                    if spec["impl"] == "aekit" and spec["batch"] == batch and spec["recipe"] == "blog" and rates[label]),
+                   key=lambda label: rates[label], default=None)
+        for ref_name in ("Keras 3, torch backend", "plain PyTorch loop"):
+            ref = rates.get(f"{ref_name}, batch {batch}, {stock_t} thr")
+            if best and ref:
+                print(f"best aekit, blog recipe (batch {batch}, {best.split(f'batch {batch}, ', 1)[1]}) vs "
+                      f"{ref_name} at torch's default {stock_t} threads: {rates[best] / ref:.2f}x")
+
+    if "profile" not in args.skip:
+        print("\n## Where an epoch goes (bench/profile_step.py: aekit.training.fit under torch.profiler, "
+              "1 thread)\n")
+        print("Each operation's own time goes to one share (a convolution's and the optimiser's inner "
+              "operations to them); 'autograd, Python and loop' is the wall time outside every "
+              "operation. The convolution table gives each layer's forward and backward time and its "
+              "rate against the 1-thread matmul peak above.\n")
+        for model, recipe, batch, images in (("seed", "blog", 128, args.images), ("seed", "default", 32, args.images),
+                                             ("pca-conv", "default", 32, max(320, args.images // 4))):
+            result = run_worker({"kind": "profile", "threads": 1, "model": model, "recipe": recipe,
+                                 "batch": batch, "images": images})
+            if "error" in result:
+                print(f"{model}, {recipe}, batch {batch}: failed: {result['error']}\n")
+            else:
+                print_profile(result, peak.get(1))
+
+    if "default-model" not in args.skip:
+        print("\n## The default model (pca-conv, default recipe, batch 32, MNIST)\n")
+        print("aekit.training.fit against a plain eager PyTorch loop over the same network (built by "
+              "aekit, PCA fitted, then Adam on the model's squared error without aekit.fast), and "
+              "aekit.inference.encode on the 10,000 test images against a plain eager model.encode; "
+              f"{cores} threads, taking turns, median of the rounds.\n")
+        dm = [run_worker({"kind": "default_model", "threads": cores, "images": max(640, args.images // 4)})
+              for _ in range(args.rounds)]
+        if median(dm, "fit") is None:
+            print(f"failed: {dm[0].get('error')}")
+        else:
+            fit_rate, plain_rate = median(dm, "fit"), median(dm, "plain")
+            enc, eager = median(dm, "encode"), median(dm, "eager_encode")
+            print("| what | aekit images/s | plain images/s | aekit vs plain | s/epoch (60k), aekit |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            print(f"| training | {fit_rate:,.0f} | {plain_rate:,.0f} | {fit_rate / plain_rate:.2f}x | "
+                  f"{MNIST_TRAIN / fit_rate:.1f} |")
+            print(f"| encoding | {enc:,.0f} | {eager:,.0f} | {enc / eager:.2f}x | |")
 
     print("\n## Encoding (aekit encoder, CPU)\n")
     print("aekit.inference.encode: aekit.fast's twin (channels_last), chunks of 64, N worker threads of one "

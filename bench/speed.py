@@ -278,7 +278,8 @@ def _quality(target: float, check_every: int) -> dict:
 
     x_train, x_test = _mnist(MNIST_TRAIN)
     x_train, x_test = prepare_images(x_train), prepare_images(x_test)
-    config = TrainConfig(model="seed").resolved()
+    # The schedule of `make demo` (20 epochs); TrainConfig leaves epochs to the epoch rule.
+    config = TrainConfig(model="seed", epochs=20).resolved()
     model = _aekit_model(config, "cpu")
     optimizer = make_optimizer(model, config)
     with fast.on_cpu(model, optimizer) as twin:  # as fit trains: aekit.fast's twin, channels_last

@@ -1,10 +1,12 @@
 """The CLI, called in-process as ``main([...])``, and the run folder it writes."""
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -272,6 +274,9 @@ def test_collapse_warns_an_estimator_user_once_in_parameters(mnist):
     message = str(caught[0].message)
     assert message.startswith("epoch 1: the reconstructions are nearly constant")
     assert 'loss="bce"' in message and 'recipe="default"' in message and "--" not in message
+    # The same warning after a copy or a trip between processes (pytest-xdist sends it so).
+    for again in (copy.copy(caught[0].message), pickle.loads(pickle.dumps(caught[0].message))):
+        assert str(again) == message and again.epoch == 1
 
 
 # --------------------------------------------------------------------------- --resume

@@ -38,7 +38,12 @@ class CollapseWarning(UserWarning):
 
     def __init__(self, epoch: int, hint: str = COLLAPSE_HINT):
         super().__init__(f"epoch {epoch}: {hint}")
-        self.epoch = epoch
+        self.epoch, self.hint = epoch, hint
+
+    def __reduce__(self):
+        # Rebuilt from (epoch, hint), not from the message in self.args: a copy or pickle
+        # (pytest-xdist and multiprocessing send warnings between processes) says the same.
+        return type(self), (self.epoch, self.hint)
 
 
 __all__ = ["COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

@@ -302,3 +302,22 @@ def test_a_folder_another_process_writes_into_is_not_replaced(tmp_path):
     (out / _io.LOCK_NAME).write_text("another training (pid 1), killed")
     write_images(x, ["0", "1"], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png"]
+
+
+def test_aekit_errors_survive_a_copy_and_a_pickle():
+    """scikit-learn's ``n_jobs`` and multiprocessing send a worker's error to the parent by
+    pickling it: an error whose constructor takes other arguments than its message came
+    back as a TypeError instead."""
+    import copy
+    import errno
+    import pickle
+
+    from aekit.experiment import ResumeMismatch
+
+    errors = [_io.WriteError(Path("/runs/a/config.json"), OSError(errno.ENOSPC, "No space left on device")),
+              ResumeMismatch(Path("runs/a"), "lr", 0.1, 0.001)]
+    for error in errors:
+        for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+            assert type(again) is type(error) and str(again) == str(error)
+    assert pickle.loads(pickle.dumps(errors[0])).errno == errno.ENOSPC
+    assert pickle.loads(pickle.dumps(errors[1])).field == "lr"

@@ -53,7 +53,12 @@ class WriteError(OSError):
         fix = _WRITE_FIXES.get(cause.errno, "check the disk and write somewhere else")
         super().__init__(cause.errno, f"cannot write {path} ({reason}); {fix}. "
                                       f"Nothing was written under that name: any earlier {path.name} is intact")
-        self.filename = str(path)
+        self.filename, self.cause = str(path), cause
+
+    def __reduce__(self):
+        # Rebuilt from (path, cause), so that a copy or pickle (scikit-learn's n_jobs sends
+        # errors between processes) is this error again, not a TypeError.
+        return type(self), (Path(self.filename), self.cause)
 
     def __str__(self) -> str:
         return self.strerror

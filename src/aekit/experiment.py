@@ -133,6 +133,9 @@ class ResumeMismatch(RunError):
             f"device may change), or start a new run in another folder")
         self.workdir, self.field, self.given, self.recorded = workdir, field, given, recorded
 
+    def __reduce__(self):  # a copy or pickle is this error again (see aekit._io.WriteError)
+        return type(self), (self.workdir, self.field, self.given, self.recorded)
+
 
 def resumed_config(workdir: str | Path, given: dict[str, object]) -> TrainConfig:
     """The config that continues the run in ``workdir``: its config.json, with the ``given``

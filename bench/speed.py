@@ -232,11 +232,13 @@ def _transform(rounds: int = 7) -> dict:
     test images, in one process, taking turns: ``ConvAutoencoder(model="seed").transform``
     (uint8 (n, 28, 28) in, float32 (n, 392) out: parsing and conversion counted), the
     bench's best path (:func:`aekit.inference.encode` on a prepared float tensor), and a
-    plain eager ``model.encode(x)`` in one pass. Images per second, medians."""
+    plain eager ``model.encode(x)`` in one pass. Then evaluation: ``aekit.inference.evaluate``
+    (the objective and the MSE, as validation after every epoch computes them) against a
+    plain eager ``model(x)`` and its squared error. Images per second, medians."""
     import torch
 
     from aekit import ConvAutoencoder
-    from aekit.inference import encode
+    from aekit.inference import encode, evaluate
     from aekit.data import prepare_images
 
     x_train, x_test = _mnist(1024)
@@ -247,7 +249,12 @@ def _transform(rounds: int = 7) -> dict:
         with torch.inference_mode():
             model.encode(x)
 
-    ways = {"transform": lambda: estimator.transform(x_test), "best": lambda: encode(model, x), "eager": eager}
+    def eager_evaluate():
+        with torch.inference_mode():
+            float(((model(x) - x) ** 2).mean())
+
+    ways = {"transform": lambda: estimator.transform(x_test), "best": lambda: encode(model, x), "eager": eager,
+            "evaluate": lambda: evaluate(model, x, estimator.config_.loss), "eager_evaluate": eager_evaluate}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds + 1):
         for name, run in ways.items():
@@ -624,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {t} | {rate:,.0f} | {median(enc, 'latency_ms'):.3f} | "
               f"{rate * _encoder_flops() / 1e9:.1f} | {median(enc, 'max_rss_mb'):.0f} |")
 
-    print("\n## The user's encoder: ConvAutoencoder(model=\"seed\").transform\n")
+    print("\n## The user's encoder and evaluation: ConvAutoencoder(model=\"seed\").transform, "
+          "aekit.inference.evaluate\n")
     print("The 10,000 MNIST test images (uint8) in one call, against aekit.inference.encode on the same "
           f"images as a float tensor (the path above) and a plain eager model.encode(x), in one process "
           f"at {cores} threads, taking turns; median of 7.\n")
@@ -638,6 +646,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| ConvAutoencoder.transform | {user:,.0f} | 1.00x |")
         print(f"| aekit.inference.encode (best) | {best:,.0f} | {user / best:.2f}x |")
         print(f"| plain eager model.encode | {eager:,.0f} | {user / eager:.2f}x |")
+        ev, eager_ev = median(tr, "evaluate"), median(tr, "eager_evaluate")
+        print("\n| evaluation of the 10,000 test images | images/s | aekit vs it |")
+        print("| --- | ---: | ---: |")
+        print(f"| aekit.inference.evaluate (objective and MSE) | {ev:,.0f} | 1.00x |")
+        print(f"| plain eager model(x) and its MSE | {eager_ev:,.0f} | {ev / eager_ev:.2f}x |")
 
     if "quality" not in args.skip:
         t = threads[0]

@@ -37,13 +37,13 @@ class CollapseWarning(UserWarning):
     (once per fit); ``hint`` is what to do about it (:func:`collapse_hint`)."""
 
     def __init__(self, epoch: int, hint: str = COLLAPSE_HINT):
-        super().__init__(f"epoch {epoch}: {hint}")
+        # args are (epoch, hint): copy, pickle and pytest-xdist rebuild a warning as
+        # CollapseWarning(*args), and then it says the same again.
+        super().__init__(epoch, hint)
         self.epoch, self.hint = epoch, hint
 
-    def __reduce__(self):
-        # Rebuilt from (epoch, hint), not from the message in self.args: a copy or pickle
-        # (pytest-xdist and multiprocessing send warnings between processes) says the same.
-        return type(self), (self.epoch, self.hint)
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}: {self.hint}"
 
 
 __all__ = ["COLLAPSE", "COLLAPSE_HINT", "CollapseWarning", "collapse_hint"]

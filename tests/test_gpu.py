@@ -175,7 +175,7 @@ def test_the_model_families_train_on_cuda(model, mnist):
 
 def test_the_bench_cuda_rows():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--quick",
-                             "--skip", "keras", "quality", "stream"],
+                             "--skip", "keras", "quality", "stream", "profile", "default-model"],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     cuda = result.stdout.split("## CUDA", 1)[1]

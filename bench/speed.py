@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from profile_step import print_profile, profile_fit  # noqa: E402  (bench/profile_step.py)
+from profile_step import layer_flops, print_profile, profile_fit  # noqa: E402  (bench/profile_step.py)
 MNIST_TRAIN = 60_000
 
 
@@ -424,23 +424,11 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 # ----------------------------------------------------------------------- the table
 
 def seed_flops_per_image() -> tuple[float, float]:
-    """(forward, training step) FLOPs per 28x28 image: 2*H*W*Cin*Cout*9 per convolution,
-    the step counted as three forwards (backward ~ twice the forward), as the issue does."""
-    import torch
-    from torch import nn
-
-    from aekit.models import SeedAutoencoder
-    model, total = SeedAutoencoder(), [0]
-
-    def hook(module, inputs, output):
-        total[0] += 2 * output.shape[2] * output.shape[3] * module.in_channels * module.out_channels * 9
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_hook(hook)
-    with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28))
-    return total[0], 3 * total[0]
+    """(forward, training step) FLOPs per 28x28 image: 2*H*W*Cin*Cout*9 per convolution
+    (profile_step.layer_flops), the step counted as three forwards (backward ~ twice the
+    forward), as the issue does."""
+    forward = sum(layer_flops("seed")[0].values())
+    return forward, 3 * forward
 
 
 def keras_status() -> str | None:

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 #   make demo TORCH='torch==2.14.1'
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-gpu bench bench-quality venv dev system-deps clean
+.PHONY: demo test test-slow test-gpu bench bench-quality bench-anchors venv dev system-deps clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ bench: $(VENV)/.bench
 # aekit's defaults against PCA on every kind of image: bench/QUALITY.md (about an hour on 2 cores).
 bench-quality: $(VENV)/.base
 	$(PY) bench/quality.py
+
+# The field's published results on their own protocols beside PCA and aekit: bench/ANCHORS.md
+# (hours on 2 cores; it goes on from the cells an interrupted run left in bench/anchors-cells.jsonl).
+bench-anchors: $(VENV)/.base
+	$(PY) bench/anchors.py --resume
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from aekit import ConvAutoencoder  # noqa: E402
 from aekit.data import load_dataset, prepare_images  # noqa: E402
+from aekit.experiment import plan  # noqa: E402
 from aekit.pca import PCAReconstructor  # noqa: E402
 from aekit.start import new_model  # noqa: E402
 from aekit.training import fit  # noqa: E402
@@ -30,8 +31,8 @@ def main() -> int:
     (x_train, _), (x_test, _) = load_dataset("mnist")
     pca = PCAReconstructor(latent_dim=30).fit(x_train)
     print(f"PCA-30: {pca.reconstruction_error(x_test).mean() * PIXELS:.2f} squared error per test image")
-    config = ConvAutoencoder(latent_dim=30, random_state=0)._config(image_shape=(1, 28, 28), seed=0,
-                                                                   n_images=len(x_train))
+    config, _ = plan(ConvAutoencoder(latent_dim=30, random_state=0)._config(image_shape=(1, 28, 28), seed=0),
+                     len(x_train))  # 60,000 images: the rule's 10 epochs, none held out
     print(f"aekit's defaults: model {config.model}, loss {config.loss}, {config.chosen['epochs']}")
     model = new_model(config)
     started = time.perf_counter()

@@ -1,0 +1,332 @@
+"""The field's published results on their own protocols, beside PCA and aekit (`make bench-anchors`).
+
+Each row reproduces a published protocol exactly and runs aekit through the product
+(``ConvAutoencoder(...)`` as a user would call it), PCA beside it where the protocol has a
+PCA reading. The rows (``--rows``, comma-separated):
+
+- ``oneclass-mnist``, ``oneclass-fashion``: one-class novelty detection. For each class c,
+  fit on the training images of class c only; score the whole test set with
+  ``score_samples`` (higher is more normal); AUROC with class c normal and the other nine
+  anomalous (scikit-learn's ``roc_auc_score``); the row is the mean over the ten classes, per
+  seed, and the spread over seeds. (Ruff et al. 2018, Deep SVDD, set the protocol.)
+- ``map-mnist``, ``map-fashion``: 2-D maps. Fit a 2-number code on all training images; a
+  5-NN classifier (scikit-learn) fitted on the training codes is scored on the test codes
+  (Sainburg, McInnes & Gentner 2021, Parametric UMAP, their repository's table); beside it,
+  the test reconstruction MSE per pixel against PCA-2's.
+- ``hinton``: Hinton & Salakhutdinov 2006: a 30-number code of MNIST, squared error summed
+  over the 784 pixels in [0, 1], mean over the 10,000 test images, and the fit's minutes.
+- ``likelihood``: dynamically binarised MNIST, test NLL by importance sampling with k =
+  5,000 (Burda et al. 2016; Pythae's reproducibility table). Not measured yet: aekit has no
+  binarised-likelihood protocol; the row prints the published numbers and says so.
+
+Every finished cell (one class of one seed, one map, one Hinton fit) is appended to
+bench/anchors-cells.jsonl with its method, seed, epochs and fit seconds; ``--resume``
+(which ``make bench-anchors`` passes) reuses the cells already there, so an interrupted run
+goes on where it stopped. The table is written into bench/ANCHORS.md between its two
+``anchors-table`` marker lines; the rest of that file (what was tried) is left as it is.
+
+    python bench/anchors.py --resume                          # every row (hours on 2 cores)
+    python bench/anchors.py --rows oneclass-mnist --seeds 0   # one row, one seed
+    python bench/anchors.py --table-only                      # the table of the cells so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import aekit  # noqa: E402
+from aekit.data import load_dataset  # noqa: E402
+from aekit.estimator import ConvAutoencoder  # noqa: E402
+from aekit.pca import PCAReconstructor  # noqa: E402
+from speed import machine  # noqa: E402  (bench/speed.py: the CPU, cores, torch)
+
+CELLS = HERE / "anchors-cells.jsonl"
+DOC = HERE / "ANCHORS.md"
+BEGIN, END = "<!-- anchors-table: begin (bench/anchors.py writes from here) -->", "<!-- anchors-table: end -->"
+PIXELS = 784  # MNIST's 28 x 28, for Hinton's per-image sum
+
+
+# ----------------------------------------------------------------------------- protocols
+
+def one_class_auroc(estimator, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                    y_test: np.ndarray, normal: int) -> dict:
+    """Fit ``estimator`` on the training images of class ``normal`` only; AUROC of its
+    ``score_samples`` (higher = more normal) on every test image, class ``normal`` the
+    positives. Returns auroc, fit seconds and the number of images fitted on."""
+    from sklearn.metrics import roc_auc_score
+
+    own = x_train[y_train == normal]
+    seconds = timed_fit(estimator, own)
+    scores = np.asarray(estimator.score_samples(x_test), dtype=np.float64)
+    return {"auroc": float(roc_auc_score(y_test == normal, scores)), "fit_s": seconds, "train": len(own)}
+
+
+def timed_fit(estimator, x: np.ndarray) -> float:
+    """Seconds ``estimator.fit(x)`` took."""
+    started = time.perf_counter()
+    estimator.fit(x)
+    return time.perf_counter() - started
+
+
+def five_nn_accuracy(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray) -> float:
+    """The Parametric UMAP paper's score of an embedding: a 5-nearest-neighbour classifier
+    (scikit-learn, Euclidean, uniform weights) fitted on the training codes, its accuracy on
+    the test codes."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return float(KNeighborsClassifier(n_neighbors=5).fit(z_train, y_train).score(z_test, y_test))
+
+
+def squared_error_per_image(mse_per_pixel: np.ndarray, pixels: int = PIXELS) -> float:
+    """Hinton & Salakhutdinov's reading of a test set: the squared error summed over an
+    image's pixels (in [0, 1]), averaged over the images, from per-image mean errors."""
+    return float(np.mean(mse_per_pixel) * pixels)
+
+
+# ----------------------------------------------------------------------------- the rows
+
+@dataclass(frozen=True)
+class Method:
+    """How a cell's estimator is made: ``make(seed)``, and the user's call in words."""
+
+    name: str
+    call: str
+    make: Callable[[int], object]
+
+
+PCA_ONE_CLASS = Method("pca", "PCAReconstructor(latent_dim=32)", lambda seed: PCAReconstructor(latent_dim=32,
+                                                                                                random_state=0))
+ONE_CLASS = (
+    PCA_ONE_CLASS,
+    Method("default", "ConvAutoencoder(random_state=SEED)", lambda seed: ConvAutoencoder(random_state=seed)),
+)
+MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEED)",
+             lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))
+HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
+                lambda seed: ConvAutoencoder(latent_dim=30, random_state=seed))
+
+DATA = {"oneclass-mnist": "mnist", "oneclass-fashion": "fashion-mnist", "map-mnist": "mnist",
+        "map-fashion": "fashion-mnist", "hinton": "mnist", "likelihood": "mnist"}
+ROWS = tuple(DATA)
+
+# The best published numbers without pretrained features, each with its source.
+PUBLISHED = {
+    "oneclass-mnist": ("mean AUROC % (higher is better)", "ARNet/ITAE 98.3, GEOM 98.0, OCGAN 97.5, MemAE 97.5, "
+                       "Deep SVDD 94.8", 98.3,
+                       "Huang et al. 2019 (ITAE) / Ye et al. 2022 (ARNet); Golan & El-Yaniv 2018 (GEOM); "
+                       "Perera et al. 2019 (OCGAN); Gong et al. 2019 (MemAE); Ruff et al. 2018 (Deep SVDD)"),
+    "oneclass-fashion": ("mean AUROC % (higher is better)", "GOAD 94.1, ARNet 93.9, GEOM 93.5", 94.1,
+                         "Bergman & Hoshen 2020 (GOAD); Ye et al. 2022 (ARNet); Golan & El-Yaniv 2018 (GEOM)"),
+    "map-mnist": ("5-NN accuracy % of the 2-D test codes", "parametric UMAP 96.14, UMAP 95.44, t-SNE 95.02", 96.14,
+                  "Sainburg, McInnes & Gentner 2021, Parametric UMAP"),
+    "map-fashion": ("5-NN accuracy % of the 2-D test codes", "t-SNE 80.39, UMAP 76.08, parametric UMAP 74.07", 80.39,
+                    "Sainburg, McInnes & Gentner 2021, Parametric UMAP"),
+    "hinton": ("squared error per test image (lower is better)", "deep autoencoder 3.00; Hessian-free about 2.46",
+               2.46, "Hinton & Salakhutdinov 2006; Martens 2010"),
+    "likelihood": ("test NLL in nats, binarised MNIST, k = 5,000 (lower is better)",
+                   "VAMP 85.57, IWAE 86.8-87.1, VAE 89.8-89.9", 85.57,
+                   "Pythae's reproducibility table (Chadebec et al. 2022), MLP networks"),
+}
+HIGHER_IS_BETTER = {"oneclass-mnist": True, "oneclass-fashion": True, "map-mnist": True, "map-fashion": True,
+                    "hinton": False, "likelihood": False}
+
+
+def one_class_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
+    (x_train, y_train), (x_test, y_test) = split
+    for method in ONE_CLASS:
+        for seed in ([0] if method is PCA_ONE_CLASS else seeds):
+            for normal in range(10):
+                key = (row, method.name, seed, normal)
+                if key in done:
+                    continue
+                estimator = method.make(seed)
+                cell = one_class_auroc(estimator, x_train, y_train, x_test, y_test, normal)
+                config = getattr(estimator, "config_", None)
+                save({"row": row, "method": method.name, "seed": seed, "part": normal, **cell,
+                      "epochs": None if config is None else config.epochs,
+                      "model": None if config is None else config.model})
+
+
+def map_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
+    (x_train, y_train), (x_test, y_test) = split
+    pca_key = (row, "pca", 0, None)
+    if pca_key not in done:
+        pca = PCAReconstructor(latent_dim=2, random_state=0)
+        seconds = timed_fit(pca, x_train)
+        save({"row": row, "method": "pca", "seed": 0, "part": None, "fit_s": seconds, "train": len(x_train),
+              "knn5": five_nn_accuracy(pca.transform(x_train), y_train, pca.transform(x_test), y_test),
+              "test_mse": float(pca.reconstruction_error(x_test).mean()), "epochs": None, "model": "pca"})
+    for seed in seeds:
+        if (row, MAP.name, seed, None) in done:
+            continue
+        estimator = MAP.make(seed)
+        seconds = timed_fit(estimator, x_train)
+        save({"row": row, "method": MAP.name, "seed": seed, "part": None, "fit_s": seconds, "train": len(x_train),
+              "knn5": five_nn_accuracy(estimator.transform(x_train), y_train, estimator.transform(x_test), y_test),
+              "test_mse": float(estimator.reconstruction_error(x_test).mean()),
+              "epochs": estimator.config_.epochs, "model": estimator.config_.model})
+
+
+def hinton_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
+    (x_train, _), (x_test, _) = split
+    for method, seed in [(Method("pca", "PCAReconstructor(latent_dim=30)",
+                                 lambda seed: PCAReconstructor(latent_dim=30, random_state=0)), 0)] + \
+            [(HINTON, seed) for seed in seeds]:
+        if (row, method.name, seed, None) in done:
+            continue
+        estimator = method.make(seed)
+        seconds = timed_fit(estimator, x_train)
+        config = getattr(estimator, "config_", None)
+        save({"row": row, "method": method.name, "seed": seed, "part": None, "fit_s": seconds, "train": len(x_train),
+              "sq_error": squared_error_per_image(estimator.reconstruction_error(x_test)),
+              "epochs": None if config is None else config.epochs,
+              "model": "pca" if config is None else config.model})
+
+
+RUNNERS = {"oneclass-mnist": one_class_cells, "oneclass-fashion": one_class_cells, "map-mnist": map_cells,
+           "map-fashion": map_cells, "hinton": hinton_cells}
+CALLS = {"oneclass-mnist": {m.name: m.call for m in ONE_CLASS}, "oneclass-fashion": {m.name: m.call for m in ONE_CLASS},
+         "map-mnist": {"pca": "PCAReconstructor(latent_dim=2)", MAP.name: MAP.call},
+         "map-fashion": {"pca": "PCAReconstructor(latent_dim=2)", MAP.name: MAP.call},
+         "hinton": {"pca": "PCAReconstructor(latent_dim=30)", HINTON.name: HINTON.call}}
+NOT_MEASURED = {"likelihood": "not measured: aekit has no binarised-MNIST likelihood protocol yet "
+                              "(dynamic binarisation in training, k = 5,000 importance samples, Pythae beside it)"}
+
+
+# ----------------------------------------------------------------------------- the table
+
+def summarise(row: str, cells: list[dict]) -> list[dict]:
+    """One line per method of ``row``: its value (mean over seeds), the spread over seeds,
+    the seeds, epochs and fit seconds (summed over a seed's classes for one-class rows)."""
+    lines = []
+    for method in dict.fromkeys(c["method"] for c in cells):
+        mine = [c for c in cells if c["method"] == method]
+        per_seed = {}
+        for seed in sorted({c["seed"] for c in mine}):
+            of_seed = [c for c in mine if c["seed"] == seed]
+            if row.startswith("oneclass"):
+                if len(of_seed) < 10:
+                    continue  # a seed not finished for all ten classes is not a mean over them
+                per_seed[seed] = (100 * float(np.mean([c["auroc"] for c in of_seed])), sum(c["fit_s"] for c in of_seed),
+                                  sorted(of_seed, key=lambda c: c["part"]))
+            else:
+                value = 100 * of_seed[0]["knn5"] if row.startswith("map") else of_seed[0]["sq_error"]
+                per_seed[seed] = (value, of_seed[0]["fit_s"], of_seed)
+        if not per_seed:
+            continue
+        values = [v for v, _, _ in per_seed.values()]
+        first = next(iter(per_seed.values()))[2][0]
+        lines.append({"method": method, "value": float(np.mean(values)), "low": min(values), "high": max(values),
+                      "seeds": list(per_seed), "fit_s": float(np.mean([s for _, s, _ in per_seed.values()])),
+                      "epochs": first.get("epochs"), "model": first.get("model"), "per_seed": per_seed})
+    return lines
+
+
+def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
+    out = ["| row | measure | best published | bar | PCA | aekit (method: mean [min, max] over seeds) "
+           "| aekit beats the bar |", "| --- | --- | --- | ---: | ---: | --- | --- |"]
+    details = []
+    for row in rows:
+        measure, published, bar, _ = PUBLISHED[row]
+        if row in NOT_MEASURED:
+            out.append(f"| {row} | {measure} | {published} | {bar:g} | | {NOT_MEASURED[row]} | no |")
+            continue
+        lines = summarise(row, [c for c in cells if c["row"] == row])
+        pca = next((line for line in lines if line["method"] == "pca"), None)
+        ours = [line for line in lines if line["method"] != "pca"]
+        fmt = (lambda v: f"{v:.2f}")
+        aekit_text = "; ".join(f"`{line['method']}` {fmt(line['value'])} [{fmt(line['low'])}, {fmt(line['high'])}]"
+                               f" ({len(line['seeds'])} seed{'s' * (len(line['seeds']) > 1)})" for line in ours) \
+            or "not run"
+        better = (lambda v: v >= bar) if HIGHER_IS_BETTER[row] else (lambda v: v <= bar)
+        beats = "yes" if any(better(line["value"]) for line in ours) else "no"
+        out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(pca['value']) if pca else ''} "
+                   f"| {aekit_text} | {beats} |")
+        for line in lines:
+            call = CALLS[row].get(line["method"], line["method"])
+            extra = ""
+            if row.startswith("map"):
+                mse = [c["test_mse"] for s in line["per_seed"].values() for c in s[2]]
+                extra = f", test MSE {np.mean(mse):.5f}"
+            if row.startswith("oneclass"):
+                parts = np.mean([[c["auroc"] for c in s[2]] for s in line["per_seed"].values()], axis=0)
+                extra = ", per class " + " ".join(f"{p:.3f}" for p in parts)
+            epochs = f", {line['epochs']} epochs" if line["epochs"] else ""
+            details.append(f"- {row}, `{call}` (model {line['model']}{epochs}), seeds "
+                           f"{', '.join(map(str, line['seeds']))}: {fmt(line['value'])}{extra}; "
+                           f"fit {line['fit_s']:.0f} s a seed")
+    return "\n".join(out) + "\n\n" + "\n".join(details) + "\n"
+
+
+def write_doc(text: str, doc: Path = DOC) -> None:
+    """``text`` into ``doc`` between the marker lines (kept), the rest of the file as it was;
+    a new file is the markers and ``text``."""
+    old = doc.read_text() if doc.exists() else f"# aekit against the published results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"{doc} lacks the marker lines {BEGIN!r} and {END!r}; restore them to write the table")
+    head, rest = old.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
+def read_cells(path: Path = CELLS) -> dict:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                c = json.loads(line)
+                done[(c["row"], c["method"], c["seed"], c["part"])] = c
+    return done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for aekit's cells (PCA: seed 0)")
+    parser.add_argument("--resume", action="store_true", help=f"reuse the finished cells in {CELLS.name}")
+    parser.add_argument("--table-only", action="store_true", help=f"run nothing: the table of {CELLS.name}")
+    args = parser.parse_args(argv)
+    rows = tuple(args.rows.split(","))
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; expected some of {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not (args.resume or args.table_only) and CELLS.exists():
+        CELLS.unlink()
+    done = read_cells()
+
+    def save(cell: dict) -> None:
+        cell = {**cell, "aekit": aekit.__version__, "date": time.strftime("%Y-%m-%d")}
+        with open(CELLS, "a") as f:
+            f.write(json.dumps(cell) + "\n")
+        done[(cell["row"], cell["method"], cell["seed"], cell["part"])] = cell
+        what = f"class {cell['part']}" if cell["part"] is not None else ""
+        print(f"{cell['row']} {cell['method']} seed {cell['seed']} {what}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in cell.items() if k in ("auroc", "knn5", "test_mse", "sq_error"))
+              + f" ({cell['fit_s']:.0f} s)", flush=True)
+
+    if not args.table_only:
+        for row in rows:
+            if row in RUNNERS:
+                RUNNERS[row](row, load_dataset(DATA[row]), seeds, done, save)
+    command = "python bench/anchors.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    text = (f"`{command}` ({time.strftime('%Y-%m-%d')}), from the cells in bench/{CELLS.name}\n\n"
+            f"Machine: {machine()}, aekit {aekit.__version__}\n\n{table(list(done.values()))}")
+    write_doc(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -120,7 +120,8 @@ DATA = {"oneclass-mnist": "mnist", "oneclass-fashion": "fashion-mnist", "map-mni
         "map-fashion": "fashion-mnist", "hinton": "mnist", "likelihood": "mnist"}
 ROWS = tuple(DATA)
 
-# The best published numbers without pretrained features, each with its source.
+# The best published numbers without pretrained features, each with its source, and the bar
+# aekit's issue 21 sets (at or past the best; for the maps, also a test MSE below PCA-2's).
 PUBLISHED = {
     "oneclass-mnist": ("mean AUROC % (higher is better)", "ARNet/ITAE 98.3, GEOM 98.0, OCGAN 97.5, MemAE 97.5, "
                        "Deep SVDD 94.8", 98.3,
@@ -128,14 +129,14 @@ PUBLISHED = {
                        "Perera et al. 2019 (OCGAN); Gong et al. 2019 (MemAE); Ruff et al. 2018 (Deep SVDD)"),
     "oneclass-fashion": ("mean AUROC % (higher is better)", "GOAD 94.1, ARNet 93.9, GEOM 93.5", 94.1,
                          "Bergman & Hoshen 2020 (GOAD); Ye et al. 2022 (ARNet); Golan & El-Yaniv 2018 (GEOM)"),
-    "map-mnist": ("5-NN accuracy % of the 2-D test codes", "parametric UMAP 96.14, UMAP 95.44, t-SNE 95.02", 96.14,
+    "map-mnist": ("5-NN accuracy % of the 2-D test codes", "parametric UMAP 96.14, UMAP 95.44, t-SNE 95.02", 96.5,
                   "Sainburg, McInnes & Gentner 2021, Parametric UMAP"),
-    "map-fashion": ("5-NN accuracy % of the 2-D test codes", "t-SNE 80.39, UMAP 76.08, parametric UMAP 74.07", 80.39,
+    "map-fashion": ("5-NN accuracy % of the 2-D test codes", "t-SNE 80.39, UMAP 76.08, parametric UMAP 74.07", 81.0,
                     "Sainburg, McInnes & Gentner 2021, Parametric UMAP"),
     "hinton": ("squared error per test image (lower is better)", "deep autoencoder 3.00; Hessian-free about 2.46",
                2.46, "Hinton & Salakhutdinov 2006; Martens 2010"),
     "likelihood": ("test NLL in nats, binarised MNIST, k = 5,000 (lower is better)",
-                   "VAMP 85.57, IWAE 86.8-87.1, VAE 89.8-89.9", 85.57,
+                   "VAMP 85.57, IWAE 86.8-87.1, VAE 89.8-89.9", 85.5,
                    "Pythae's reproducibility table (Chadebec et al. 2022), MLP networks"),
 }
 HIGHER_IS_BETTER = {"oneclass-mnist": True, "oneclass-fashion": True, "map-mnist": True, "map-fashion": True,
@@ -233,6 +234,11 @@ def summarise(row: str, cells: list[dict]) -> list[dict]:
     return lines
 
 
+def test_mse(line: dict) -> float:
+    """A map row's line's test MSE per pixel, the mean over its seeds."""
+    return float(np.mean([c["test_mse"] for _, _, of_seed in line["per_seed"].values() for c in of_seed]))
+
+
 def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
     out = ["| row | measure | best published | bar | PCA | aekit (method: mean [min, max] over seeds) "
            "| aekit beats the bar |", "| --- | --- | --- | ---: | ---: | --- | --- |"]
@@ -250,15 +256,19 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
                                f" ({len(line['seeds'])} seed{'s' * (len(line['seeds']) > 1)})" for line in ours) \
             or "not run"
         better = (lambda v: v >= bar) if HIGHER_IS_BETTER[row] else (lambda v: v <= bar)
-        beats = "yes" if any(better(line["value"]) for line in ours) else "no"
+        if row.startswith("map"):  # the bar also asks for test reconstructions better than PCA-2's
+            at, above = better, (lambda line: pca is not None and test_mse(line) < test_mse(pca))
+            better_line = (lambda line: at(line["value"]) and above(line))
+        else:
+            better_line = (lambda line: better(line["value"]))
+        beats = "yes" if any(better_line(line) for line in ours) else "no"
         out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(pca['value']) if pca else ''} "
                    f"| {aekit_text} | {beats} |")
         for line in lines:
             call = CALLS[row].get(line["method"], line["method"])
             extra = ""
             if row.startswith("map"):
-                mse = [c["test_mse"] for s in line["per_seed"].values() for c in s[2]]
-                extra = f", test MSE {np.mean(mse):.5f}"
+                extra = f", test MSE {test_mse(line):.5f}"
             if row.startswith("oneclass"):
                 parts = np.mean([[c["auroc"] for c in s[2]] for s in line["per_seed"].values()], axis=0)
                 extra = ", per class " + " ".join(f"{p:.3f}" for p in parts)

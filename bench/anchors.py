@@ -105,16 +105,22 @@ class Method:
     make: Callable[[int], object]
 
 
-PCA_ONE_CLASS = Method("pca", "PCAReconstructor(latent_dim=32)", lambda seed: PCAReconstructor(latent_dim=32,
-                                                                                                random_state=0))
+def pca_method(latent_dim: int) -> Method:
+    """PCA with ``latent_dim`` components (deterministic: every seed is seed 0's)."""
+    return Method("pca", f"PCAReconstructor(latent_dim={latent_dim})",
+                  lambda seed: PCAReconstructor(latent_dim=latent_dim, random_state=0))
+
+
 ONE_CLASS = (
-    PCA_ONE_CLASS,
+    pca_method(32),
     Method("default", "ConvAutoencoder(random_state=SEED)", lambda seed: ConvAutoencoder(random_state=seed)),
 )
 MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEED)",
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))
 HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
                 lambda seed: ConvAutoencoder(latent_dim=30, random_state=seed))
+METHODS = {"oneclass-mnist": ONE_CLASS, "oneclass-fashion": ONE_CLASS, "map-mnist": (pca_method(2), MAP),
+           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON)}
 
 DATA = {"oneclass-mnist": "mnist", "oneclass-fashion": "fashion-mnist", "map-mnist": "mnist",
         "map-fashion": "fashion-mnist", "hinton": "mnist", "likelihood": "mnist"}
@@ -143,64 +149,50 @@ HIGHER_IS_BETTER = {"oneclass-mnist": True, "oneclass-fashion": True, "map-mnist
                     "hinton": False, "likelihood": False}
 
 
+def seeds_of(method: Method, seeds: list[int]) -> list[int]:
+    return [0] if method.name == "pca" else seeds
+
+
+def trained(estimator) -> dict:
+    """The model and epochs a fitted estimator trained (PCA: none)."""
+    config = getattr(estimator, "config_", None)
+    return {"model": "pca", "epochs": None} if config is None else {"model": config.model, "epochs": config.epochs}
+
+
 def one_class_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
     (x_train, y_train), (x_test, y_test) = split
-    for method in ONE_CLASS:
-        for seed in ([0] if method is PCA_ONE_CLASS else seeds):
+    for method in METHODS[row]:
+        for seed in seeds_of(method, seeds):
             for normal in range(10):
-                key = (row, method.name, seed, normal)
-                if key in done:
+                if (row, method.name, seed, normal) in done:
                     continue
                 estimator = method.make(seed)
                 cell = one_class_auroc(estimator, x_train, y_train, x_test, y_test, normal)
-                config = getattr(estimator, "config_", None)
-                save({"row": row, "method": method.name, "seed": seed, "part": normal, **cell,
-                      "epochs": None if config is None else config.epochs,
-                      "model": None if config is None else config.model})
+                save({"row": row, "method": method.name, "seed": seed, "part": normal, **cell, **trained(estimator)})
 
 
-def map_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
+def whole_set_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
+    """The map and Hinton rows: one fit on all the training images per method and seed."""
     (x_train, y_train), (x_test, y_test) = split
-    pca_key = (row, "pca", 0, None)
-    if pca_key not in done:
-        pca = PCAReconstructor(latent_dim=2, random_state=0)
-        seconds = timed_fit(pca, x_train)
-        save({"row": row, "method": "pca", "seed": 0, "part": None, "fit_s": seconds, "train": len(x_train),
-              "knn5": five_nn_accuracy(pca.transform(x_train), y_train, pca.transform(x_test), y_test),
-              "test_mse": float(pca.reconstruction_error(x_test).mean()), "epochs": None, "model": "pca"})
-    for seed in seeds:
-        if (row, MAP.name, seed, None) in done:
-            continue
-        estimator = MAP.make(seed)
-        seconds = timed_fit(estimator, x_train)
-        save({"row": row, "method": MAP.name, "seed": seed, "part": None, "fit_s": seconds, "train": len(x_train),
-              "knn5": five_nn_accuracy(estimator.transform(x_train), y_train, estimator.transform(x_test), y_test),
-              "test_mse": float(estimator.reconstruction_error(x_test).mean()),
-              "epochs": estimator.config_.epochs, "model": estimator.config_.model})
+    for method in METHODS[row]:
+        for seed in seeds_of(method, seeds):
+            if (row, method.name, seed, None) in done:
+                continue
+            estimator = method.make(seed)
+            seconds = timed_fit(estimator, x_train)
+            errors = estimator.reconstruction_error(x_test)
+            if row.startswith("map"):
+                scores = {"knn5": five_nn_accuracy(estimator.transform(x_train), y_train,
+                                                   estimator.transform(x_test), y_test),
+                          "test_mse": float(errors.mean())}
+            else:
+                scores = {"sq_error": squared_error_per_image(errors)}
+            save({"row": row, "method": method.name, "seed": seed, "part": None, "fit_s": seconds,
+                  "train": len(x_train), **scores, **trained(estimator)})
 
 
-def hinton_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None]) -> None:
-    (x_train, _), (x_test, _) = split
-    for method, seed in [(Method("pca", "PCAReconstructor(latent_dim=30)",
-                                 lambda seed: PCAReconstructor(latent_dim=30, random_state=0)), 0)] + \
-            [(HINTON, seed) for seed in seeds]:
-        if (row, method.name, seed, None) in done:
-            continue
-        estimator = method.make(seed)
-        seconds = timed_fit(estimator, x_train)
-        config = getattr(estimator, "config_", None)
-        save({"row": row, "method": method.name, "seed": seed, "part": None, "fit_s": seconds, "train": len(x_train),
-              "sq_error": squared_error_per_image(estimator.reconstruction_error(x_test)),
-              "epochs": None if config is None else config.epochs,
-              "model": "pca" if config is None else config.model})
-
-
-RUNNERS = {"oneclass-mnist": one_class_cells, "oneclass-fashion": one_class_cells, "map-mnist": map_cells,
-           "map-fashion": map_cells, "hinton": hinton_cells}
-CALLS = {"oneclass-mnist": {m.name: m.call for m in ONE_CLASS}, "oneclass-fashion": {m.name: m.call for m in ONE_CLASS},
-         "map-mnist": {"pca": "PCAReconstructor(latent_dim=2)", MAP.name: MAP.call},
-         "map-fashion": {"pca": "PCAReconstructor(latent_dim=2)", MAP.name: MAP.call},
-         "hinton": {"pca": "PCAReconstructor(latent_dim=30)", HINTON.name: HINTON.call}}
+RUNNERS = {"oneclass-mnist": one_class_cells, "oneclass-fashion": one_class_cells, "map-mnist": whole_set_cells,
+           "map-fashion": whole_set_cells, "hinton": whole_set_cells}
 NOT_MEASURED = {"likelihood": "not measured: aekit has no binarised-MNIST likelihood protocol yet "
                               "(dynamic binarisation in training, k = 5,000 importance samples, Pythae beside it)"}
 
@@ -265,7 +257,7 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
         out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(pca['value']) if pca else ''} "
                    f"| {aekit_text} | {beats} |")
         for line in lines:
-            call = CALLS[row].get(line["method"], line["method"])
+            call = next((m.call for m in METHODS[row] if m.name == line["method"]), line["method"])
             extra = ""
             if row.startswith("map"):
                 extra = f", test MSE {test_mse(line):.5f}"
@@ -279,9 +271,10 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(details) + "\n"
 
 
-def write_doc(text: str, doc: Path = DOC) -> None:
+def write_doc(text: str, doc: Path | None = None) -> None:
     """``text`` into ``doc`` between the marker lines (kept), the rest of the file as it was;
     a new file is the markers and ``text``."""
+    doc = DOC if doc is None else doc
     old = doc.read_text() if doc.exists() else f"# aekit against the published results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in old or END not in old:
         raise SystemExit(f"{doc} lacks the marker lines {BEGIN!r} and {END!r}; restore them to write the table")
@@ -290,8 +283,8 @@ def write_doc(text: str, doc: Path = DOC) -> None:
     doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
 
 
-def read_cells(path: Path = CELLS) -> dict:
-    done = {}
+def read_cells(path: Path | None = None) -> dict:
+    path, done = CELLS if path is None else path, {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():

@@ -117,8 +117,6 @@ def test_resume_reads_the_cells_and_the_table_only_run_trains_nothing(anchors, t
     cells.write_text("".join(json.dumps(c) + "\n" for c in cells_of("oneclass-fashion", "default", 3, [0.95] * 10)))
     monkeypatch.setattr(anchors, "CELLS", cells)
     monkeypatch.setattr(anchors, "DOC", tmp_path / "ANCHORS.md")
-    monkeypatch.setattr(anchors.write_doc, "__defaults__", (tmp_path / "ANCHORS.md",))
-    monkeypatch.setattr(anchors.read_cells, "__defaults__", (cells,))
     monkeypatch.setattr(anchors, "RUNNERS", {})  # a run that trained would fail here: nothing to call
     assert anchors.main(["--table-only"]) == 0
     text = (tmp_path / "ANCHORS.md").read_text()

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
@@ -18,6 +19,7 @@ from sklearn.utils.estimator_checks import check_estimator
 import aekit
 from aekit import ConvAutoencoder, PCAReconstructor
 from aekit.runs import RunError
+from conftest import copy_run
 
 SMALL = dict(latent_dim=8, widths=(8, 16), epochs=2, batch_size=32, random_state=0)
 
@@ -58,8 +60,16 @@ def test_verbs_shapes_and_range(fitted, digits):
     assert errors.shape == (300,)
     expected = ((images.astype(np.float64) - x_test / 255.0) ** 2).reshape(300, -1).mean(1)
     np.testing.assert_allclose(errors, expected, rtol=1e-5)
-    np.testing.assert_array_equal(fitted.score_samples(x_test), -errors)
+    # score_samples is the model's outlier score, negated (pca-conv's is not the reconstruction
+    # error; tests/test_pcaconv.py checks it against a reference); score() stays the negative
+    # mean reconstruction error, what a grid search over the code size compares.
+    scores = fitted.score_samples(x_test)
+    with torch.no_grad():
+        own = fitted.model_.outlier_score(torch.from_numpy(x_test[:, None] / 255.0).float()).numpy()
+    np.testing.assert_allclose(scores, -own, rtol=1e-4, atol=1e-5)  # the fast CPU path against eager, ~1e-6 apart
+    assert np.abs(scores + errors).max() > 1e-3
     assert set(np.unique(fitted.predict(x_test))) <= {-1, 1}
+    np.testing.assert_array_equal(fitted.predict(x_test), np.where(scores >= -fitted.threshold_, 1, -1))
     assert fitted.score(x_test) == pytest.approx(-errors.mean())
     assert len(fitted.history_) == 2 and fitted.history_[1]["loss"] < fitted.history_[0]["loss"]
 
@@ -254,6 +264,20 @@ def edit_state(folder, edit):
     (folder / "estimator.json").write_text(json.dumps(state))
 
 
+def test_a_threshold_saved_before_outlier_scores_were_named(fitted, small_run, tmp_path):
+    """aekit 0.4 took every threshold on the reconstruction error and did not say so: it loads
+    with a model scored by that error (the seed network), and is dropped for one scored
+    otherwise (pca-conv, the estimator's default) instead of being compared with another score."""
+    fitted.save(tmp_path / "est")
+    edit_state(tmp_path / "est", lambda state: state.pop("outlier_score"))
+    assert ConvAutoencoder.load(tmp_path / "est").threshold_ is None
+    run = copy_run(small_run, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.pop("outlier_score") == "reconstruction error"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert ConvAutoencoder.load(run).threshold_ == metrics["threshold"]
+
+
 def test_an_estimator_saved_before_beta_existed_loads(fitted, tmp_path, digits):
     fitted.save(tmp_path / "est")
     edit_state(tmp_path / "est", lambda state: state["params"].pop("beta"))  # as aekit 0.2 wrote it
@@ -277,7 +301,7 @@ BAD_STATES = {
     "an image_shape param that does not construct": (lambda s: s["params"].update(image_shape=5), "invalid"),
     "params of another model": (lambda s: s["params"].update(latent_dim=16), "disagree with"),
     "a threshold that is text": (lambda s: s.update(threshold="0.1"), "threshold must be a finite number"),
-    "a threshold that is null": (lambda s: s.update(threshold=None), "threshold must be a finite number"),
+    "an outlier score that is not a name": (lambda s: s.update(outlier_score=3), "outlier_score must be the name"),
     "an infinite threshold": (lambda s: s.update(threshold=float("inf")), "threshold must be a finite number"),
     "a negative threshold": (lambda s: s.update(threshold=-1.0), "threshold must be a finite number"),
     "an unknown layout": (lambda s: s.update(layout="nwh"), "layout 'nwh' does not fit"),
@@ -319,6 +343,9 @@ def test_a_run_without_a_threshold_refuses_to_predict(small_run, digits, tmp_pat
     for verb in (est.predict, est.decision_function):
         with pytest.raises(ValueError, match=r"no outlier threshold .* call set_threshold\(X, contamination="):
             verb(x)
+    # Saved without a threshold (null in estimator.json), it loads back without one.
+    again = ConvAutoencoder.load(est.save(tmp_path / "saved"))
+    assert again.threshold_ is None
     assert (est.set_threshold(x, contamination=0.1).predict(x) == -1).mean() == pytest.approx(0.1, abs=0.02)
 
 

@@ -1,6 +1,8 @@
 """PCA plus a convolutional correction (aekit.models.pca_conv), the estimator's default model, and
 the rules that choose its training from the data; checked against scikit-learn's PCA."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from aekit.data import as_images
 from aekit.models import build_model
 from aekit.config import EPOCH_RULE_RANGE, EPOCH_RULE_STEPS, HELD_OUT_SHARE, TrainConfig, default_epochs, default_held_out
 from aekit.training import fit
+from conftest import copy_run
 
 
 def started(x: torch.Tensor, latent_dim: int):
@@ -130,3 +133,92 @@ def test_the_estimator_keeps_the_epoch_best_on_the_held_out_images(mnist):
     kept = est.reconstruction_error(held).mean()
     assert kept == pytest.approx(est.history_[best - 1]["val_mse"], rel=1e-4)
     assert kept < est.history_[-1]["val_mse"] * 0.99
+
+
+def reference_outlier_scores(model, x: torch.Tensor, fitted_on: torch.Tensor) -> np.ndarray:
+    """pca-conv's outlier score in float64 numpy, from nothing the model fitted but its weights:
+    the reconstruction's and the linear decoding's errors, each over its mean on the training
+    images ``fitted_on``, plus the code's squared Mahalanobis distance from the training codes
+    over latent_dim."""
+    decoder = model.decoder
+
+    def terms(images):
+        with torch.no_grad():
+            z = model.encoder(images)                                           # (n, latent_dim)
+            full = decoder(z).double().numpy().reshape(len(images), -1)
+        z = z.double().numpy()
+        linear = np.clip(decoder.mean.double().numpy() + z @ decoder.components.double().numpy(), 0, 1)
+        flat = images.flatten(1).double().numpy()
+        return z, ((full - flat) ** 2).mean(1), ((linear - flat) ** 2).mean(1)
+
+    z_train, e_train, l_train = terms(fitted_on)
+    z, e, l = terms(x)
+    centred = z - z_train.mean(0)
+    distance = np.einsum("ij,jk,ik->i", centred, np.linalg.pinv(np.cov(z_train.T)), centred)
+    return e / e_train.mean() + l / l_train.mean() + distance / z.shape[1]
+
+
+def test_the_outlier_score_is_the_linear_decodings_error_plus_a_code_density(mnist):
+    """fit_outlier_score keeps the training codes' mean and precision and their mean errors;
+    each term of the score then averages 1 (the distance (n-1)/n of it) on those images."""
+    x = torch.from_numpy(mnist[0][0][:500].astype(np.float32) / 255)[:, None]   # (500, 1, 28, 28)
+    model = started(x[:400], latent_dim=6)
+    with torch.no_grad():  # a model whose decoder corrections are open, as after training
+        model.decoder.gate.fill_(0.5)
+        model.decoder.refine_gate.fill_(0.5)
+        model.encoder.gate.fill_(0.1)
+    # Not fitted (as weights from aekit 0.4): the reconstruction error, and named so.
+    assert model.outlier_score_name == "reconstruction error"
+    with torch.no_grad():
+        torch.testing.assert_close(model.outlier_score(x), ((model(x).double() - x.double()) ** 2).flatten(1).mean(1))
+    model.fit_outlier_score(as_images(x[:400]))
+    assert model.outlier_score_name == "reconstruction and linear-decoding errors + code distance"
+    with torch.no_grad():
+        scores = model.outlier_score(x).numpy()
+    # float32 codes, and the precision kept in float32: ~1e-6 of each term, which is ~1-10 here.
+    np.testing.assert_allclose(scores, reference_outlier_scores(model, x, x[:400]), rtol=1e-4, atol=1e-5)
+    assert scores[:400].mean() == pytest.approx(2 + 399 / 400, rel=1e-4)
+    assert scores[400:].mean() > scores[:400].mean()  # images it was not fitted on are less usual
+
+
+def test_a_run_flags_outliers_by_its_outlier_score(pca_conv_run, tmp_path, capsys):
+    """The run's threshold (metrics.json) is taken on the model's outlier score and names it;
+    ConvAutoencoder and `aekit score` rank and flag by that score. A pca-conv run of aekit
+    0.4 (weights without the score's statistics, a threshold on the reconstruction error)
+    still scores by the reconstruction error, with its own threshold."""
+    from aekit.cli import main
+    from aekit.runs import load_split, read_metrics
+    from aekit.weights import load_model, save_weights
+    from aekit._io import sha256_file
+
+    model, config = load_model(pca_conv_run)
+    x_train, x_test, _ = load_split(config)
+    reference = reference_outlier_scores(model, x_train.tensor, x_train.tensor)
+    metrics = read_metrics(pca_conv_run)
+    assert metrics["outlier_score"] == model.outlier_score_name != "reconstruction error"
+    # The quantile moves by no more than the scores, which agree to ~1e-5 of ~1-10.
+    assert metrics["threshold"] == pytest.approx(np.quantile(reference, 1 - metrics["contamination"]), rel=1e-4)
+
+    estimator = ConvAutoencoder.load(pca_conv_run)
+    images = (x_test.tensor[:40, 0].numpy() * 255).round().astype(np.uint8)  # (40, 28, 28) as a user has them
+    expected = reference_outlier_scores(model, torch.from_numpy(images[:, None] / 255.0).float(), x_train.tensor)
+    np.testing.assert_allclose(estimator.score_samples(images), -expected, rtol=1e-4, atol=1e-5)
+    np.save(tmp_path / "x.npy", images)
+    assert main(["score", str(pca_conv_run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "s.csv")]) == 0
+    assert f"on the {model.outlier_score_name}" in capsys.readouterr().out
+    rows = np.genfromtxt(tmp_path / "s.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+    np.testing.assert_allclose(rows["score"], -expected, rtol=1e-4, atol=1e-5)  # written to 6 digits
+    np.testing.assert_array_equal(rows["is_outlier"], (-estimator.score_samples(images) > metrics["threshold"]))
+
+    old = copy_run(pca_conv_run, tmp_path / "old")
+    for name in ("code_mean", "code_precision", "error_scale"):
+        delattr(model, name)
+    save_weights(model, old / "model.safetensors", config)
+    errors = estimator.reconstruction_error(images)
+    del metrics["outlier_score"]
+    metrics.update(weights_sha256=sha256_file(old / "model.safetensors"), threshold=float(np.median(errors)))
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    loaded = ConvAutoencoder.load(old)
+    assert loaded.threshold_ == metrics["threshold"]
+    np.testing.assert_array_equal(loaded.score_samples(images), -loaded.reconstruction_error(images))
+    np.testing.assert_allclose(loaded.reconstruction_error(images), errors, rtol=1e-6)

@@ -1,6 +1,6 @@
 """aekit: convolutional autoencoders for images, from the blog's seed network onwards."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def __getattr__(name: str):

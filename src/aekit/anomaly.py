@@ -1,4 +1,9 @@
-"""Anomaly scoring with a fitted reconstructor: per-image scores and per-pixel error maps."""
+"""Anomaly scoring with a fitted reconstructor: per-image scores and per-pixel error maps.
+
+An image's outlier score is its model's (:meth:`aekit.models.Autoencoder.outlier_score`,
+higher is more unusual): the reconstruction error unless the family scores otherwise. A
+threshold is recorded with the name of the score it was taken on, and used only with it.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,20 @@ import numpy as np
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 
 
+def recorded_threshold(model, threshold: float | None, score_name: str | None) -> float | None:
+    """``threshold`` as recorded with a run (metrics.json, estimator.json) if it was taken on
+    the outlier score ``model`` gives now, else None (derive it again). ``score_name`` is the
+    recorded name of that score; None in runs from aekit 0.4 and before, which took every
+    threshold on the reconstruction error."""
+    from aekit.models import RECONSTRUCTION_ERROR, outlier_score_name
+
+    same = (score_name or RECONSTRUCTION_ERROR) == outlier_score_name(model)
+    return threshold if same else None
+
+
 def run_threshold(run_dir: str | Path, contamination: float | None = None,
                   false_positive_rate: float | None = None, model=None) -> float:
-    """The per-image error threshold that flags a fraction ``contamination`` of a run's
+    """The outlier-score threshold that flags a fraction ``contamination`` of a run's
     training images, or has a ``false_positive_rate`` on its test images.
 
     The images are the run's own split (its data, ``limit`` and ``resize``), read in
@@ -22,7 +38,7 @@ def run_threshold(run_dir: str | Path, contamination: float | None = None,
     """
     from aekit.runs import load_split, read_config
     from aekit.weights import load_model
-    from aekit.inference import outlier_threshold, reconstruction_errors
+    from aekit.inference import outlier_scores, outlier_threshold
 
     if (contamination is None) == (false_positive_rate is None):
         raise ValueError("pass exactly one of contamination or false_positive_rate")
@@ -31,14 +47,15 @@ def run_threshold(run_dir: str | Path, contamination: float | None = None,
         model, _ = load_model(run_dir)
     x_train, x_test, _ = load_split(config)
     images, rate = (x_train, contamination) if contamination is not None else (x_test, false_positive_rate)
-    return outlier_threshold(reconstruction_errors(model, images), rate)
+    return outlier_threshold(outlier_scores(model, images), rate)
 
 
 def score_images(estimator, x: np.ndarray, names: list[str]) -> list[dict]:
-    """One row per image: its reconstruction error, score (higher = more normal) and verdict."""
-    errors = estimator.reconstruction_error(x)
-    return [{"name": name, "reconstruction_error": float(err), "score": float(-err),
-             "is_outlier": bool(err > estimator.threshold_)} for name, err in zip(names, errors)]
+    """One row per image: its reconstruction error, score (``score_samples``: the negative
+    outlier score, higher = more normal) and verdict (outlier score above the threshold)."""
+    errors, scores = estimator.reconstruction_error(x), estimator.score_samples(x)
+    return [{"name": name, "reconstruction_error": float(err), "score": float(score),
+             "is_outlier": bool(-score > estimator.threshold_)} for name, err, score in zip(names, errors, scores)]
 
 
 def write_scores(rows: list[dict], path: str | Path, overwrite: bool = False) -> None:

@@ -4,7 +4,8 @@ It answers the verbs every reconstructor does (:mod:`aekit.reconstructor`: fit, 
 inverse_transform, reconstruct, and the outlier verbs), as its PCA baseline does
 (:class:`aekit.pca.PCAReconstructor`); it trains as ``aekit train`` does
 (:mod:`aekit.experiment`), and saves into and loads from the same run folder, adding its
-own state (estimator.json: params, threshold, layout, history), checked when read.
+own state (estimator.json: params, threshold and the outlier score it is on, layout,
+history), checked when read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from sklearn.utils import check_random_state
 
 from aekit import inference
+from aekit import models as models_lib
+from aekit.anomaly import recorded_threshold
 from aekit.data import layouts
 from aekit.data.layouts import LAYOUTS
 from aekit._io import atomic_folder, refuse_existing, write_text_atomic
@@ -28,7 +31,11 @@ from aekit.reconstructor import _ImageReconstructor, _is_threshold
 _ADDED_PARAMS = {"beta": None, "model_params": None}  # params added after 0.2.0, with the value an older save means
 _OPTION_PARAMS = ("latent_dim", "widths", "beta")  # the options that are parameters of their own
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
-_STATE_KEYS = ("params", "threshold", "layout", "image_shape", "history")
+_STATE_KEYS = ("params", "threshold", "outlier_score", "layout", "image_shape", "history")
+_ADDED_STATE = {"outlier_score": None}  # keys added after 0.4.0, with the value an older save means
+# Config fields no estimator parameter sets: where the images came from (a run of `aekit train`,
+# loaded and saved, keeps its own), early stopping, and the device it runs on.
+_NOT_PARAMS = ("device", "data", "data_source", "limit", "resize", "stream", "patience")
 
 
 class ConvAutoencoder(_ImageReconstructor):
@@ -36,7 +43,7 @@ class ConvAutoencoder(_ImageReconstructor):
 
     Parameters are stored as given (scikit-learn's contract); everything learned ends in
     ``_``: ``model_`` (the PyTorch module), ``config_`` (the run's TrainConfig), ``history_``
-    (one dict per epoch), ``kept_epoch_``, ``threshold_`` (outlier threshold on per-image MSE),
+    (one dict per epoch), ``kept_epoch_``, ``threshold_`` (on the model's outlier score),
     ``image_shape_`` (C, H, W), ``layout_``. It trains as ``aekit train`` does, through
     :mod:`aekit.experiment`, with the same defaults: the same images and seed give the same
     config and weights either way.
@@ -150,7 +157,10 @@ class ConvAutoencoder(_ImageReconstructor):
         return inference.reconstruct(self.model_, torch.from_numpy(x)).numpy()
 
     def _errors(self, x: np.ndarray) -> np.ndarray:
-        return inference.reconstruction_errors(self.model_, torch.from_numpy(x))  # as the run's threshold
+        return inference.reconstruction_errors(self.model_, torch.from_numpy(x))
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        return inference.outlier_scores(self.model_, torch.from_numpy(x))  # as the run's threshold
 
     def denoise(self, X) -> np.ndarray:
         """Clean images: the reconstruction of (noisy) ``X``, in the layout of ``X``."""
@@ -209,7 +219,8 @@ class ConvAutoencoder(_ImageReconstructor):
         params = {k: plain(v) for k, v in self.get_params().items()}  # numpy numbers as JSON's
         if not isinstance(params["random_state"], (int, type(None))):
             params["random_state"] = self.config_.seed  # a RandomState: the seed it gave this fit
-        state = {"params": params, "threshold": self.threshold_, "layout": self.layout_,
+        state = {"params": params, "threshold": self.threshold_,
+                 "outlier_score": models_lib.outlier_score_name(self.model_), "layout": self.layout_,
                  "image_shape": list(self.image_shape_), "history": self.history_}
         with atomic_folder(path) as staging:
             save_config(self.config_, staging)
@@ -222,8 +233,9 @@ class ConvAutoencoder(_ImageReconstructor):
         """Load a folder written by :meth:`save` or by ``aekit train``.
 
         A run of ``aekit train`` takes its outlier threshold from metrics.json; without one
-        (the run did not finish) ``threshold_`` is None and ``predict`` asks for
-        :meth:`set_threshold`. Any damage raises :class:`aekit.runs.RunError` naming the file.
+        (the run did not finish, or an older aekit took it on another outlier score than the
+        model's) ``threshold_`` is None and ``predict`` asks for :meth:`set_threshold`. Any
+        damage raises :class:`aekit.runs.RunError` naming the file.
         """
         from aekit.runs import HISTORY, METRICS, read_history, read_metrics
         from aekit.weights import load_model
@@ -231,7 +243,7 @@ class ConvAutoencoder(_ImageReconstructor):
         path = Path(path)
         model, config = load_model(path, device)
         if (path / ESTIMATOR).is_file():
-            est, threshold, layout, history = cls._read_state(path / ESTIMATOR, config, device)
+            est, threshold, score_name, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
             options = config.model_params
             est = cls(model=config.model, **{k: options[k] for k in _OPTION_PARAMS if k in options},
@@ -239,7 +251,7 @@ class ConvAutoencoder(_ImageReconstructor):
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}
-            threshold = metrics.get("threshold")
+            threshold, score_name = metrics.get("threshold"), metrics.get("outlier_score")
             if threshold is not None:
                 threshold = _check_threshold(threshold, path / METRICS)
             if "contamination" in metrics:
@@ -250,19 +262,23 @@ class ConvAutoencoder(_ImageReconstructor):
         est.model_, est.config_, est.history_ = model, config, history
         est.image_shape_ = tuple(config.image_shape)
         est.n_features_in_ = int(np.prod(est.image_shape_))
+        threshold = recorded_threshold(model, threshold, score_name)
         est.layout_, est.threshold_ = layout, threshold
         est.offset_ = None if threshold is None else -threshold
         return est
 
     @classmethod
-    def _read_state(cls, source: Path, config, device: str) -> tuple[ConvAutoencoder, float, str, list[dict]]:
+    def _read_state(cls, source: Path, config, device: str
+                    ) -> tuple[ConvAutoencoder, float | None, str | None, str, list[dict]]:
         """estimator.json, checked against the run's ``config``: (an unfitted estimator with
-        its params, threshold, layout, history)."""
+        its params, threshold, the name of the outlier score it was taken on, layout, history)."""
         from aekit.runs import RunError, read_json_object
         from aekit._typed import from_plain
         from aekit.progress import EpochRecord
 
         state = read_json_object(source, "estimator state", f"keys {list(_STATE_KEYS)}", "save the estimator again")
+        if isinstance(state, dict):
+            state = {**_ADDED_STATE, **state}  # saved before those keys existed
         if set(state) != set(_STATE_KEYS):
             raise RunError(f"{source}: expected an object with keys {list(_STATE_KEYS)}, got "
                            f"{reprlib.repr(sorted(state))}; save the estimator again")
@@ -278,7 +294,7 @@ class ConvAutoencoder(_ImageReconstructor):
         est = cls(**{**params, "device": device})
         expected = _as_run_error(lambda: est._params_config(config), source)
         differ = [f.name for f in dataclasses.fields(config)
-                  if f.name != "device" and getattr(expected, f.name) != getattr(config, f.name)]
+                  if f.name not in _NOT_PARAMS and getattr(expected, f.name) != getattr(config, f.name)]
         if differ:
             raise RunError(f"{source}: its params disagree with {source.parent / 'config.json'} on "
                            f"{', '.join(differ)}; the folder mixes two models: save the estimator again")
@@ -297,8 +313,12 @@ class ConvAutoencoder(_ImageReconstructor):
                            "save the estimator again")
         records = [_as_run_error(lambda row=row, i=i: from_plain(EpochRecord, row, f"history[{i}]"), source)
                    for i, row in enumerate(history)]
-        threshold = _check_threshold(state["threshold"], source)
-        return est, threshold, layout, [dataclasses.asdict(r) for r in records]
+        threshold = None if state["threshold"] is None else _check_threshold(state["threshold"], source)
+        score_name = state["outlier_score"]
+        if score_name is not None and not isinstance(score_name, str):
+            raise RunError(f"{source}: outlier_score must be the name of a score, got {reprlib.repr(score_name)}; "
+                           "save the estimator again")
+        return est, threshold, score_name, layout, [dataclasses.asdict(r) for r in records]
 
     def _params_config(self, config):
         """The TrainConfig these params make for a run of ``config`` (ValueError/TypeError if none)."""

@@ -7,7 +7,7 @@ Both go through the same steps, with the same defaults (:class:`aekit.config.Tra
     hold_out(images, held, s)   the images trained on, and those that choose the epoch
     train(model, config, ...)   aekit.training.fit, keeping the weights of the epoch with the
                                 lowest loss on the held-out images when some are held out
-    outlier threshold           on the training images' errors (aekit.inference)
+    outlier threshold           on the training images' outlier scores (aekit.inference)
 
 :func:`train_and_evaluate` does that into a run folder (:mod:`aekit.runs`, :mod:`aekit.weights`:
 checkpoints after every epoch, resume, test metrics, figures), on data named by path or
@@ -32,10 +32,11 @@ from torch import nn
 
 from aekit import data as data_lib
 from aekit import distributed
+from aekit import models as models_lib
 from aekit._io import folder_lock, make_folder, refuse_existing, remove_temporaries, sha256_file, write_text_atomic
 from aekit.config import HELD_OUT_SHARE, TrainConfig, default_epochs, default_held_out, resolve_device
 from aekit.data import ImageSource
-from aekit.inference import evaluate, outlier_threshold, reconstruction_errors
+from aekit.inference import evaluate, outlier_scores, outlier_threshold
 from aekit.progress import TrainState
 from aekit.runs import (CHECKPOINT, CONFIG, DERIVED_FILES, HISTORY, METRICS, RECONSTRUCTIONS, RUN_FILES,
                         RUNTIME_FIELDS, TRAINED_FILES, WEIGHTS, RunError, RunExists, check_image_shape, data_path,
@@ -87,9 +88,11 @@ def train(model: nn.Module, config: TrainConfig, x_train, x_val, keep_best: bool
           best: dict[str, torch.Tensor] | None = None, progress: bool = True) -> TrainState:
     """:func:`aekit.training.fit`; with ``keep_best`` (images held out), ``model`` ends with
     the weights of the epoch with the lowest loss on ``x_val`` (``state.best_epoch``), not
-    the last one's. ``best``: those weights so far, from a checkpoint. ``on_epoch_end`` (and
-    Ctrl-C, mid-epoch) gets the model, the optimiser, the state and the best weights so far
-    (None without ``keep_best``): what a checkpoint holds."""
+    the last one's; then the model fits its outlier score to ``x_train``
+    (:meth:`aekit.models.Autoencoder.fit_outlier_score`). ``best``: those weights so far,
+    from a checkpoint. ``on_epoch_end`` (and Ctrl-C, mid-epoch) gets the model, the
+    optimiser, the state and the best weights so far (None without ``keep_best``): what a
+    checkpoint holds."""
     kept = {"weights": best}
 
     def epoch_end(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
@@ -106,6 +109,7 @@ def train(model: nn.Module, config: TrainConfig, x_train, x_val, keep_best: bool
                 on_epoch_end=epoch_end, on_interrupt=interrupted)
     if keep_best and kept["weights"] is not None:
         model.load_state_dict(kept["weights"])
+    models_lib.fit_outlier_score(model, x_train)  # on the final weights, before any threshold
     return state
 
 
@@ -320,7 +324,7 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
     state = train(model, config, x_fit, x_val, keep_best=held > 0, on_epoch_end=checkpoint, optimizer=optimizer,
                   state=state, best=best, progress=progress)
     result = evaluate(model, x_test, config.loss)  # under DDP, every rank takes part
-    threshold = outlier_threshold(reconstruction_errors(model, x_train), DEFAULT_CONTAMINATION)
+    threshold = outlier_threshold(outlier_scores(model, x_train), DEFAULT_CONTAMINATION)
     seconds = sum(r.seconds for r in state.history)
     metrics = {
         "test_mse": result.mse,
@@ -338,7 +342,8 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
         "n_held_out": held,
         "n_test": len(x_test),
         "contamination": DEFAULT_CONTAMINATION,
-        "threshold": threshold,  # outlier threshold on per-image MSE, from the training errors
+        "threshold": threshold,  # outlier threshold, from the training images' outlier scores
+        "outlier_score": models_lib.outlier_score_name(model),  # what the threshold is on
     }
     if main:
         metrics.update(model.test_metrics(x_test))  # the family's own test numbers (the VAE's likelihoods)

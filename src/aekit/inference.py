@@ -1,4 +1,5 @@
-"""Running a trained model on images: encode, decode, reconstruct, per-image error, evaluate.
+"""Running a trained model on images: encode, decode, reconstruct, per-image error and
+outlier score, evaluate.
 
 The one path every user of a trained model takes: the estimator, ``aekit score``,
 ``denoise``, ``compare``, the report, the training loop's validation and a family's own
@@ -98,25 +99,27 @@ def reconstruct(model: nn.Module, x, *, workers: int | None = None) -> torch.Ten
 
 
 def image_errors(reconstructions, images) -> np.ndarray:
-    """The per-image error, as aekit means it everywhere (the outlier threshold in
-    metrics.json, ``score``, the estimators' ``reconstruction_error``, the report, the test
-    MSE): the mean over pixels of (reconstruction - image)², in float64, reconstructions
-    clipped to [0, 1]. Both (n, C, H, W) (or any (n, ...)), tensors or arrays -> float64 (n,)."""
-    recon = torch.as_tensor(reconstructions).detach().to("cpu", torch.float64).clamp(0.0, 1.0)
-    target = torch.as_tensor(images).detach().to("cpu", torch.float64)
-    return ((recon - target) ** 2).flatten(1).mean(1).numpy()
+    """:func:`aekit.models.image_errors` (the per-image error, as aekit means it
+    everywhere) of tensors or arrays, on the CPU -> float64 (n,)."""
+    return models_lib.image_errors(torch.as_tensor(reconstructions).cpu(), torch.as_tensor(images).cpu()).numpy()
 
 
 def reconstruction_errors(model: nn.Module, x, *, workers: int | None = None) -> np.ndarray:
     """:func:`image_errors` of ``model``'s reconstructions of ``x`` -> float64 (n,)."""
-    return _map(model, lambda m, c: torch.from_numpy(image_errors(m(c), c)), _batches(x), workers).numpy()
+    return _map(model, lambda m, c: models_lib.image_errors(m(c), c), _batches(x), workers).numpy()
 
 
-def outlier_threshold(errors: np.ndarray, contamination: float) -> float:
-    """The error above which a fraction ``contamination`` of ``errors`` lies."""
+def outlier_scores(model: nn.Module, x, *, workers: int | None = None) -> np.ndarray:
+    """``model``'s outlier score of each image of ``x`` (:func:`aekit.models.outlier_score`:
+    higher is more unusual; by default the reconstruction error) -> float64 (n,)."""
+    return _map(model, models_lib.outlier_score, _batches(x), workers).numpy()
+
+
+def outlier_threshold(scores: np.ndarray, contamination: float) -> float:
+    """The outlier score (or error) above which a fraction ``contamination`` of ``scores`` lies."""
     if not 0 <= contamination < 0.5:
         raise ValueError(f"contamination must be in [0, 0.5), got {contamination!r}")
-    return float(np.quantile(errors, 1.0 - contamination)) if contamination > 0 else float(np.max(errors))
+    return float(np.quantile(scores, 1.0 - contamination)) if contamination > 0 else float(np.max(scores))
 
 
 @dataclass
@@ -150,7 +153,7 @@ def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None
         pixel the sums of the reconstructions, of the images, and of their squares."""
         out = models_lib.loss(m, c, c, objective)
         recon, data = out.reconstruction.double().clamp(0.0, 1.0), c.double()
-        found = {"loss": out.total.double() * len(c), "error": ((recon - data) ** 2).flatten(1).mean(1).sum(),
+        found = {"loss": out.total.double() * len(c), "error": models_lib.image_errors(recon, data).sum(),
                  **{f"part {k}": v.double() * len(c) for k, v in out.parts.items()},
                  "recon": recon.sum(0), "recon_sq": (recon ** 2).sum(0),
                  "data": data.sum(0), "data_sq": (data ** 2).sum(0)}
@@ -177,5 +180,5 @@ def evaluate(model: nn.Module, x, objective: str = "mse", *, workers: int | None
     return Evaluation(mse=total["error"].item() / n, loss=total["loss"].item() / n, collapsed=collapsed, parts=parts)
 
 
-__all__ = ["encode", "decode", "reconstruct", "image_errors", "reconstruction_errors", "outlier_threshold",
-           "evaluate", "Evaluation", "map_batches", "BATCH"]
+__all__ = ["encode", "decode", "reconstruct", "image_errors", "reconstruction_errors", "outlier_scores",
+           "outlier_threshold", "evaluate", "Evaluation", "map_batches", "BATCH"]

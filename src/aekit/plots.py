@@ -287,10 +287,14 @@ def latent_grid(model: nn.Module, codes, n: int = 15, percentiles: tuple[float, 
 
 # --------------------------------------------------------------------- error histogram
 
-def error_histogram_figure(errors, threshold: float | None):
-    """Histogram of per-image errors (n,), with the outlier ``threshold`` as a vertical line.
+ERROR_LABEL = "reconstruction error (mean squared error per image)"
 
-    Images with an error above the threshold are the flagged ones; the legend counts them.
+
+def error_histogram_figure(errors, threshold: float | None, label: str = ERROR_LABEL):
+    """Histogram of per-image errors or outlier scores (n,), with the outlier ``threshold``
+    on them as a vertical line; ``label`` says what they are.
+
+    Images with a score above the threshold are the flagged ones; the legend counts them.
     """
     plt = _figure_module()
     errors = _as_numpy(errors, "errors (n,)", 1)
@@ -304,14 +308,15 @@ def error_histogram_figure(errors, threshold: float | None):
                    label=f"threshold {threshold:.4g}: {flagged} of {len(errors)} flagged "
                          f"({100 * flagged / len(errors):.1f}%)")
         ax.legend(fontsize=8, framealpha=1)
-    ax.set_xlabel("reconstruction error (mean squared error per image)")
+    ax.set_xlabel(label)
     ax.set_ylabel("images")
     fig.tight_layout()
     return fig
 
 
-def save_error_histogram(errors, threshold: float | None, path: str | Path, overwrite: bool = False) -> None:
-    save_figure(error_histogram_figure(errors, threshold), path, overwrite)
+def save_error_histogram(errors, threshold: float | None, path: str | Path, overwrite: bool = False,
+                         label: str = ERROR_LABEL) -> None:
+    save_figure(error_histogram_figure(errors, threshold, label), path, overwrite)
 
 
 __all__ = [

@@ -10,6 +10,9 @@ answers the same verbs::
     reconstruction_error(X) -> (n,), score_samples(X) (higher = more normal),
     decision_function(X) (< 0 = outlier), predict(X) -> +1 inlier / -1 outlier
 
+``score_samples`` is the negative of the model's outlier score: its reconstruction error,
+unless the model family scores otherwise (:meth:`aekit.models.Autoencoder.outlier_score`).
+
 ``X`` may be ``(n, H, W)``, ``(n, H, W, C)`` (the seed's Keras layout), ``(n, C, H, W)``
 with C in {1, 3}, or flat ``(n, H*W*C)`` with ``image_shape=(H, W)`` or ``(H, W, C)``
 (flat rows are read in H, W, C order, as ``x.reshape(n, -1)`` makes them from Keras layout);
@@ -33,7 +36,8 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
     """Input handling, layouts and the outlier verbs shared by every reconstructor.
 
     Subclasses implement ``_fit(x)``, ``_encode(x) -> (n, d)`` and ``_decode(z) -> x``
-    on float32 arrays ``x`` shaped (n, C, H, W).
+    on float32 arrays ``x`` shaped (n, C, H, W), and ``_scores(x) -> (n,)`` where the
+    outlier score is not the reconstruction error.
     """
 
     # ---- input and output layouts
@@ -82,7 +86,7 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         # Set only once fitting succeeded, so a failed fit never looks fitted.
         self.layout_, self.image_shape_ = layout, tuple(int(s) for s in x.shape[1:])
         self.n_features_in_ = int(np.prod(self.image_shape_))
-        self.threshold_ = self._threshold(self._errors(x))
+        self.threshold_ = self._threshold(self._scores(x))
         self.offset_ = -self.threshold_
         return self
 
@@ -111,25 +115,28 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         return self._errors(self._to_nchw(X))
 
     def score_samples(self, X) -> np.ndarray:
-        """Higher is more normal: the negative reconstruction error."""
-        return -self.reconstruction_error(X)
+        """Higher is more normal: the negative of the model's outlier score, float64 (n,)
+        (the reconstruction error, unless the model family scores otherwise)."""
+        return -self._scores(self._to_nchw(X))
 
     def decision_function(self, X) -> np.ndarray:
         """Negative for outliers: ``score_samples(X) - offset_``."""
         self._check_is_fitted()
         if self.threshold_ is None:
             raise ValueError(f"this {type(self).__name__} has no outlier threshold (it was loaded from a run "
-                             "folder without one in metrics.json); call set_threshold(X, contamination=0.01) "
-                             "with normal images first")
+                             "folder without one on its model's outlier score); call "
+                             "set_threshold(X, contamination=0.01) with normal images first")
         return self.score_samples(X) - self.offset_
 
     def predict(self, X) -> np.ndarray:
-        """+1 for inliers, -1 for outliers (error above ``threshold_``)."""
+        """+1 for inliers, -1 for outliers (outlier score above ``threshold_``)."""
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def score(self, X, y=None) -> float:
-        """Mean of ``score_samples``: the negative mean reconstruction error (for model selection)."""
-        return float(self.score_samples(X).mean())
+        """The negative mean reconstruction error, for model selection (a grid search over
+        the code size): not the mean of ``score_samples``, whose outlier score may be scaled
+        to the model's own training images (pca-conv's)."""
+        return float(-self.reconstruction_error(X).mean())
 
     def fit_predict(self, X, y=None) -> np.ndarray:
         return self.fit(X).predict(X)
@@ -138,18 +145,18 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
                       *, threshold: float | None = None):
         """Re-derive ``threshold_``: from images ``X`` (e.g. held-out normal data) at a target
         false-positive rate, or from ``X`` at a ``contamination`` fraction; or set the
-        per-image error ``threshold`` itself (e.g. from :func:`aekit.anomaly.run_threshold`)."""
+        outlier score ``threshold`` itself (e.g. from :func:`aekit.anomaly.run_threshold`)."""
         rate = false_positive_rate if false_positive_rate is not None else contamination
         if threshold is not None:
             if X is not None or rate is not None:
                 raise ValueError("pass either threshold, or X with contamination or false_positive_rate")
             if not _is_threshold(threshold):
-                raise ValueError(f"threshold must be a finite per-image error >= 0, got {threshold!r}")
+                raise ValueError(f"threshold must be a finite outlier score >= 0, got {threshold!r}")
             self.threshold_ = float(threshold)
         elif rate is None or (false_positive_rate is not None and contamination is not None):
             raise ValueError("pass exactly one of contamination or false_positive_rate")
         else:
-            self.threshold_ = inference.outlier_threshold(self.reconstruction_error(X), rate)
+            self.threshold_ = inference.outlier_threshold(-self.score_samples(X), rate)
         self.offset_ = -self.threshold_
         return self
 
@@ -158,6 +165,10 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
     def _errors(self, x: np.ndarray) -> np.ndarray:
         return inference.image_errors(self._reconstruct(x), x)
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        """The outlier score of each image of ``x`` (n, C, H, W), higher is more unusual."""
+        return self._errors(x)
 
     def _threshold(self, errors: np.ndarray) -> float:
         return inference.outlier_threshold(errors, self.contamination)
@@ -175,6 +186,6 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
 
 
 def _is_threshold(value) -> bool:
-    """Whether ``value`` can be a per-image error threshold: a finite number >= 0."""
+    """Whether ``value`` can be an outlier threshold: a finite number >= 0."""
     value = plain(value)  # a numpy float32 compared with float_info.max would overflow
     return is_real(value) and 0 <= value <= sys.float_info.max

@@ -23,12 +23,13 @@ import torch
 import aekit
 from aekit import plots
 from aekit._io import refuse_existing, write_text_atomic
-from aekit.models import count_parameters
+from aekit.anomaly import recorded_threshold
+from aekit.inference import encode, outlier_scores, reconstruct, reconstruction_errors
+from aekit.models import RECONSTRUCTION_ERROR, count_parameters, outlier_score_name
 from aekit.noise import add_noise, parse_noise
 from aekit.runs import (CONFIG, RunExists, check_image_shape, is_own_data, load_split, read_config, read_history,
                         read_metrics)
 from aekit.weights import load_model
-from aekit.inference import encode, reconstruct, reconstruction_errors
 
 REPORT = "report.html"
 N_RECONSTRUCTIONS = 10   # test images in the reconstruction grid (the blog shows 10)
@@ -120,13 +121,19 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     sections.append(_latent_section(model, x_test.first(min(N_LATENTS, len(x_test))),
                                     None if y_test is None else y_test[:N_LATENTS], errors))
 
-    threshold = metrics.get("threshold")
+    # The outlier score is the reconstruction error unless the family scores otherwise.
+    score_name = outlier_score_name(model)
+    scores = errors if score_name == RECONSTRUCTION_ERROR else outlier_scores(model, x_test)
+    threshold = recorded_threshold(model, metrics.get("threshold"), metrics.get("outlier_score"))
+    what = ("Mean squared error" if score_name == RECONSTRUCTION_ERROR
+            else f"Outlier score ({score_name}, mean squared error per pixel)")
     sections.append(_figure(
-        "Reconstruction errors", plots.error_histogram_figure(errors, threshold),
-        f"Mean squared error of each of the {len(errors)} test images of {data_name}. "
-        + (f"The dashed line is the run's outlier threshold from metrics.json: the error exceeded "
+        "Outlier scores", plots.error_histogram_figure(scores, threshold, f"outlier score: {score_name}"),
+        f"{what} of each of the {len(scores)} test images of {data_name}. "
+        + (f"The dashed line is the run's outlier threshold from metrics.json: the score exceeded "
            f"by a fraction {metrics.get('contamination')} of the training images; images above it "
-           "are flagged as outliers." if threshold is not None else "The run recorded no outlier threshold.")))
+           "are flagged as outliers." if threshold is not None
+           else "The run recorded no outlier threshold on this score.")))
 
     if corruption is not None:
         clean = x_test.first(N_DENOISING)

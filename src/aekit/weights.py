@@ -140,10 +140,13 @@ def save_weights(model: nn.Module, path: Path, config: TrainConfig | None = None
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise RunError(f"{path}: the weights do not match the model in {CONFIG}; the run folder is inconsistent")
-    model.load_state_dict(state)
+    """``model.load_state_dict(state)``, strict: every tensor and only those, each of its shape
+    (a family may fill in what an older aekit did not save, in its ``_load_from_state_dict``)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # missing or unexpected keys, or another shape
+        raise RunError(f"{path}: the weights do not match the model in {CONFIG}; the run folder is inconsistent") \
+            from None
 
 
 def load_model(workdir: str | Path, device: str = "auto") -> tuple[nn.Module, TrainConfig]:

@@ -222,6 +222,7 @@ def cmd_score(args) -> int:
     from aekit.anomaly import run_threshold, score_images, write_heatmaps, write_scores
     from aekit.data import read_images
     from aekit.estimator import ConvAutoencoder
+    from aekit.models import outlier_score_name
 
     # Refused before the scoring, and before either file is written.
     refuse_existing(args.out, args.heatmaps, overwrite=args.overwrite)
@@ -230,7 +231,8 @@ def cmd_score(args) -> int:
         estimator.set_threshold(threshold=run_threshold(args.run, args.contamination, args.false_positive_rate,
                                                         estimator.model_))
     elif estimator.threshold_ is None:
-        raise ValueError(f"{args.run} records no outlier threshold (its metrics.json has none); "
+        raise ValueError(f"{args.run} records no outlier threshold on its model's outlier score (its "
+                         "metrics.json has none, or one an aekit before 0.5 took on another score); "
                          "pass --contamination C or --fpr F to derive one from the run's own images")
     x, names = read_images(args.input, args.resize)
     rows = score_images(estimator, x, names)
@@ -238,8 +240,8 @@ def cmd_score(args) -> int:
     if args.heatmaps is not None:
         write_heatmaps(estimator, x, names, args.heatmaps, overwrite=args.overwrite)
     flagged = sum(r["is_outlier"] for r in rows)
-    print(f"{len(rows)} images scored, {flagged} outliers (threshold {estimator.threshold_:.6g} on "
-          f"per-image MSE): {args.out}")
+    print(f"{len(rows)} images scored, {flagged} outliers (threshold {estimator.threshold_:.6g} on the "
+          f"{outlier_score_name(estimator.model_)}): {args.out}")
     return 0
 
 

@@ -2,11 +2,12 @@
 
 A model owns its objective and declares what the rest of aekit may ask of it: the hooks
 of :class:`~aekit.models.base.Autoencoder` (``loss`` and ``objectives``, ``training_data``,
-``test_metrics``, ``can_sample`` / ``sample_latents``), each with a default. The training
-loop, DDP, checkpoints, the estimator and the CLI ask those and know nothing else about a
-family. A new family is one file in aekit/models/ with ``@register("name")`` on its class
-and a frozen ``Options`` dataclass of its constructor's options; importing that file
-registers it (this package imports aekit's own):
+``test_metrics``, ``fit_outlier_score`` / ``outlier_score``, ``can_sample`` /
+``sample_latents``), each with a default. The training loop, DDP, checkpoints, the
+estimator and the CLI ask those and know nothing else about a family. A new family is
+one file in aekit/models/ with ``@register("name")`` on its class and a frozen
+``Options`` dataclass of its constructor's options; importing that file registers it (this
+package imports aekit's own):
 
 - :mod:`~aekit.models.base`: the ``Autoencoder`` base, its hooks, ``Loss`` and the losses.
 - :mod:`~aekit.models.registry`: :data:`MODELS`, ``register``, ``build_model``, size bounds.
@@ -21,9 +22,9 @@ The models are plain PyTorch; :mod:`aekit.fast` runs them faster on the CPU, exp
 Shapes are NCHW inside PyTorch.
 """
 
-from aekit.models.base import (RECONSTRUCTION_OBJECTIVES, Autoencoder, Loss, NoOptions, batch_generator,
-                               count_parameters, logits_loss, loss, objectives, reconstruction_loss,
-                               training_data)
+from aekit.models.base import (RECONSTRUCTION_ERROR, RECONSTRUCTION_OBJECTIVES, Autoencoder, Loss, NoOptions,
+                               batch_generator, count_parameters, fit_outlier_score, image_errors, logits_loss, loss,
+                               objectives, outlier_score, outlier_score_name, reconstruction_loss, training_data)
 from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions, conv3x3
 from aekit.models.init import INITS, init_he_, init_keras_
 from aekit.models.registry import (MAX_IMAGE_VALUES, MAX_PARAMETERS, MODELS, build_model, check_options,
@@ -43,5 +44,6 @@ __all__ = [
     "MODELS", "INITS", "register", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "conv3x3",
     "RECONSTRUCTION_OBJECTIVES", "training_data", "batch_generator", "check_size", "MAX_IMAGE_VALUES",
-    "MAX_PARAMETERS", "resolve_options",
+    "MAX_PARAMETERS", "resolve_options", "image_errors", "fit_outlier_score", "outlier_score", "outlier_score_name",
+    "RECONSTRUCTION_ERROR",
 ]

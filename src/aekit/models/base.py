@@ -4,10 +4,12 @@ A model owns its objective: :meth:`Autoencoder.loss` gives the loss of reconstru
 batch, and the named parts of it worth logging, for each objective the model offers
 (``objectives``). The training loop, DDP, checkpoints, the estimator and the CLI ask the
 model through the hooks declared here (``loss``, ``objectives``, ``training_data``,
-``test_metrics``, ``can_sample`` / ``sample_latents``), each with the default a family
-that does not override it gets, and know nothing else about it. Any ``nn.Module`` can still
-be trained: :func:`loss`, :func:`objectives` and :func:`training_data` give a module without
-the hooks the plain reconstruction loss.
+``test_metrics``, ``fit_outlier_score`` / ``outlier_score``, ``can_sample`` /
+``sample_latents``), each with the default a family that does not override it gets, and
+know nothing else about it. Any ``nn.Module`` can still be trained and scored:
+:func:`loss`, :func:`objectives`, :func:`training_data`, :func:`fit_outlier_score` and
+:func:`outlier_score` give a module without the hooks the plain reconstruction loss and
+error.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def logits_loss(logits: torch.Tensor, target: torch.Tensor, objective: str) -> L
     raise ValueError(f"unknown objective {objective!r}; expected one of {RECONSTRUCTION_OBJECTIVES}")
 
 
+def image_errors(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The per-image error, as aekit means it everywhere (the test MSE, the estimators'
+    ``reconstruction_error``, the default outlier score): the mean over pixels of
+    (reconstruction - image)², in float64, reconstructions clipped to [0, 1].
+    Both (n, C, H, W) (or any (n, ...)) -> float64 (n,), on their device."""
+    recon = reconstructions.detach().double().clamp(0.0, 1.0)
+    return ((recon - images.detach().double()) ** 2).flatten(1).mean(1)
+
+
 def objectives(model: nn.Module) -> tuple[str, ...]:
     """The objectives ``model`` can be trained with: its own ``objectives``, else those of
     :func:`reconstruction_loss` that it supports."""
@@ -80,6 +91,32 @@ def training_data(model: nn.Module, images, new: bool) -> contextlib.AbstractCon
     :func:`aekit.training.fit` enters around training (see :meth:`Autoencoder.training_data`)."""
     own = getattr(model, "training_data", None)
     return own(images, new) if callable(own) else contextlib.nullcontext()
+
+
+# What a module without an ``outlier_score`` is scored by (and what the recorded threshold
+# of a run from before outlier scores were a model's own was taken on).
+RECONSTRUCTION_ERROR = "reconstruction error"
+
+
+def fit_outlier_score(model: nn.Module, images) -> None:
+    """``model.fit_outlier_score(images)``, or nothing for a module without one: what
+    :func:`aekit.experiment.train` calls once the weights are final."""
+    own = getattr(model, "fit_outlier_score", None)
+    if callable(own):
+        own(images)
+
+
+def outlier_score(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.outlier_score(x)``, or :func:`image_errors` of ``model(x)`` for a module
+    without one: the one place a per-image outlier score comes from."""
+    own = getattr(model, "outlier_score", None)
+    return own(x) if callable(own) else image_errors(model(x), x)
+
+
+def outlier_score_name(model: nn.Module) -> str:
+    """What :func:`outlier_score` measures for ``model``: recorded beside every threshold
+    taken on it, so that a threshold is never compared with another model's kind of score."""
+    return getattr(model, "outlier_score_name", RECONSTRUCTION_ERROR)
 
 
 def batch_generator(seed: int, x: torch.Tensor, device: torch.device | str | None = None) -> torch.Generator:
@@ -126,6 +163,7 @@ class Autoencoder(nn.Module):
     options: tuple[str, ...] = ()
     objectives: tuple[str, ...] = RECONSTRUCTION_OBJECTIVES
     can_sample: bool = False  # a prior to draw latents from (sample_latents): new images
+    outlier_score_name: str = RECONSTRUCTION_ERROR  # what outlier_score measures
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -156,6 +194,21 @@ class Autoencoder(nn.Module):
         images (an :class:`aekit.data.ImageSource`) by the main rank only: name -> number
         (or text). The default reports nothing more."""
         return {}
+
+    def fit_outlier_score(self, images) -> None:
+        """What :meth:`outlier_score` takes from the training images (an
+        :class:`aekit.data.ImageSource`) once the weights are final: :func:`aekit.experiment.train`
+        calls it after the last epoch (and after restoring the best held-out epoch's
+        weights), on every DDP rank, before the outlier threshold is taken. What it keeps
+        belongs in buffers, which the weights file saves. The default takes nothing."""
+
+    def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) in [0, 1] -> float64 (n,) >= 0: how unlike the training images each
+        image is, higher is more unusual. What the estimators' ``score_samples`` (its
+        negative), the outlier threshold in metrics.json, ``aekit score`` and the report's
+        histogram rank images by. A family that overrides it names its score in
+        ``outlier_score_name``. The default: the reconstruction error (:func:`image_errors`)."""
+        return image_errors(self(x), x)
 
     def sample_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, *latent_shape) latents drawn from the model's prior with ``generator`` (a

@@ -158,7 +158,7 @@ def reference_outlier_scores(model, x: torch.Tensor, fitted_on: torch.Tensor) ->
     return e / e_train.mean() + l / l_train.mean() + distance / z.shape[1]
 
 
-def test_the_outlier_score_is_the_linear_decodings_error_plus_a_code_density(mnist):
+def test_the_outlier_score_is_two_errors_plus_a_code_density(mnist):
     """fit_outlier_score keeps the training codes' mean and precision and their mean errors;
     each term of the score then averages 1 (the distance (n-1)/n of it) on those images."""
     x = torch.from_numpy(mnist[0][0][:500].astype(np.float32) / 255)[:, None]   # (500, 1, 28, 28)

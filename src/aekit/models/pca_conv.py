@@ -161,7 +161,7 @@ class PCAConvAutoencoder(Autoencoder):
         cannot, and an unusual code is unusual however well it decodes. Trained on one
         class and ranking the 10,000 test images (mean AUROC over the 10 classes, seed 0),
         the reconstruction error gives 94.4 on MNIST and 90.9 on Fashion-MNIST, this score
-        95.8 and 91.5 (bench/ANCHORS.md has the others tried). A model without the
+        95.7 and 91.6 (bench/ANCHORS.md has the others tried). A model without the
         statistics (trained by aekit 0.4 or before) scores by its reconstruction error.
         """
         if not self.error_scale[0] > 0:

@@ -360,3 +360,26 @@ def test_latent_grid_decodes_corners_the_right_way_up(small_2d_run, mnist):
     assert np.abs(grid.image[-28:, -28:] - expected[1]).max() <= 1
     with pytest.raises(ValueError, match="latent has 2 numbers"):
         plots.latent_grid(build_model("seed", (1, 28, 28)), codes)
+
+
+def test_the_histogram_is_of_the_models_own_outlier_score(pca_conv_run, report, tmp_path, monkeypatch):
+    """A pca-conv run's histogram shows its outlier score with the run's threshold on it; the
+    seed network's, the reconstruction error."""
+    from aekit.inference import outlier_scores
+
+    assert "Mean squared error of each of the" in report.read_text()
+    seen = {}
+    drawn = plots.error_histogram_figure
+
+    def spy(scores, threshold, label=plots.ERROR_LABEL):
+        seen.update(scores=np.asarray(scores), threshold=threshold, label=label)
+        return drawn(scores, threshold, label)
+
+    monkeypatch.setattr(plots, "error_histogram_figure", spy)
+    text = write_report(copy_run(pca_conv_run, tmp_path / "run"), noise="none").read_text()
+    model, config = load_model(pca_conv_run)
+    _, x_test, _ = load_split(config)
+    np.testing.assert_array_equal(seen["scores"], outlier_scores(model, x_test))
+    assert seen["threshold"] == json.loads((pca_conv_run / "metrics.json").read_text())["threshold"]
+    assert seen["label"] == f"outlier score: {model.outlier_score_name}"
+    assert f"Outlier score ({model.outlier_score_name}) of each of the {len(x_test)} test images" in text

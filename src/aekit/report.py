@@ -125,8 +125,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     score_name = outlier_score_name(model)
     scores = errors if score_name == RECONSTRUCTION_ERROR else outlier_scores(model, x_test)
     threshold = recorded_threshold(model, metrics.get("threshold"), metrics.get("outlier_score"))
-    what = ("Mean squared error" if score_name == RECONSTRUCTION_ERROR
-            else f"Outlier score ({score_name}, mean squared error per pixel)")
+    what = "Mean squared error" if score_name == RECONSTRUCTION_ERROR else f"Outlier score ({score_name})"
     sections.append(_figure(
         "Outlier scores", plots.error_histogram_figure(scores, threshold, f"outlier score: {score_name}"),
         f"{what} of each of the {len(scores)} test images of {data_name}. "

@@ -170,8 +170,8 @@ class _ImageReconstructor(TransformerMixin, OutlierMixin, BaseEstimator):
         """The outlier score of each image of ``x`` (n, C, H, W), higher is more unusual."""
         return self._errors(x)
 
-    def _threshold(self, errors: np.ndarray) -> float:
-        return inference.outlier_threshold(errors, self.contamination)
+    def _threshold(self, scores: np.ndarray) -> float:
+        return inference.outlier_threshold(scores, self.contamination)
 
     def _validate_contamination(self) -> None:
         if not is_real(self.contamination) or not 0 <= self.contamination < 0.5:

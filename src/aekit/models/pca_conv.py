@@ -45,7 +45,6 @@ from aekit.models.registry import register
 
 REFINE_WIDTH, REFINE_DEPTH = 32, 3  # the local refinement: 3 3x3 convolutions, 7x7 pixels seen
 PCA_IMAGES = 10000  # training images the principal directions are fitted to (a random sample)
-OUTLIER_BATCH = 4096  # training images per pass when fitting the outlier score
 OUTLIER_SCORE = "reconstruction and linear-decoding errors + code distance"  # outlier_score's name
 
 
@@ -166,34 +165,35 @@ class PCAConvAutoencoder(Autoencoder):
         """
         if not self.error_scale[0] > 0:
             return super().outlier_score(x)
-        z = self.encoder(x)                                                      # (n, latent_dim)
-        scale = self.error_scale.double()
-        errors = image_errors(self.decoder(z), x) / scale[0] + image_errors(self.decoder.linear(z), x) / scale[1]
-        centred = z.double() - self.code_mean.double()
+        z, errors = self._score_terms(x)
+        centred = z - self.code_mean.double()
         distance = ((centred @ self.code_precision.double()) * centred).sum(1)  # (n,) squared Mahalanobis
-        return errors + distance.clamp_min(0) / self.latent_dim
+        return (errors / self.error_scale.double()).sum(1) + distance.clamp_min(0) / self.latent_dim
 
     @torch.no_grad()
     def fit_outlier_score(self, images) -> None:
         """The mean and precision (pseudo-inverse covariance) of the training images'
         codes, and their mean errors (reconstruction, linear decoding), in float64, for
         :meth:`outlier_score`."""
-        device, was_training = self.code_mean.device, self.training
-        self.eval()
-        codes, errors = [], []
-        for xb in images.batches(OUTLIER_BATCH):
-            xb = xb.to(device)
-            z = self.encoder(xb)
-            codes.append(z.double())
-            errors.append(torch.stack([image_errors(self.decoder(z), xb), image_errors(self.decoder.linear(z), xb)], 1))
-        self.train(was_training)
-        codes, errors = torch.cat(codes), torch.cat(errors)
+        from aekit import inference  # it runs models, so it imports aekit.models: here, not in a cycle
+
+        pieces = inference.map_batches(self, lambda m, c: m._score_terms(c), images)
+        codes = torch.cat([z.cpu() for z, _ in pieces])          # (n, latent_dim) float64
+        errors = torch.cat([e.cpu() for _, e in pieces])         # (n, 2) float64
         mean = codes.mean(0)
         centred = codes - mean
         covariance = centred.T @ centred / max(len(codes) - 1, 1)
         self.code_mean.copy_(mean)
         self.code_precision.copy_(torch.linalg.pinv(covariance, hermitian=True, rtol=1e-10))
         self.error_scale.copy_(errors.mean(0).clamp_min(1e-12))
+
+    def _score_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, C, H, W) -> the code (n, latent_dim) and the errors (n, 2) of the
+        reconstruction and of the linear decoding, both float64: what the outlier score is
+        made of, and what :meth:`fit_outlier_score` takes the statistics of."""
+        z = self.encoder(x)
+        errors = torch.stack([image_errors(self.decoder(z), x), image_errors(self.decoder.linear(z), x)], 1)
+        return z.double(), errors
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Weights from aekit 0.4 and before have no outlier statistics: they load as not

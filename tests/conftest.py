@@ -5,28 +5,14 @@ import signal
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
 from aekit import data as data_lib
+from fuzzing import IN_CI  # importing it loads hypothesis's profile
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-# Fuzz budgets: small for `make test`, large for `make test-slow` (HYPOTHESIS_PROFILE=slow).
-# In CI (CI=true) the small budget is derandomized: the same examples every run, so a red
-# build means a change broke something, not that hypothesis drew a new example; the large
-# random budget of `make test-slow` is where new examples are found.
-# No deadline: a hang is caught by the fuzz tests' own alarm, and timing on a shared
-# machine says nothing. Fixtures such as tmp_path are reused across examples on purpose.
-_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-             print_blob=True)
 # A non-interactive shell starts background jobs (`make test &`) with SIGINT ignored, and
 # the training subprocesses would inherit that: the Ctrl-C tests need it delivered.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-settings.register_profile("default", max_examples=100, derandomize=IN_CI, **_FUZZ)
-settings.register_profile("slow", max_examples=5000, derandomize=False, **_FUZZ)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -144,6 +130,13 @@ def map_run(tmp_path_factory, mnist):
     """model="map" with a 2-number code, one epoch on 300 MNIST images (sample --grid, export)."""
     return train_run(tmp_path_factory, "map", "--model", "map", "--latent-dim", "2", "--limit", "300",
                      "--epochs", "1")
+
+
+@pytest.fixture(scope="session")
+def vae_run(tmp_path_factory, mnist):
+    """model="vae" with a 4-number code and beta 0.5, one epoch on 256 MNIST images (its metrics, sample, export)."""
+    return train_run(tmp_path_factory, "vae", "--model", "vae", "--latent-dim", "4", "--beta", "0.5", "--epochs", "1",
+                     "--limit", "256")
 
 
 @pytest.fixture

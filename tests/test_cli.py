@@ -351,11 +351,10 @@ def test_the_library_refuses_a_changed_field_on_resume(run_to_resume):
 
 # ------------------------------------------------------------------------ CI settings
 
-@pytest.mark.heavy
 def test_ci_sets_ci_and_fuzzes_with_a_fixed_seed():
     root = Path(__file__).resolve().parents[1]
     assert "export CI=true" in (root / ".ci" / "run").read_text()
-    script = ("from hypothesis import settings; import conftest; "
+    script = ("from hypothesis import settings; import fuzzing; "
               "print(settings().derandomize, settings().max_examples)")
     for env, expected in (({"CI": "true"}, "True 100"), ({"CI": ""}, "False 100"),
                           ({"CI": "true", "HYPOTHESIS_PROFILE": "slow"}, "False 5000")):

@@ -29,11 +29,11 @@ def seed_run(small_run, tmp_path_factory):
     return out
 
 
-# conv_run, pca_conv_run and map_run are conftest's shared runs: the library exports them
+# conv_run, pca_conv_run, map_run and vae_run are conftest's shared runs: the library exports them
 # into another folder, so they stay as trained.
 
 
-@pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run", "map_run"])
+@pytest.mark.parametrize("which", ["seed_run", "conv_run", "pca_conv_run", "map_run", "vae_run"])
 def test_onnx_files_match_pytorch(which, request, tmp_path, capsys):
     need_onnx()
     import onnxruntime as ort

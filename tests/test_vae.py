@@ -12,26 +12,23 @@ from sklearn.linear_model import LogisticRegression
 
 from aekit import ConvAutoencoder
 from aekit.cli import main
-from aekit.data import load_dataset
 from aekit.models.vae import VAE, iwae_bound
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    (x_train, y_train), (x_test, _) = load_dataset("mnist")
+def digits(mnist):
+    (x_train, y_train), (x_test, _) = mnist
     return x_train[:3000], y_train[:3000], x_test[:200]
 
 
 @pytest.fixture(scope="module")
-def fitted(mnist):
-    x_train, _, _ = mnist
+def fitted(digits):
+    x_train, _, _ = digits
     return ConvAutoencoder(model="vae", latent_dim=8, epochs=2, random_state=0).fit(x_train[:2000])
 
 
-def test_cli_trains_a_vae_and_reports_its_likelihoods(tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", "--model", "vae", "--latent-dim", "4", "--beta", "0.5", "--epochs", "1",
-                 "--limit", "256", "--out", str(out)]) == 0
+def test_cli_trains_a_vae_and_reports_its_likelihoods(vae_run, tmp_path):
+    out = vae_run  # aekit train --model vae --latent-dim 4 --beta 0.5 --epochs 1 --limit 256
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "vae" and config["model_params"]["beta"] == 0.5
@@ -52,8 +49,8 @@ def test_cli_sample_refuses_a_run_without_a_prior(capsys, tmp_path):
     assert err.count("\n") == 1 and "--model vae" in err
 
 
-def test_transform_is_the_posterior_mean(fitted, mnist):
-    x = mnist[2][:16]
+def test_transform_is_the_posterior_mean(fitted, digits):
+    x = digits[2][:16]
     z = fitted.transform(x)
     assert np.array_equal(z, fitted.transform(x))  # deterministic
     with torch.no_grad():
@@ -72,29 +69,29 @@ def test_sample_is_reproducible_and_leaves_the_rngs_alone(fitted):
     assert np.array_equal(numpy_state[1], np.random.get_state()[1])
 
 
-def test_sample_needs_a_vae(mnist):
-    conv = ConvAutoencoder(model="conv", latent_dim=4, epochs=1).fit(mnist[0][:128])
+def test_sample_needs_a_vae(digits):
+    conv = ConvAutoencoder(model="conv", latent_dim=4, epochs=1).fit(digits[0][:128])
     with pytest.raises(ValueError, match="model='vae'"):
         conv.sample(3)
 
 
-def test_interpolate_runs_from_a_to_b(fitted, mnist):
-    a, b = mnist[2][0], mnist[2][1]
+def test_interpolate_runs_from_a_to_b(fitted, digits):
+    a, b = digits[2][0], digits[2][1]
     path = fitted.interpolate(a, b, steps=5)
     assert path.shape == (5, 28, 28)
     ends = fitted.inverse_transform(fitted.transform(np.stack([a, b])))
     np.testing.assert_allclose(path[[0, -1]], ends, atol=1e-6)
 
 
-def test_iwae_bound_is_tighter_than_the_elbo(fitted, mnist):
-    x = torch.from_numpy(mnist[2][:64, None] / np.float32(255))
+def test_iwae_bound_is_tighter_than_the_elbo(fitted, digits):
+    x = torch.from_numpy(digits[2][:64, None] / np.float32(255))
     elbo = iwae_bound(fitted.model_, x, 1, torch.Generator().manual_seed(0)).mean()
     iwae = iwae_bound(fitted.model_, x, 50, torch.Generator().manual_seed(0)).mean()
     assert iwae > elbo  # -IWAE NLL <= -ELBO
 
 
-def test_loss_noise_is_reproducible_and_evaluation_deterministic(fitted, mnist):
-    x = torch.from_numpy(mnist[2][:32, None] / np.float32(255))
+def test_loss_noise_is_reproducible_and_evaluation_deterministic(fitted, digits):
+    x = torch.from_numpy(digits[2][:32, None] / np.float32(255))
     model = fitted.model_
     first, again = model.loss(x, x, "bce").total, model.loss(x, x, "bce").total
     assert torch.equal(first, again)
@@ -104,8 +101,8 @@ def test_loss_noise_is_reproducible_and_evaluation_deterministic(fitted, mnist):
     assert VAE((1, 28, 28), 8).noise_seed == other.noise_seed
 
 
-def test_trained_samples_beat_untrained_ones_on_a_classifier(fitted, mnist):
-    x_train, y_train, _ = mnist
+def test_trained_samples_beat_untrained_ones_on_a_classifier(fitted, digits):
+    x_train, y_train, _ = digits
     clf = LogisticRegression(max_iter=1000).fit(x_train.reshape(len(x_train), -1) / 255.0, y_train)
     untrained = ConvAutoencoder(model="vae", latent_dim=8, epochs=1, lr=1e-9, random_state=0).fit(x_train[:64])
 

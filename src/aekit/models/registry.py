@@ -83,9 +83,10 @@ def check_size(name: str, image_shape: tuple[int, int, int], kwargs: dict) -> No
         raise ValueError(f"images of {height}x{width} pixels with {channels} channel(s) are {values:,} values "
                          f"each, more than aekit builds a model for ({MAX_IMAGE_VALUES:,}, e.g. 8192x8192 grey); "
                          "use smaller images (resize them)")
-    # The options that size layers: those whose default is not a float (a weight, e.g. beta).
+    # The options that size layers: those whose default is not a float (a weight, e.g. beta)
+    # or a bool (a switch, e.g. binarize).
     sized = {f.name: kwargs[f.name] for f in fields(MODELS[name].Options)
-             if f.name in kwargs and not isinstance(f.default, float)}
+             if f.name in kwargs and not isinstance(f.default, (float, bool))}
     # Every layer has a bias per output: a single size over the bound is already too many
     # (and would overflow the meta device's size arithmetic).
     sizes = [v for value in sized.values() for v in (value if isinstance(value, tuple) else (value,))

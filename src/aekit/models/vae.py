@@ -10,7 +10,10 @@ The objective is the negative ELBO under that Bernoulli likelihood (binary cross
 summed over pixels, which takes grey-level pixels in [0, 1] as they are), plus ``beta``
 times the KL divergence, divided by the number of pixels: per pixel, so that the learning
 rates the recipes tuned for per-pixel mean losses fit it as they are. It is offered as the
-objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a variance).
+objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a variance). With
+``binarize=True`` the model is of 0/1 pixels: every step draws each pixel as 1 with its grey
+level as the probability (dynamic binarisation, as binarised-MNIST likelihoods are trained
+and reported), and :func:`likelihood_metrics` scores one fixed binarisation of the test images.
 
 The reparameterisation noise: each call of :meth:`VAE.loss` draws it from a local
 ``torch.Generator`` seeded by the model's ``noise_seed`` (drawn from torch's global generator
@@ -45,14 +48,20 @@ from aekit.models.registry import register
 
 @dataclass(frozen=True)
 class VAEOptions(ConvOptions):
-    """The conv options, and the weight of the KL term."""
+    """The conv options, the weight of the KL term, and whether the pixels are binarised."""
 
     beta: float = field(default=1.0, metadata={"help": "the weight of the KL term (1.0: the plain VAE)"})
+    binarize: bool = field(default=False, metadata={
+        "help": "model 0/1 pixels drawn with each grey level as the probability of a 1, a fresh draw at every "
+                "step (dynamic binarisation, the protocol of binarised-MNIST likelihoods)"})
 
     def check(self, image_shape: tuple[int, int, int] | None) -> None:
-        """A one-line error for a ``beta`` that is not a non-negative number, then the conv checks."""
+        """A one-line error for a ``beta`` that is not a non-negative number or a ``binarize``
+        that is not a bool, then the conv checks."""
         if not is_real(self.beta) or not 0 <= self.beta < math.inf:
             raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {self.beta!r}")
+        if not isinstance(self.binarize, bool):
+            raise ValueError(f"binarize must be True or False, got {self.binarize!r}")
         super().check(image_shape)
 
 
@@ -70,11 +79,13 @@ class VAE(Autoencoder):
     Options = VAEOptions
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
-                 widths: tuple[int, ...] = Options.widths, beta: float = Options.beta):
+                 widths: tuple[int, ...] = Options.widths, beta: float = Options.beta,
+                 binarize: bool = Options.binarize):
         super().__init__()
-        self.Options(latent_dim, widths, beta).check(image_shape)
+        self.Options(latent_dim, widths, beta, binarize).check(image_shape)
         widths = tuple(widths)
         self.image_shape, self.latent_dim, self.beta = tuple(image_shape), latent_dim, float(beta)
+        self.binarize = binarize
         # Layers in the order of torch's generator draws that the VAE has always made (it once
         # borrowed a conv model's decoder): an encoder of latent_dim outputs, dropped, then the
         # decoder, then the encoder. The dropped one keeps every seeded VAE's weights and
@@ -116,12 +127,17 @@ class VAE(Autoencoder):
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
-        with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel."""
+        with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel.
+        With ``binarize``, ``x`` and ``target`` are first binarised with the same draws
+        (:func:`binarized`), so that a plain autoencoder's batch (``x`` is ``target``) stays one."""
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
+        generator = batch_generator(self.noise_seed, x)
+        if self.binarize:
+            uniform = torch.rand(target.shape, generator=generator, device=target.device, dtype=target.dtype)
+            x, target = binarized(x, uniform), binarized(target, uniform)
         mean, log_var = self.posterior(x)                                     # (n, d) each
-        eps = torch.randn(mean.shape, generator=batch_generator(self.noise_seed, x),
-                          device=mean.device, dtype=mean.dtype)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps                             # (n, d)
         logits = self.decoder.logits(z)                                       # (n, C, H, W)
         pixels = math.prod(self.image_shape)
@@ -129,6 +145,13 @@ class VAE(Autoencoder):
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels  # KL(q || N(0, I))
         total = (recon + self.beta * kl).mean()
         return Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
+
+
+def binarized(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) grey levels in [0, 1] -> 0/1 pixels of the same dtype: 1 where ``uniform``
+    (the same shape, uniform draws in [0, 1)) is below the grey level, so that each pixel is 1
+    with its grey level as the probability (a stochastic binarisation)."""
+    return (uniform < images).to(images.dtype)
 
 
 def elbo(model: VAE, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -147,7 +170,8 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator) 
     The likelihood is Bernoulli per pixel with the pixels of ``x`` (in [0, 1]) as targets,
     as in training. For grey-level images (aekit's MNIST) that is binary cross-entropy on
     grey levels, not a normalised density of the images: compare it only with numbers
-    computed the same way, not with those of stochastically binarised MNIST.
+    computed the same way. For 0/1 images (a ``binarize`` model's, binarised by
+    :func:`likelihood_metrics`) it is the likelihood that binarised-MNIST results report.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int (samples per image), got {k!r}")
@@ -172,24 +196,32 @@ IWAE_IMAGES = 500  # on the first this many test images (IWAE_K decodes each)
 def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwae: int = IWAE_IMAGES,
                        batch_size: int = 256) -> dict:
     """A VAE's test ELBO and importance-weighted NLL estimate, in nats per image, under the
-    Bernoulli likelihood on the pixels as given (see :func:`iwae_bound`).
+    Bernoulli likelihood (see :func:`iwae_bound`): on the pixels as given, or, for a model
+    trained with ``binarize``, on one stochastic binarisation of them (:func:`binarized`, the
+    binarised-MNIST protocol's fixed test set).
 
     ``images``: an :class:`aekit.data.ImageSource`. ``test_elbo_nats``: mean single-sample
     ELBO over every image; ``test_iwae_nll_nats``: mean of -iwae_bound(k) over the first
     ``n_iwae`` images, beside ``test_elbo_nats_iwae_images``, the ELBO on those same images.
-    Deterministic: one local generator seeded by ``seed``, drawn from batch after batch of
-    ``batch_size`` images in order (through :func:`aekit.inference.map_batches`, on one worker
-    in passes of a whole batch, so that the draws do not depend on threads or chunks).
+    Deterministic: local generators seeded by ``seed`` (latents) and ``seed + 1`` (binarising),
+    drawn from batch after batch of ``batch_size`` images in order (through
+    :func:`aekit.inference.map_batches`, on one worker in passes of a whole batch, so that the
+    draws do not depend on threads or chunks).
     """
     from aekit import inference  # it runs models, so it imports aekit.models: here, not in a cycle
 
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    binariser = torch.Generator(device=device).manual_seed(seed + 1)  # not seed's stream: independent draws
+    binarize = getattr(model, "binarize", False)
     counted = 0  # images the IWAE bound has been taken on
 
     def bounds(m: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(b, C, H, W) -> the ELBO of each image (b,), and for the first t images still
         wanted, the IWAE bound (t,) and their ELBO (t,)."""
         nonlocal counted
+        if binarize:
+            x = binarized(x, torch.rand(x.shape, generator=binariser, device=x.device, dtype=x.dtype))
         elbos = elbo(m, x, generator)
         take = min(max(n_iwae - counted, 0), len(x))
         iwae = iwae_bound(m, x[:take], k, generator) if take else elbos[:0]
@@ -198,12 +230,14 @@ def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwa
 
     pieces = inference.map_batches(model, bounds, images, batch_size=batch_size, chunk=batch_size, workers=1)
     elbos, iwae, iwae_elbo = (torch.cat(column) for column in zip(*pieces))
+    pixels = ("0/1 pixels, one stochastic binarisation of the images (seed {})".format(seed) if binarize
+              else "grey-level pixels in [0, 1] (not binarised)")
     return {"test_elbo_nats": float(elbos.mean()),
             "test_iwae_nll_nats": float(-iwae.mean()),
             "test_elbo_nats_iwae_images": float(iwae_elbo.mean()),
             "iwae_k": k, "iwae_images": len(iwae),
-            "likelihood": "Bernoulli per pixel on grey-level pixels in [0, 1] (not binarised)"}
+            "likelihood": f"Bernoulli per pixel on {pixels}"}
 
 
-__all__ = ["VAE", "VAEOptions", "elbo", "iwae_bound", "likelihood_metrics"]
+__all__ = ["VAE", "VAEOptions", "binarized", "elbo", "iwae_bound", "likelihood_metrics"]
 

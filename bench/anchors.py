@@ -15,9 +15,14 @@ PCA reading. The rows (``--rows``, comma-separated):
   the test reconstruction MSE per pixel against PCA-2's.
 - ``hinton``: Hinton & Salakhutdinov 2006: a 30-number code of MNIST, squared error summed
   over the 784 pixels in [0, 1], mean over the 10,000 test images, and the fit's minutes.
-- ``likelihood``: dynamically binarised MNIST, test NLL by importance sampling with k =
-  5,000 (Burda et al. 2016; Pythae's reproducibility table). Not measured yet: aekit has no
-  binarised-likelihood protocol; the row prints the published numbers and says so.
+- ``likelihood``: dynamically binarised MNIST (every epoch draws each training pixel as 0/1
+  with its grey level as the probability), test NLL in nats by importance sampling with k =
+  5,000 (Burda et al. 2016; Pythae's reproducibility table) on one fixed binarisation of the
+  test images. aekit's VAE (``model_params={"binarize": True}``) beside Pythae's ``VAE``
+  trained on the same dynamically binarised images with the same networks from the same
+  initial weights (bench/vae_pythae.py's ``train_pythae``); both scored by
+  ``aekit.models.vae.likelihood_metrics``. ``--nll-images N`` scores the first N test images
+  only (k = 5,000 decodes each: the whole test set is hours on 2 cores); the table says N.
 
 Every finished cell (one class of one seed, one map, one Hinton fit) is appended to
 bench/anchors-cells.jsonl with its method, seed, epochs and fit seconds; ``--resume``
@@ -27,18 +32,21 @@ goes on where it stopped. The table is written into bench/ANCHORS.md between its
 
     python bench/anchors.py --resume                          # every row (hours on 2 cores)
     python bench/anchors.py --rows oneclass-mnist --seeds 0   # one row, one seed
+    python bench/anchors.py --rows likelihood --seeds 0 --nll-images 500
     python bench/anchors.py --table-only                      # the table of the cells so far
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +63,7 @@ CELLS = HERE / "anchors-cells.jsonl"
 DOC = HERE / "ANCHORS.md"
 BEGIN, END = "<!-- anchors-table: begin (bench/anchors.py writes from here) -->", "<!-- anchors-table: end -->"
 PIXELS = 784  # MNIST's 28 x 28, for Hinton's per-image sum
+NLL_K = 5000  # importance samples per test image for the likelihood row (Burda et al. 2016; Pythae)
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -88,6 +97,20 @@ def five_nn_accuracy(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarra
     return float(KNeighborsClassifier(n_neighbors=5).fit(z_train, y_train).score(z_test, y_test))
 
 
+def binarised_nll(model, x_test: np.ndarray, n_images: int, seed: int) -> dict:
+    """The likelihood row's reading of a trained ``binarize`` VAE: the test NLL (nats, k =
+    :data:`NLL_K` importance samples) and single-sample ELBO on the first ``n_images`` test
+    images, binarised once (seed ``seed + 1``) by :func:`aekit.models.vae.likelihood_metrics`."""
+    from aekit.data import as_images
+    from aekit.models.vae import likelihood_metrics
+
+    if not getattr(model, "binarize", False):
+        raise ValueError("the likelihood row scores a VAE trained with binarize=True")
+    metrics = likelihood_metrics(model.eval(), as_images(x_test[:n_images]), seed=seed, k=NLL_K, n_iwae=n_images)
+    return {"nll": metrics["test_iwae_nll_nats"], "elbo": metrics["test_elbo_nats"],
+            "nll_images": metrics["iwae_images"], "k": NLL_K}
+
+
 def squared_error_per_image(mse_per_pixel: np.ndarray, pixels: int = PIXELS) -> float:
     """Hinton & Salakhutdinov's reading of a test set: the squared error summed over an
     image's pixels (in [0, 1]), averaged over the images, from per-image mean errors."""
@@ -119,8 +142,20 @@ MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEE
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))
 HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
                 lambda seed: ConvAutoencoder(latent_dim=30, random_state=seed))
+# The likelihood row: aekit's VAE on dynamically binarised MNIST, and Pythae's beside it (the
+# same networks and initial weights, trained by Pythae's pipeline on the same kind of images:
+# batch 64, Adam 1e-3 constant, as bench/vae_pythae.py; Pythae's default 1e-4 is for hundreds
+# of epochs). LIKELIHOOD_EPOCHS keeps a fit of aekit's under the row's 30 minutes on 2 cores.
+LIKELIHOOD_EPOCHS = 50
+VAE_BINARISED = Method("vae", f"ConvAutoencoder(model='vae', model_params={{'binarize': True}}, "
+                              f"epochs={LIKELIHOOD_EPOCHS}, random_state=SEED)",
+                       lambda seed: ConvAutoencoder(model="vae", model_params={"binarize": True},
+                                                    epochs=LIKELIHOOD_EPOCHS, random_state=seed))
+PYTHAE = Method("pythae", f"Pythae 0.1.2 VAE, the same networks, {LIKELIHOOD_EPOCHS} epochs, batch 64, Adam 1e-3",
+                lambda seed: None)  # trained by pythae_vae below, not an estimator
 METHODS = {"oneclass-mnist": ONE_CLASS, "oneclass-fashion": ONE_CLASS, "map-mnist": (pca_method(2), MAP),
-           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON)}
+           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON),
+           "likelihood": (VAE_BINARISED, PYTHAE)}
 
 DATA = {"oneclass-mnist": "mnist", "oneclass-fashion": "fashion-mnist", "map-mnist": "mnist",
         "map-fashion": "fashion-mnist", "hinton": "mnist", "likelihood": "mnist"}
@@ -191,10 +226,58 @@ def whole_set_cells(row: str, split, seeds: list[int], done: dict, save: Callabl
                   "train": len(x_train), **scores, **trained(estimator)})
 
 
+def pythae_vae(seed: int, x_train: np.ndarray):
+    """Pythae's VAE trained on dynamically binarised ``x_train`` (uint8 (n, 28, 28)) from the
+    initial weights aekit's VAE_BINARISED has at ``seed``; returns (an aekit VAE holding the
+    trained weights, fit seconds)."""
+    import torch
+    from pythae.data.datasets import DatasetOutput
+    from vae_pythae import train_pythae  # bench/vae_pythae.py
+
+    from aekit.data import as_images
+    from aekit.start import new_model
+
+    images = as_images(x_train).first(len(x_train))  # (n, 1, 28, 28) float32 in [0, 1]
+
+    class DynamicallyBinarised(torch.utils.data.Dataset):
+        """Each read draws the image's pixels as 0/1 anew (Pythae seeds torch's generator)."""
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            return DatasetOutput(data=torch.bernoulli(images[index]))
+
+    estimator = VAE_BINARISED.make(seed)
+    start = new_model(estimator._config(images.shape[1:]))  # aekit's own initial weights at this seed
+    return train_pythae(start, DynamicallyBinarised(), LIKELIHOOD_EPOCHS, batch_size=64, lr=1e-3, seed=seed)
+
+
+def likelihood_cells(row: str, split, seeds: list[int], done: dict, save: Callable[[dict], None],
+                     nll_images: int = 10_000) -> None:
+    """The likelihood row: per seed, aekit's binarize VAE and Pythae's, each scored on the
+    first ``nll_images`` test images (a cell scored on another number is done again)."""
+    (x_train, _), (x_test, _) = split
+    for method in METHODS[row]:
+        for seed in seeds:
+            cell = done.get((row, method.name, seed, None))
+            if cell is not None and cell["nll_images"] == min(nll_images, len(x_test)):
+                continue
+            if method is PYTHAE:
+                model, seconds = pythae_vae(seed, x_train)
+                model_name, epochs = "vae (Pythae)", LIKELIHOOD_EPOCHS
+            else:
+                estimator = method.make(seed)
+                seconds = timed_fit(estimator, x_train)
+                model, (model_name, epochs) = estimator.model_, trained(estimator).values()
+            save({"row": row, "method": method.name, "seed": seed, "part": None, "fit_s": seconds,
+                  "train": len(x_train), **binarised_nll(model, x_test, nll_images, seed),
+                  "model": model_name, "epochs": epochs})
+
+
 RUNNERS = {"oneclass-mnist": one_class_cells, "oneclass-fashion": one_class_cells, "map-mnist": whole_set_cells,
-           "map-fashion": whole_set_cells, "hinton": whole_set_cells}
-NOT_MEASURED = {"likelihood": "not measured: aekit has no binarised-MNIST likelihood protocol yet "
-                              "(dynamic binarisation in training, k = 5,000 importance samples, Pythae beside it)"}
+           "map-fashion": whole_set_cells, "hinton": whole_set_cells, "likelihood": likelihood_cells}
+NOT_MEASURED: dict[str, str] = {}  # row -> why it has no cells (none now)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -214,7 +297,8 @@ def summarise(row: str, cells: list[dict]) -> list[dict]:
                 per_seed[seed] = (100 * float(np.mean([c["auroc"] for c in of_seed])), sum(c["fit_s"] for c in of_seed),
                                   sorted(of_seed, key=lambda c: c["part"]))
             else:
-                value = 100 * of_seed[0]["knn5"] if row.startswith("map") else of_seed[0]["sq_error"]
+                value = (100 * of_seed[0]["knn5"] if row.startswith("map")
+                         else of_seed[0]["nll"] if row == "likelihood" else of_seed[0]["sq_error"])
                 per_seed[seed] = (value, of_seed[0]["fit_s"], of_seed)
         if not per_seed:
             continue
@@ -231,8 +315,46 @@ def test_mse(line: dict) -> float:
     return float(np.mean([c["test_mse"] for _, _, of_seed in line["per_seed"].values() for c in of_seed]))
 
 
-def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
-    out = ["| row | measure | best published | bar | PCA | aekit (method: mean [min, max] over seeds) "
+CARRIED_ON = "measured earlier on: "
+
+
+class Carried(NamedTuple):
+    """A row of the table already in bench/ANCHORS.md: its lines (the table line, then its
+    detail lines) and the machine line of the run that measured it."""
+
+    lines: list[str]
+    machine: str
+
+
+def previous_table(doc_text: str) -> dict[str, Carried]:
+    """The measured rows of the table in ``doc_text`` (a row "not run" or "not measured" there
+    is left out), by row: what :func:`table` keeps for a row with no cells on this run."""
+    if BEGIN not in doc_text or END not in doc_text:
+        return {}
+    inside = doc_text.split(BEGIN, 1)[1].split(END, 1)[0].splitlines()
+    machine = next((line.removeprefix("Machine: ") for line in inside if line.startswith("Machine: ")), "not recorded")
+    # A row carried before keeps the machine it was measured on, not that of the run that carried it.
+    measured_on = {row: note.split(CARRIED_ON, 1)[1] for note in inside if CARRIED_ON in note
+                   for row in note.removeprefix("Rows ").split(":", 1)[0].split(", ")}
+    rows = {}
+    for row in ROWS:
+        lines = [line for line in inside if line.startswith(f"| {row} |")]
+        if lines and "not run" not in lines[0] and "not measured" not in lines[0]:
+            lines += [line for line in inside if line.startswith(f"- {row}, ")]
+            rows[row] = Carried(lines, measured_on.get(row, machine))
+    return rows
+
+
+def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, Carried] | None = None) -> str:
+    """The markdown table of ``cells``, one line per row, and a detail line per method. A row
+    with no cells takes its lines from ``previous`` (:func:`previous_table` of the doc), where
+    it was measured there, and the table says so: running one row does not erase the others
+    (the cells file is local to a checkout; the doc is the record).
+    """
+    previous = previous or {}
+    carried: dict[str, list[str]] = {}  # machine -> the rows carried from a run on it
+    out = ["| row | measure | best published | bar | PCA (likelihood: Pythae) "
+           "| aekit (method: mean [min, max] over seeds) "
            "| aekit beats the bar |", "| --- | --- | --- | ---: | ---: | --- | --- |"]
     details = []
     for row in rows:
@@ -241,8 +363,14 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
             out.append(f"| {row} | {measure} | {published} | {bar:g} | | {NOT_MEASURED[row]} | no |")
             continue
         lines = summarise(row, [c for c in cells if c["row"] == row])
+        if not lines and row in previous:
+            out.append(previous[row].lines[0])
+            details += previous[row].lines[1:]
+            carried.setdefault(previous[row].machine, []).append(row)
+            continue
         pca = next((line for line in lines if line["method"] == "pca"), None)
-        ours = [line for line in lines if line["method"] != "pca"]
+        reference = pca or next((line for line in lines if line["method"] == "pythae"), None)
+        ours = [line for line in lines if line["method"] not in ("pca", "pythae")]
         def fmt(v: float) -> str:
             return f"{v:.2f}"
 
@@ -256,7 +384,7 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
             return reached and (not row.startswith("map") or (pca is not None and test_mse(line) < test_mse(pca)))
 
         beats = "yes" if any(at_bar(line) for line in ours) else "no"
-        out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(pca['value']) if pca else ''} "
+        out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(reference['value']) if reference else ''} "
                    f"| {aekit_text} | {beats} |")
         for line in lines:
             call = next((m.call for m in METHODS[row] if m.name == line["method"]), line["method"])
@@ -266,10 +394,19 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS) -> str:
             if row.startswith("oneclass"):
                 parts = np.mean([[c["auroc"] for c in s[2]] for s in line["per_seed"].values()], axis=0)
                 extra = ", per class " + " ".join(f"{p:.3f}" for p in parts)
+            if row == "likelihood":
+                cell = next(iter(line["per_seed"].values()))[2][0]
+                extra = (f" nats (ELBO {cell['elbo']:.2f}; k = {cell['k']:,} on the first {cell['nll_images']:,} "
+                         "test images)")
             epochs = f", {line['epochs']} epochs" if line["epochs"] else ""
             details.append(f"- {row}, `{call}` (model {line['model']}{epochs}), seeds "
                            f"{', '.join(map(str, line['seeds']))}: {fmt(line['value'])}{extra}; "
                            f"fit {line['fit_s']:.0f} s a seed")
+    if carried:
+        details.append("")
+    for machine_line, of_machine in carried.items():
+        details.append(f"Rows {', '.join(of_machine)}: no cells in bench/{CELLS.name} on this run; their lines are "
+                       f"those of the table this one replaced, {CARRIED_ON}{machine_line}")
     return "\n".join(out) + "\n\n" + "\n".join(details) + "\n"
 
 
@@ -301,6 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for aekit's cells (PCA: seed 0)")
     parser.add_argument("--resume", action="store_true", help=f"reuse the finished cells in {CELLS.name}")
     parser.add_argument("--table-only", action="store_true", help=f"run nothing: the table of {CELLS.name}")
+    parser.add_argument("--nll-images", type=int, default=10_000,
+                        help="the likelihood row's test images (the first N; k = 5,000 decodes each)")
     args = parser.parse_args(argv)
     rows = tuple(args.rows.split(","))
     unknown = sorted(set(rows) - set(ROWS))
@@ -318,16 +457,20 @@ def main(argv=None) -> int:
         done[(cell["row"], cell["method"], cell["seed"], cell["part"])] = cell
         what = f"class {cell['part']}" if cell["part"] is not None else ""
         print(f"{cell['row']} {cell['method']} seed {cell['seed']} {what}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in cell.items() if k in ("auroc", "knn5", "test_mse", "sq_error"))
+              + ", ".join(f"{k} {v:.4f}" for k, v in cell.items() if k in ("auroc", "knn5", "test_mse", "sq_error", "nll"))
               + f" ({cell['fit_s']:.0f} s)", flush=True)
 
     if not args.table_only:
         for row in rows:
             if row in RUNNERS:
-                RUNNERS[row](row, load_dataset(DATA[row]), seeds, done, save)
+                runner = RUNNERS[row]
+                if row == "likelihood":
+                    runner = functools.partial(runner, nll_images=args.nll_images)
+                runner(row, load_dataset(DATA[row]), seeds, done, save)
     command = "python bench/anchors.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = (f"`{command}` ({time.strftime('%Y-%m-%d')}), from the cells in bench/{CELLS.name}\n\n"
-            f"Machine: {machine()}, aekit {aekit.__version__}\n\n{table(list(done.values()))}")
+            f"Machine: {machine()}, aekit {aekit.__version__}\n\n"
+            f"{table(list(done.values()), previous=previous_table(DOC.read_text() if DOC.exists() else ''))}")
     write_doc(text)
     print(text)
     return 0

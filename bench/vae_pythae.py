@@ -52,9 +52,10 @@ def sample_quality(model, clf: LogisticRegression, n: int = 1000, seed: int = 0)
     return float((proba.max(1) > 0.9).mean()), entropy
 
 
-def train_pythae(start, x_train: np.ndarray, epochs: int, batch_size: int, lr: float, seed: int):
-    """Train a copy of ``start``'s encoder and decoder with Pythae; returns (the trained
-    aekit VAE holding them, seconds)."""
+def train_pythae(start, x_train, epochs: int, batch_size: int, lr: float, seed: int):
+    """Train a copy of ``start``'s encoder and decoder with Pythae on ``x_train`` (float
+    images (n, C, H, W) in [0, 1], or a torch Dataset of Pythae's ``DatasetOutput(data=...)``);
+    returns (the trained aekit VAE holding them, seconds)."""
     from pythae.models import VAE, VAEConfig
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseEncoder
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         f"test images: {len(test):,}; latent {args.latent_dim}, {args.epochs} epochs, batch {args.batch_size}, "
         f"Adam lr {args.lr} constant. Pythae's seconds are its "
         f"TrainingPipeline call (data checks, training, saving its final model).  ",
-        f"ELBO and IWAE NLL: nats per image, Bernoulli likelihood on grey-level MNIST pixels (not binarised); "
-        f"IWAE k=100 on the first 500 test images. Samples: 1,000 from N(0, I), scored by logistic regression "
-        f"trained on 10,000 MNIST training images.",
+        "ELBO and IWAE NLL: nats per image, Bernoulli likelihood on grey-level MNIST pixels (not binarised); "
+        "IWAE k=100 on the first 500 test images. Samples: 1,000 from N(0, I), scored by logistic regression "
+        "trained on 10,000 MNIST training images.",
         "",
         "| library | test ELBO (nats, higher is better) | IWAE NLL (nats, lower is better) | s/epoch "
         "| samples with confidence > 0.9 | class entropy (bits, max 3.32) |",

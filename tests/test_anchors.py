@@ -122,3 +122,78 @@ def test_resume_reads_the_cells_and_the_table_only_run_trains_nothing(anchors, t
     text = (tmp_path / "ANCHORS.md").read_text()
     assert "`default` 95.00 [95.00, 95.00] (1 seed)" in text and "| likelihood |" in text
     assert len(cells.read_text().splitlines()) == 10  # read, not rewritten
+
+
+def likelihood_cell(method, nll, nll_images=500):
+    return {"row": "likelihood", "method": method, "seed": 0, "part": None, "fit_s": 60.0, "train": 60000,
+            "nll": nll, "elbo": -nll - 5, "nll_images": nll_images, "k": 5000, "model": "vae", "epochs": 50}
+
+
+def test_the_likelihood_row_counts_aekit_against_the_bar_and_shows_pythae_beside_it(anchors):
+    def row(cells):
+        return next(line for line in anchors.table(cells).splitlines() if line.startswith("| likelihood "))
+
+    # Pythae past the bar does not make aekit's row "yes"; it is the reference column.
+    line = row([likelihood_cell("vae", 90.0), likelihood_cell("pythae", 85.0)])
+    assert "| 85.00 | `vae` 90.00 [90.00, 90.00] (1 seed) | no |" in line
+    assert row([likelihood_cell("vae", 85.4), likelihood_cell("pythae", 91.0)]).endswith("| yes |")  # lower is better
+    assert "k = 5,000 on the first 500 test images" in anchors.table([likelihood_cell("vae", 90.0)])
+
+
+def test_the_likelihood_reading_is_the_vaes_iwae_nll_on_the_first_images(anchors, monkeypatch):
+    import torch
+
+    from aekit.data import as_images
+    from aekit.models import build_model
+    from aekit.models.vae import likelihood_metrics
+
+    x_test = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    model = build_model("vae", (1, 8, 8), latent_dim=2, widths=(4,), binarize=True).eval()
+    monkeypatch.setattr(anchors, "NLL_K", 3)
+    reading = anchors.binarised_nll(model, x_test, n_images=5, seed=4)
+    reference = likelihood_metrics(model, as_images(x_test[:5]), seed=4, k=3, n_iwae=5)
+    assert reading == {"nll": reference["test_iwae_nll_nats"], "elbo": reference["test_elbo_nats"],
+                       "nll_images": 5, "k": 3}
+    with pytest.raises(ValueError, match="binarize=True"):
+        anchors.binarised_nll(build_model("vae", (1, 8, 8), latent_dim=2, widths=(4,)), x_test, 5, 0)
+    assert torch.is_grad_enabled()
+
+
+def test_a_likelihood_cell_is_redone_when_asked_for_another_number_of_test_images(anchors, monkeypatch):
+    fitted = []
+
+    class Fitted:
+        def fit(self, x):
+            fitted.append(len(x))
+            self.model_, self.config_ = "model", type("Config", (), {"model": "vae", "epochs": 50})
+            return self
+
+    monkeypatch.setattr(anchors, "METHODS", {"likelihood": (anchors.Method("vae", "call", lambda seed: Fitted()),)})
+    monkeypatch.setattr(anchors, "binarised_nll", lambda model, x, n, seed: {"nll": 90.0, "elbo": -95.0,
+                                                                               "nll_images": min(n, len(x)), "k": 5000})
+    split = ((np.zeros((7, 2, 2), np.uint8), None), (np.zeros((4, 2, 2), np.uint8), None))
+    done, saved = {("likelihood", "vae", 0, None): likelihood_cell("vae", 91.0, nll_images=4)}, []
+    anchors.likelihood_cells("likelihood", split, [0], done, saved.append, nll_images=10_000)  # 4 = all there are
+    assert saved == [] and fitted == []
+    anchors.likelihood_cells("likelihood", split, [0], done, saved.append, nll_images=2)
+    assert fitted == [7] and saved[0]["nll_images"] == 2 and saved[0]["nll"] == 90.0
+
+
+def test_a_row_without_cells_keeps_its_lines_and_machine_from_the_table_it_replaces(anchors):
+    hinton = [{"row": "hinton", "method": "default", "seed": 0, "part": None, "sq_error": 2.9, "fit_s": 1.0,
+               "epochs": 10, "model": "pca-conv"}]
+    first = f"{anchors.BEGIN}\nMachine: the first machine\n\n{anchors.table(hinton)}{anchors.END}\n"
+    assert "| map-mnist |" in first and "not run" in first
+    previous = anchors.previous_table(first)
+    assert sorted(previous) == ["hinton"]  # a row "not run" there is not kept
+    second = anchors.table([likelihood_cell("vae", 90.0)], previous=previous)
+    [line] = [line for line in second.splitlines() if line.startswith("| hinton |")]
+    assert "`default` 2.90" in line and "- hinton, " in second
+    assert "Rows hinton: no cells" in second and second.rstrip().endswith("measured earlier on: the first machine")
+    # Carried again by a third run on another machine, it still names the machine it was measured on.
+    third = anchors.table([], previous=anchors.previous_table(
+        f"{anchors.BEGIN}\nMachine: the second machine\n\n{second}{anchors.END}\n"))
+    assert "`default` 2.90" in third and "`vae` 90.00" in third
+    assert "Rows hinton: no cells" in third and "Rows likelihood: no cells" in third
+    notes = [line for line in third.splitlines() if line.startswith("Rows ")]
+    assert [note.split("measured earlier on: ")[1] for note in notes] == ["the first machine", "the second machine"]

@@ -245,9 +245,14 @@ class ConvAutoencoder(_ImageReconstructor):
         if (path / ESTIMATOR).is_file():
             est, threshold, score_name, layout, history = cls._read_state(path / ESTIMATOR, config, device)
         else:  # a run folder from `aekit train`
-            options = config.model_params
+            from aekit.models import MODELS
+
+            # The family's other options as model_params, those at their defaults left out (as a
+            # user who did not set them would have called it): None when all are.
+            options, defaults = config.model_params, dataclasses.asdict(MODELS[config.model].Options())
+            extra = {k: v for k, v in options.items() if k not in _OPTION_PARAMS and v != defaults.get(k, object())}
             est = cls(model=config.model, **{k: options[k] for k in _OPTION_PARAMS if k in options},
-                      model_params={k: v for k, v in options.items() if k not in _OPTION_PARAMS} or None,
+                      model_params=extra or None,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
                       recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}

@@ -129,7 +129,7 @@ class VAE(Autoencoder):
         """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
         with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel.
         With ``binarize``, ``x`` and ``target`` are first binarised with the same draws
-        (:func:`binarized`), so that a plain autoencoder's batch (``x`` is ``target``) stays one."""
+        (:func:`binarized`): where ``x`` is ``target`` (no noise) they stay the same 0/1 images."""
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
         generator = batch_generator(self.noise_seed, x)
@@ -230,7 +230,7 @@ def likelihood_metrics(model: VAE, images, seed: int = 0, k: int = IWAE_K, n_iwa
 
     pieces = inference.map_batches(model, bounds, images, batch_size=batch_size, chunk=batch_size, workers=1)
     elbos, iwae, iwae_elbo = (torch.cat(column) for column in zip(*pieces))
-    pixels = ("0/1 pixels, one stochastic binarisation of the images (seed {})".format(seed) if binarize
+    pixels = (f"0/1 pixels, one stochastic binarisation of the images (generator seed {seed + 1})" if binarize
               else "grey-level pixels in [0, 1] (not binarised)")
     return {"test_elbo_nats": float(elbos.mean()),
             "test_iwae_nll_nats": float(-iwae.mean()),

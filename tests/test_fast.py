@@ -55,6 +55,17 @@ def test_conv_to_one_matches_torch_conv2d_forward_and_backward(channels_last):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_every_gradient_has_its_parameters_strides_while_fast():
+    """DDP copies each gradient into a bucket laid out as its parameter, and warns on every
+    torchrun run ("Grad strides do not match bucket view strides") where one differs:
+    ConvToOne's weight gradient of shape (1, C, 3, 3) must be channels_last as its weight is."""
+    model = _seed_model()
+    with fast.on_cpu(model) as twin:
+        twin.loss(torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28), "mse").total.backward()
+        assert [(name, p.grad.stride()) for name, p in model.named_parameters()] == \
+            [(name, p.stride()) for name, p in model.named_parameters()]
+
+
 @pytest.mark.parametrize("name", ["seed", "conv"])
 def test_the_models_are_plain_pytorch_and_on_cpu_makes_the_fast_twin(name):
     """The model definitions hold no speed tricks (export and GPUs see plain layers); the

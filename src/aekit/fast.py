@@ -80,8 +80,8 @@ class _ConvToOneFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:                                      # channels_last (n, C, H, W)
             grad_x = torch.mm(grad_taps.t(), weight.reshape(c, 9).t()).view(n, h, w, c).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(grad_taps, pixels).t().reshape(1, c, 3, 3)
+        if ctx.needs_input_grad[1]:  # in the weight's own strides, which DDP's buckets expect
+            grad_w = torch.empty_like(weight).copy_(torch.mm(grad_taps, pixels).t().reshape(1, c, 3, 3))
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum((0, 2, 3))
         return grad_x, grad_w, grad_b

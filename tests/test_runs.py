@@ -311,6 +311,31 @@ def train_until(out, at: tuple[str, str, int], sig: str, *flags: str) -> tuple[i
     return process.returncode, process.stderr
 
 
+def train_until_in_this_process(out, at: tuple[str, str, int], sig: str, *flags: str, monkeypatch,
+                                capsys) -> tuple[int, str]:
+    """:func:`train_until` without a process of its own (no second import of PyTorch): the
+    signal reaches this process, as a Ctrl-C reaches the foreground one."""
+    import importlib
+
+    module, name, k = at
+    module, calls = importlib.import_module(module), [0]
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return result
+
+    torch.set_num_threads(1)  # as train_until's process and straight_run
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, counted)
+        code = main(["train", "--out", str(out), "--quiet", *flags])
+    return code, capsys.readouterr().err
+
+
 SMALL = ("--model", "seed", "--limit", "600", "--epochs", "2")  # 19 steps of 32 images per epoch
 
 
@@ -361,15 +386,19 @@ def npy_images(tmp_path_factory, mnist):
     ("between epochs", ("aekit.experiment", "write_history", 1), (1, 0), "1 complete epoch"),
 ], ids=["first-epoch", "late-denoising", "streamed", "between-epochs"])
 @pytest.mark.heavy
-def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, straight_run, npy_images,
-                                                                   case, at, saved, where):
+def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, straight_run, npy_images, monkeypatch,
+                                                                   capsys, case, at, saved, where):
     """Ctrl-C mid-epoch: the checkpoint holds that very step (weights, Adam, the epoch's
     loss so far; the shuffle, noise and learning rate follow from the step), and resuming
-    from it ends exactly where a run never interrupted ends."""
+    from it ends exactly where a run never interrupted ends. The first case is a command in
+    a process of its own, as a user runs it; the others train in this process."""
     flags = {"late, denoising": ("--noise", "gaussian:0.3"),
              "streamed": ("--data", str(npy_images), "--stream")}.get(case, ()) + SMALL
     out = tmp_path / "run"
-    code, err = train_until(out, at, "SIGINT", *flags)
+    if case == "first epoch":
+        code, err = train_until(out, at, "SIGINT", *flags)
+    else:
+        code, err = train_until_in_this_process(out, at, "SIGINT", *flags, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 130, err
     assert err.strip().splitlines() == [
         f"aekit: interrupted; {where} saved in {out / CHECKPOINT}; resume with: aekit train --out {out} --resume"]

@@ -100,7 +100,9 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
 def test_resume_extends_a_run(tmp_path, mnist, capsys):
     out = tmp_path / "r"
     assert main(["train", "--limit", "600", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert " 1 epoch in " in capsys.readouterr().out  # the summary line, in words
     assert main(["train", "--epochs", "2", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert " 2 epochs in " in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert json.loads((out / "config.json").read_text())["limit"] == 600  # kept from the run

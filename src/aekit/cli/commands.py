@@ -82,7 +82,8 @@ def cmd_train(args) -> int:
         return 0  # under torchrun, rank 0 reports for the run
     m = result.metrics
     print(f"test_mse {m['test_mse']:.5f}  test_psnr {m['test_psnr']:.2f} dB  "
-          f"{m['epochs']} epochs in {m['seconds']:.1f} s ({m['images_per_second']:,.0f} images/s)")
+          f"{m['epochs']} epoch{'' if m['epochs'] == 1 else 's'} in {m['seconds']:.1f} s "
+          f"({m['images_per_second']:,.0f} images/s)")
     print(f"run folder: {result.workdir}")
     return 0
 

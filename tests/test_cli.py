@@ -383,6 +383,9 @@ def test_ci_sets_ci_and_fuzzes_with_a_fixed_seed():
     ('use recipe="default" or loss="bce"', "train", "use --recipe default or --loss bce"),
     ("a threshold: false_positive_rate=0.1", "score", "a threshold: --fpr 0.1"),
     ("finish the run (resume=True)", "evaluate", "finish the run (--resume)"),  # a flag of train
+    # The library method a command calls, as the command: sample() is `aekit sample`.
+    ("sample() needs a model with a prior", "sample", "aekit sample needs a model with a prior"),
+    ("fit() was given 0 images", "train", "fit() was given 0 images"),  # another name than the command's
     # Left alone: names no option sets, and names only another command's option sets.
     ("X has 0 feature(s) (shape=(0, 28)); n=0", "evaluate", "X has 0 feature(s) (shape=(0, 28)); n=0"),
     ('"seed": 1 in config.json', "evaluate", '"seed": 1 in config.json'),

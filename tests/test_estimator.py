@@ -651,6 +651,6 @@ def test_sample_asks_the_familys_sampling_hook(scratch_registry):
     seed = int(check_random_state(5).randint(2 ** 31 - 1))
     z = 2 * torch.rand(3, 2, generator=torch.Generator().manual_seed(seed)) - 1
     np.testing.assert_array_equal(images, estimator.inverse_transform(z.numpy()))
-    with pytest.raises(ValueError, match=r"^sample\(\) needs a model with a prior to sample from; this one is "
-                                         r"model='conv': fit with model='vae'$"):
+    with pytest.raises(ValueError, match=r"^sample\(\) needs a model with a prior to sample from \(model='vae'\); "
+                                         r"this one is model='conv'$"):
         ConvAutoencoder(model="conv", latent_dim=2, widths=(4,), epochs=1, device="cpu").fit(x).sample(3)

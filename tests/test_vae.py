@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from aekit import ConvAutoencoder
 from aekit.cli import main
 from aekit.models.vae import VAE, iwae_bound
+from conftest import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def test_cli_trains_a_vae_and_reports_its_likelihoods(vae_run, tmp_path):
 
 def test_cli_sample_refuses_a_run_without_a_prior(capsys, tmp_path):
     assert main(["sample", "tests/data/run-0.1.0", "--out", str(tmp_path / "g.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--model vae" in err
+    assert one_error_line(capsys) == ("aekit: error: aekit sample needs a model with a prior to sample from "
+                                      "(--model vae); this one is --model seed")
 
 
 def test_transform_is_the_posterior_mean(fitted, digits):

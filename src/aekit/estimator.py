@@ -172,8 +172,8 @@ class ConvAutoencoder(_ImageReconstructor):
         int, a RandomState or None) fixes the draw; torch's global generator is not used."""
         self._check_is_fitted()
         if not self.model_.can_sample:
-            raise ValueError(f"sample() needs a model with a prior to sample from; this one is "
-                             f"model={self.config_.model!r}: fit with model='vae'")
+            raise ValueError(f"sample() needs a model with a prior to sample from (model='vae'); this one is "
+                             f"model={self.config_.model!r}")
         if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int (images to sample), got {n!r}")
         # None: fresh entropy from the OS, so numpy's global generator is not advanced either.

@@ -42,9 +42,12 @@ def as_flags(text: str, command: str | None = None) -> str:
     - ``resize=(28, 28)`` -> ``--resize 28 28`` (an option of several values), ``latent_dims=(2,
       8)`` -> ``--latent-dims 2,8`` (one comma-separated value);
     - ``pass stream=False`` -> ``drop --stream``; elsewhere ``stream=False`` or ``patience=None``
-      -> ``no --stream``, ``no --patience``.
+      -> ``no --stream``, ``no --patience``;
+    - the library method of the command's own name: ``sample() needs ...`` -> ``aekit sample needs ...``.
     """
     options = _options(command)
+    if command is not None:
+        text = re.sub(rf"(?<![\w.]){re.escape(command)}\(\)", f"aekit {command}", text)
 
     def flag(found: re.Match) -> str:
         action = options.get(found["name"])

@@ -160,7 +160,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     (["reconstruct", "r"], "the following arguments are required: --out"),
     (["compare", "--latent-dims", "2,x", "--out", "o"], "argument --latent-dims: expected comma-separated"),
     (["data", "info", "x.npy", "--resize", "28"], "argument --resize: expected 2 arguments"),
-    (["data", "fetch"], "the following arguments are required: name"),
+    (["data", "fetch"], "the following arguments are required: NAME"),
     (["data"], "the following arguments are required: ACTION"),
     ([], "the following arguments are required: COMMAND"),
     (["trian"], "argument COMMAND: invalid choice: 'trian'"),
@@ -194,6 +194,15 @@ def _help_of(*command: str) -> dict[str, str]:
     for name in command:
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
     return {action.dest: action.help or "" for action in parser._actions}
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """`aekit COMMAND --help` explains each of its arguments and options (the positional run
+    folder included), for every command and `data`'s actions."""
+    commands = [(name,) for name in COMMANDS if name != "data"] + [("data", "fetch"), ("data", "info")]
+    unexplained = [(*command, dest) for command in commands for dest, text in _help_of(*command).items()
+                   if dest != "help" and not text.strip()]
+    assert unexplained == []
 
 
 def _models_named(text: str) -> set[str]:

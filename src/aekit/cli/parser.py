@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch built-in data sets, describe data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = data_sub.add_parser("fetch", help="download a built-in data set and print its cached path")
-    q.add_argument("name", help=f"one of {_builtin_names()}")
+    q.add_argument("name", metavar="NAME", help=f"one of {_builtin_names()}")
     q = data_sub.add_parser("info", help="shapes, dtype, value range and labels of a data set")
-    q.add_argument("name_or_path")
+    q.add_argument("name_or_path", metavar="DATA", help=f"a built-in ({_builtin_names()}) or a path: an image "
+                                                        "folder, an image file, a .npy/.npz or IDX file")
     _add_resize(q)
 
     p = sub.add_parser("train", help="train an autoencoder into a run folder")
@@ -245,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="print a run's test metrics as JSON")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("--data", help=f"evaluate on other data: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's)")
 
     p = sub.add_parser("reconstruct", help="write originals above reconstructions to a PNG")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("--data", help=f"data to reconstruct: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's test split)")
     p.add_argument("--n", type=_positive_int, default=10, help="number of images (default: 10)")
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a PNG grid of new images from a VAE run (--model vae), or the "
                                       "decoded latent grid of a run whose latent has 2 numbers (--grid)")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("--n", type=_positive_int, help="number of images (default: 64)")
     p.add_argument("--grid", type=_positive_int, metavar="SIDE",
                    help="instead: decode a SIDE x SIDE grid of latent points spanning the codes of the run's "
@@ -269,16 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("denoise", help="clean images with a run's autoencoder")
-    p.add_argument("run", type=Path)
-    p.add_argument("input", type=Path, help="image folder, image file, .npy/.npz or IDX file")
+    _add_run(p)
+    p.add_argument("input", type=Path, metavar="INPUT", help="image folder, image file, .npy/.npz or IDX file")
     p.add_argument("--out", type=Path, required=True,
                    help="a folder of PNGs, one image file, or a .npy/.npz file")
     _add_resize(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("score", help="anomaly scores: reconstruction error per image")
-    p.add_argument("run", type=Path)
-    p.add_argument("input", type=Path, help="image folder, image file, .npy/.npz or IDX file")
+    _add_run(p)
+    p.add_argument("input", type=Path, metavar="INPUT", help="image folder, image file, .npy/.npz or IDX file")
     p.add_argument("--out", type=Path, required=True, help="the CSV file to write")
     p.add_argument("--heatmaps", type=Path, help="also write a per-pixel error map per image into this folder")
     group = p.add_mutually_exclusive_group()
@@ -301,24 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="autoencoder epochs (default: the estimator's rule, from the number of images)")
     _add_limit(p)
-    p.add_argument("--seed", type=_random_state, default=0)
+    p.add_argument("--seed", type=_random_state, default=0, help="fixes every method's draws (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     _add_resize(p)
     p.add_argument("--out", type=Path, required=True, help="folder for compare.csv, compare.md, compare.png")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
 
-    p = sub.add_parser("report", help="write DIR/report.html: figures, metrics and config in one file")
-    p.add_argument("run", type=Path)
+    p = sub.add_parser("report", help="write RUN/report.html: figures, metrics and config in one file")
+    _add_run(p)
     p.add_argument("--data", help=f"data for the figures: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's test split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
 
     p = sub.add_parser("export", help="export a run's encoder, decoder and model for other runtimes")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("--format", required=True, help="export format: onnx")
     p.add_argument("--out", type=Path, help="folder for the files (default: the run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     return parser
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder: the --out of aekit train")
 
 
 def _version() -> str:

@@ -445,6 +445,12 @@ def test_the_run_says_and_records_which_data_it_used(local_mnist, mnist, capsys)
         # A path is recorded absolute, so that resume and evaluate find it from any folder.
         assert config["data"] == (data if data == "mnist" else source) and config["data_source"] == source
         assert config["image_shape"] == ([1, 28, 28] if data == "mnist" else [1, 8, 8])
+    # Bad input is refused in its one stderr line, with no data line before it.
+    for flags, error in ((["--data", "./nowhere"], "nowhere': not a file or folder"),
+                         (["--model", "vae", "--beta", "-1"], "beta must be a non-negative number")):
+        assert main(["train", *flags, "--out", str(local_mnist.parent / "bad"), "--quiet"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and error in captured.err and captured.err.count("\n") == 1, captured
 
 
 # ------------------------------------------------------- a file's channels are what it says

@@ -39,7 +39,7 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     from aekit import distributed
-    from aekit.data import data_source
+    from aekit.data import data_source, is_builtin
     from aekit.config import TrainConfig, resolve_device
     from aekit.experiment import train_and_evaluate
     from aekit.runs import run_data
@@ -62,8 +62,12 @@ def cmd_train(args) -> int:
     # from here on distributed.current() knows which rank this is, and rank 0 speaks.
     distributed.setup(resolve_device(config.device))
     out = args.out or Path("runs") / f"{config.model}-{Path(config.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if _is_main_rank():  # which data --data names (a built-in, or a path): said first, on stdout
-        print(f"data: {data_source(run_data(config))}", flush=True)
+    config.resolved()  # a config no run can take: refused in one line before anything is said
+    data = run_data(config)
+    if _is_main_rank() and (is_builtin(data) or Path(data).exists()):
+        # Which data --data names (a built-in, or a path): said first, on stdout. Data that is
+        # not there is for train_and_evaluate's error alone.
+        print(f"data: {data_source(data)}", flush=True)
     try:
         result = train_and_evaluate(config, out, resume=args.resume, overwrite=args.overwrite,
                                     progress=not args.quiet)

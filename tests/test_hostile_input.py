@@ -548,6 +548,8 @@ RUN_CORPUS = {
     "weights as JSON": (WEIGHTS, b'{"not": "safetensors"}', "cannot read the weights"),
     "config from a newer aekit": (CONFIG, {"aekit_version": "7.0.0"}, "was made by aekit 7.0.0"),
     "config without lr (found by fuzzing)": (CONFIG, {"lr": None}, "lr missing (null)"),
+    "config with an option named by a line break (found by fuzzing)": (CONFIG, {"model_params": {"\n": False}},
+                                                                       "takes no options, not '\\n'"),
     "config as a list": (CONFIG, b"[]", "expected a JSON object"),
     "config nested 10^5 deep": (CONFIG, b"[" * 100_000 + b"]" * 100_000, "unreadable run config"),
 }

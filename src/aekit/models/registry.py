@@ -41,7 +41,9 @@ def check_options(name: str, **options) -> dict:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
     given = {key: value for key, value in options.items() if value is not None}
-    refused = [key for key in given if key not in MODELS[name].options]
+    # A name that is not an identifier (a config.json key can be any text) is quoted, so the
+    # message stays one line.
+    refused = [key if key.isidentifier() else repr(key) for key in given if key not in MODELS[name].options]
     if refused:
         takes = f"takes {', '.join(MODELS[name].options)}" if MODELS[name].options else "takes no options"
         others = [other for other, cls in MODELS.items() if set(refused) <= set(cls.options)]

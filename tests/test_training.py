@@ -407,6 +407,7 @@ def test_the_readme_library_example_runs_as_written(mnist):
     assert torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.filterwarnings("ignore::aekit.collapse.CollapseWarning")  # 2 steps on 64 images: not about quality
 def test_fit_trains_the_model_it_is_given_on_that_models_objective(mnist):
     """TrainConfig() names the default family, pca-conv, whose only objective is mse; fit
     trains the model it is given, here the seed network, on the recipe's loss (bce), which

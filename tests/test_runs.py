@@ -5,6 +5,7 @@ checkpoint as it was.
 """
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -315,8 +316,6 @@ def train_until_in_this_process(out, at: tuple[str, str, int], sig: str, *flags:
                                 capsys) -> tuple[int, str]:
     """:func:`train_until` without a process of its own (no second import of PyTorch): the
     signal reaches this process, as a Ctrl-C reaches the foreground one."""
-    import importlib
-
     module, name, k = at
     module, calls = importlib.import_module(module), [0]
     original = getattr(module, name)

@@ -410,22 +410,11 @@ def test_ctrl_c_saves_the_step_reached_and_resume_ends_bit_for_bit(tmp_path, str
 
 
 def test_resume_refuses_to_end_before_the_epoch_a_checkpoint_is_in(tmp_path, mnist, capsys, monkeypatch):
-    from aekit import training
-
-    real_step, calls = training.train_step, [0]
-
-    def interrupted(*args, **kwargs):  # Ctrl-C as step 12 (epoch 2 of 10 steps) returns
-        calls[0] += 1
-        loss = real_step(*args, **kwargs)
-        if calls[0] == 12:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(training, "train_step", interrupted)
-    out = tmp_path / "run"
-    assert main(["train", "--limit", "300", "--epochs", "2", "--out", str(out), "--quiet"]) == 130
-    assert f"epoch 2, step 2 of 10 saved in {out / CHECKPOINT}" in capsys.readouterr().err
-    monkeypatch.undo()
+    out = tmp_path / "run"  # Ctrl-C as step 12 (epoch 2 of 10 steps) returns
+    code, err = train_until_in_this_process(out, step(12), "SIGINT", "--limit", "300", "--epochs", "2",
+                                            monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 130
+    assert f"epoch 2, step 2 of 10 saved in {out / CHECKPOINT}" in err
     before = (out / CHECKPOINT).read_bytes()
     assert main(["train", "--out", str(out), "--resume", "--epochs", "1", "--quiet"]) == 2
     assert one_error_line(capsys).endswith(f"{out / CHECKPOINT} stopped part-way through epoch 2; "

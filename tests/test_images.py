@@ -13,6 +13,7 @@ from PIL import Image
 from aekit import data as data_lib
 from aekit.data import (ArrayImages, DataError, FolderStream, Format, ImageSource, NpyStream, as_images, detect,
                         load_dataset, open_images, prepare_images, read_images)
+from conftest import one_error_line
 
 
 @pytest.fixture
@@ -266,3 +267,38 @@ def test_score_writes_a_file_name_that_is_not_utf8(colour_run, tmp_path, capsys)
     rows = (tmp_path / "s.csv").read_bytes().decode("utf-8").splitlines()
     assert [row.split(",")[0] for row in rows] == ["name", "'=cmd.png", "caf\\xe9.png"]
     assert sorted(os.fsencode(p.name) for p in (tmp_path / "maps").iterdir()) == [b"=cmd.png", b"caf\xe9.png"]
+
+
+def test_score_and_denoise_take_images_as_the_run_did_or_say_what_it_takes(colour_run, tmp_path, capsys):
+    """INPUT is resized as the run's own images were (its --resize) unless --resize is given;
+    images of another shape than the model's are one line naming the shape it takes and the
+    flag that gets there, and nothing is written."""
+    from aekit.cli import main
+
+    rng = np.random.default_rng(2)
+    photos = tmp_path / "photos"  # RGB images of three sizes, trained on at 8 x 8
+    photos.mkdir()
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 256, (9 + i % 3, 8 + i % 2, 3), dtype=np.uint8)).save(photos / f"{i:02d}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(photos), "--resize", "8", "8", "--epochs", "1", "--out", str(run),
+                 "--quiet"]) == 0
+    for resize in ([], ["--resize", "8", "8"]):
+        out = tmp_path / f"scores{len(resize)}.csv"
+        assert main(["score", str(run), str(photos), "--out", str(out), "--contamination", "0.1", *resize]) == 0
+    assert (tmp_path / "scores0.csv").read_text() == (tmp_path / "scores3.csv").read_text()
+    assert main(["denoise", str(run), str(photos / "00.png"), "--out", str(tmp_path / "clean.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "clean.png")).shape == (8, 8, 3)
+    capsys.readouterr()
+
+    # colour_run trained on 8 x 8 images as they were: a 10 x 10 image is refused, not resized.
+    Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    np.save(tmp_path / "grey.npy", rng.integers(0, 256, (2, 8, 8), dtype=np.uint8))
+    for name, fix in (("big.png", "10x10x3 (H x W x C), but the model of {run} takes 8x8x3; pass --resize 8 8"),
+                      ("grey.npy", "8x8x1 (H x W x C), but the model of {run} takes 8x8x3; give it images of "
+                                   "8x8 pixels with 3 channels")):
+        for command in (["score", "--contamination", "0.1"], ["denoise"]):
+            out = tmp_path / ("out.csv" if command[0] == "score" else "out.png")
+            assert main([command[0], str(colour_run), str(tmp_path / name), "--out", str(out), *command[1:]]) == 2
+            assert one_error_line(capsys) == f"aekit: error: {tmp_path / name}: images of {fix.format(run=colour_run)}"
+            assert not out.exists()

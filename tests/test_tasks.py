@@ -59,7 +59,8 @@ def test_denoise_refuses_to_overwrite_and_wrong_sizes(denoiser, tmp_path, capsys
     np.save(tmp_path / "small.npy", np.zeros((2, 14, 14), np.uint8))
     assert main(["denoise", str(denoiser), str(tmp_path / "small.npy"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fitted on 28x28x1" in err[0]
+    assert err == [f"aekit: error: {tmp_path / 'small.npy'}: images of 14x14x1 (H x W x C), but the model of "
+                   f"{denoiser} takes 28x28x1; give it images of 28x28 pixels with 1 channel"]
     assert not (tmp_path / "o").exists()
 
 

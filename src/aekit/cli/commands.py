@@ -209,13 +209,35 @@ def _sample_grid(args) -> int:
     return 0
 
 
+def _images_for_run(estimator, args) -> tuple[np.ndarray, list[str]]:
+    """INPUT of ``aekit denoise`` and ``aekit score`` for the model of RUN: (images (n, H, W)
+    or (n, H, W, C), their names). A folder or an image file is resized as the run's own
+    images were (its --resize), unless --resize is given; images of another shape than the
+    model's are refused in one line that says what the model takes and how to get there."""
+    from aekit.data import detect, read_images
+
+    resizes = detect(args.input, builtins=False).resizes
+    resize = args.resize
+    if resize is None and resizes and estimator.config_.resize is not None:
+        resize = tuple(estimator.config_.resize)
+    x, names = read_images(args.input, resize)
+    c, h, w = estimator.image_shape_
+    got = (x.shape[3] if x.ndim == 4 else 1, x.shape[1], x.shape[2])
+    if got != (c, h, w):
+        fix = (f"pass --resize {h} {w}" if resizes and got[1:] != (h, w)
+               else f"give it images of {h}x{w} pixels with {c} channel{'s' * (c > 1)}")
+        raise ValueError(f"{args.input}: images of {got[1]}x{got[2]}x{got[0]} (H x W x C), but the model of "
+                         f"{args.run} takes {h}x{w}x{c}; {fix}")
+    return x, names
+
+
 def cmd_denoise(args) -> int:
-    from aekit.data import read_images, write_images
+    from aekit.data import write_images
     from aekit.estimator import ConvAutoencoder
 
     refuse_existing(args.out, overwrite=args.overwrite)
     estimator = ConvAutoencoder.load(args.run)
-    x, names = read_images(args.input, args.resize)
+    x, names = _images_for_run(estimator, args)
     cleaned = estimator.denoise(x)
     if x.dtype == np.uint8 and args.out.suffix.lower() in (".npy", ".npz"):
         cleaned = np.round(cleaned * 255).astype(np.uint8)  # give back what came in
@@ -225,7 +247,6 @@ def cmd_denoise(args) -> int:
 
 def cmd_score(args) -> int:
     from aekit.anomaly import run_threshold, score_images, write_heatmaps, write_scores
-    from aekit.data import read_images
     from aekit.estimator import ConvAutoencoder
     from aekit.models import outlier_score_name
 
@@ -239,7 +260,7 @@ def cmd_score(args) -> int:
         raise ValueError(f"{args.run} records no outlier threshold on its model's outlier score (its "
                          "metrics.json has none, or one an aekit before 0.5 took on another score); "
                          "pass --contamination C or --fpr F to derive one from the run's own images")
-    x, names = read_images(args.input, args.resize)
+    x, names = _images_for_run(estimator, args)
     rows = score_images(estimator, x, names)
     write_scores(rows, args.out, overwrite=args.overwrite)
     if args.heatmaps is not None:

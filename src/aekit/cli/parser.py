@@ -98,9 +98,11 @@ class _Tuple(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
-def _add_resize(parser: argparse.ArgumentParser) -> None:
+def _add_resize(parser: argparse.ArgumentParser, for_run: bool = False) -> None:
+    """--resize H W; a command that reads images for a run's model resizes as the run did."""
+    default = " (default: as the run's own images were, if it trained with --resize)" if for_run else ""
     parser.add_argument("--resize", nargs=2, type=_positive_int, action=_Tuple, metavar=("H", "W"),
-                        help="resize images in a folder to H x W pixels")
+                        help="resize images in a folder to H x W pixels" + default)
 
 
 def _add_limit(parser: argparse.ArgumentParser) -> None:
@@ -274,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, metavar="INPUT", help="image folder, image file, .npy/.npz or IDX file")
     p.add_argument("--out", type=Path, required=True,
                    help="a folder of PNGs, one image file, or a .npy/.npz file")
-    _add_resize(p)
+    _add_resize(p, for_run=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = sub.add_parser("score", help="anomaly scores: reconstruction error per image")
+    p = sub.add_parser("score", help="flag outliers: each image's reconstruction error, outlier score and flag, as CSV")
     _add_run(p)
     p.add_argument("input", type=Path, metavar="INPUT", help="image folder, image file, .npy/.npz or IDX file")
     p.add_argument("--out", type=Path, required=True, help="the CSV file to write")
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threshold flagging this fraction of the run's training images")
     group.add_argument("--fpr", dest="false_positive_rate", metavar="F", type=_fraction,
                        help="threshold with this false-positive rate on the run's test images")
-    _add_resize(p)
+    _add_resize(p, for_run=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out/--heatmaps if they exist")
 
     p = sub.add_parser("compare", help="autoencoders against PCA at several latent sizes")

@@ -125,7 +125,8 @@ def test_seed_model_latent_is_the_bottleneck(digits):
     (np.zeros((4,)), "got shape"),
     (np.full((4, 8, 8), 2.0), r"must lie in \[0, 1\]"),
     (np.full((4, 8, 8), np.nan), "NaN"),
-    (np.full((4, 8, 8), -3, dtype=np.int64), r"integer images must hold values in \[0, 255\]"),
+    (np.full((4, 8, 8), -3, dtype=np.int64),
+     r"^X: integer images must hold values in \[0, 255\], got \[-3, -3\]; rescale them"),
     (np.array([[["a"]]], dtype=object), "got dtype object"),
     (np.zeros((0, 8, 8)), "holds no images"),
 ])

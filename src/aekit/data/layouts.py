@@ -89,7 +89,7 @@ def parse_images(X, flat: Callable[[np.ndarray], tuple[int, int, int]]) -> tuple
     elif np.issubdtype(X.dtype, np.integer) and X.dtype != np.uint8:
         # Integer pixels (np.array of a list, say) are fine when they fit in 8 bits.
         if X.size and (X.min() < 0 or X.max() > 255):
-            raise ValueError(f"integer images must hold values in [0, 255], got [{X.min()}, {X.max()}]; "
+            raise ValueError(f"X: integer images must hold values in [0, 255], got [{X.min()}, {X.max()}]; "
                              "rescale them or pass floats in [0, 1]")
         X = X.astype(np.uint8)
     if X.dtype != np.uint8 and not np.issubdtype(X.dtype, np.floating):

@@ -23,6 +23,12 @@ PCA reading. The rows (``--rows``, comma-separated):
   initial weights (bench/vae_pythae.py's ``train_pythae``); both scored by
   ``aekit.models.vae.likelihood_metrics``. ``--nll-images N`` scores the first N test images
   only (k = 5,000 decodes each: the whole test set is hours on 2 cores); the table says N.
+  aekit has two methods here: the VAE at 50 epochs (the epochs Pythae is given), and the
+  same model for 120 epochs in batches of 64, to spend the row's 30 minutes.
+
+The likelihood and Hinton rows' bars are also a training time on 2 cores (30 and 15
+minutes): a cell whose fit took longer does not count as beating the bar, and its line says
+so.
 
 Every finished cell (one class of one seed, one map, one Hinton fit) is appended to
 bench/anchors-cells.jsonl with its method, seed, epochs and fit seconds; ``--resume``
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -146,16 +153,28 @@ HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
 # same networks and initial weights, trained by Pythae's pipeline on the same kind of images:
 # batch 64, Adam 1e-3 constant, as bench/vae_pythae.py; Pythae's default 1e-4 is for hundreds
 # of epochs). LIKELIHOOD_EPOCHS keeps a fit of aekit's under the row's 30 minutes on 2 cores.
+# The row's second aekit method trains the same model longer in batches of 64, which run on
+# both cores (fast.ChunkPool: 4,300-5,100 images/s here against 2,600-4,000 at the default
+# batch of 32 on 9,600 images), to spend the row's 30 minutes on more epochs.
 LIKELIHOOD_EPOCHS = 50
-VAE_BINARISED = Method("vae", f"ConvAutoencoder(model='vae', model_params={{'binarize': True}}, "
-                              f"epochs={LIKELIHOOD_EPOCHS}, random_state=SEED)",
-                       lambda seed: ConvAutoencoder(model="vae", model_params={"binarize": True},
-                                                    epochs=LIKELIHOOD_EPOCHS, random_state=seed))
+LIKELIHOOD_LONG = (120, 64)  # (epochs, batch size) of the second method
+
+
+def vae_binarised(name: str, epochs: int, batch_size: int | None = None) -> Method:
+    batch = f", batch_size={batch_size}" if batch_size else ""
+    return Method(name, f"ConvAutoencoder(model='vae', model_params={{'binarize': True}}, epochs={epochs}{batch}, "
+                        f"random_state=SEED)",
+                  lambda seed: ConvAutoencoder(model="vae", model_params={"binarize": True}, epochs=epochs,
+                                               batch_size=batch_size, random_state=seed))
+
+
+VAE_BINARISED = vae_binarised("vae", LIKELIHOOD_EPOCHS)
+VAE_BINARISED_LONG = vae_binarised(f"vae-b{LIKELIHOOD_LONG[1]}", *LIKELIHOOD_LONG)
 PYTHAE = Method("pythae", f"Pythae 0.1.2 VAE, the same networks, {LIKELIHOOD_EPOCHS} epochs, batch 64, Adam 1e-3",
                 lambda seed: None)  # trained by pythae_vae below, not an estimator
 METHODS = {"oneclass-mnist": ONE_CLASS, "oneclass-fashion": ONE_CLASS, "map-mnist": (pca_method(2), MAP),
            "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON),
-           "likelihood": (VAE_BINARISED, PYTHAE)}
+           "likelihood": (VAE_BINARISED, PYTHAE, VAE_BINARISED_LONG)}
 
 DATA = {"oneclass-mnist": "mnist", "oneclass-fashion": "fashion-mnist", "map-mnist": "mnist",
         "map-fashion": "fashion-mnist", "hinton": "mnist", "likelihood": "mnist"}
@@ -182,6 +201,9 @@ PUBLISHED = {
 }
 HIGHER_IS_BETTER = {"oneclass-mnist": True, "oneclass-fashion": True, "map-mnist": True, "map-fashion": True,
                     "hinton": False, "likelihood": False}
+# The rows whose bar is also a training time on 2 cores (issue 21): a seed's fit must take
+# less than this many seconds to count (the likelihood row: 30 minutes; Hinton's: 15).
+FIT_LIMIT_S = {"likelihood": 30 * 60, "hinton": 15 * 60}
 
 
 def seeds_of(method: Method, seeds: list[int]) -> list[int]:
@@ -376,8 +398,11 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
         def at_bar(line: dict) -> bool:
             value = line["value"]
             reached = value >= bar if HIGHER_IS_BETTER[row] else value <= bar
+            # In time, where the row has a time limit: every seed's fit.
+            in_time = all(seconds < FIT_LIMIT_S.get(row, math.inf) for _, seconds, _ in line["per_seed"].values())
             # A map must also reconstruct the test images better than PCA-2.
-            return reached and (not row.startswith("map") or (pca is not None and test_mse(line) < test_mse(pca)))
+            return reached and in_time and (not row.startswith("map")
+                                            or (pca is not None and test_mse(line) < test_mse(pca)))
 
         beats = "yes" if any(at_bar(line) for line in ours) else "no"
         out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(reference['value']) if reference else ''} "
@@ -395,9 +420,12 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
                 extra = (f" nats (ELBO {np.mean([c['elbo'] for c in of_seeds]):.2f}; k = {of_seeds[0]['k']:,} on the "
                          f"first {min(c['nll_images'] for c in of_seeds):,} test images)")
             epochs = f", {line['epochs']} epochs" if line["epochs"] else ""
+            limit = FIT_LIMIT_S.get(row, math.inf)
+            late = (f" (over the row's {limit / 60:.0f} minutes)"
+                    if any(seconds >= limit for _, seconds, _ in line["per_seed"].values()) else "")
             details.append(f"- {row}, `{call}` (model {line['model']}{epochs}), seeds "
                            f"{', '.join(map(str, line['seeds']))}: {fmt(line['value'])}{extra}; "
-                           f"fit {line['fit_s']:.0f} s a seed")
+                           f"fit {line['fit_s']:.0f} s a seed{late}")
     if carried:
         details.append("")
     for machine_line, of_machine in carried.items():

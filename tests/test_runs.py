@@ -582,6 +582,29 @@ def test_a_run_records_its_data_absolute_and_resumes_on_it_from_any_folder(tmp_p
     assert json.loads(capsys.readouterr().out)["n_test"] == 20
 
 
+def test_a_run_whose_data_moved_says_so_and_how_to_go_on(tmp_path, mnist, capsys):
+    """The run's data file moved after training: evaluate (which takes --data) says to name
+    where it is now, a resume (which cannot) to move it back; a new run on a path with
+    nothing there is the plain 'no data' error, not about a run's data."""
+    ours = _digits_npy(tmp_path / "d" / "x.npy", mnist[0][0][:200]).resolve()
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(ours), "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    moved = ours.rename(tmp_path / "x.npy")
+    capsys.readouterr()
+    told = (f"aekit: error: {ours}: the run's data is no longer there (its config.json records where the run "
+            "read it); move it back")
+    for command in (["evaluate", str(out)], ["report", str(out)],
+                    ["reconstruct", str(out), "--out", str(tmp_path / "r.png")]):
+        assert main(command) == 2
+        assert one_error_line(capsys) == told + ", or pass --data PATH to read it where it is now"
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 2
+    assert one_error_line(capsys) == told and saved_progress(out)[0] == 1
+    assert main(["evaluate", str(out), "--data", str(moved)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(ours), "--out", str(tmp_path / "new"), "--quiet"]) == 2
+    assert one_error_line(capsys).startswith(f"aekit: error: no data at '{ours}': not a file or folder")
+
+
 def test_resume_refuses_data_that_changed_since_the_run_read_it(tmp_path, mnist, capsys):
     digits = _digits_npy(tmp_path / "digits.npy", mnist[0][0][:200])
     out = tmp_path / "run"

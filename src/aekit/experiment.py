@@ -361,7 +361,7 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
 def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto") -> dict:
     """Test-split metrics of a trained run, on its own data or on ``data``."""
     model, config = load_model(workdir, device)
-    _, x_test, _ = load_split(config, data)
+    _, x_test, _ = load_split(config, data, other_data=True)
     check_image_shape(x_test, config)
     started = time.perf_counter()
     result = evaluate(model, x_test, config.loss)

@@ -103,7 +103,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     corruption = parse_noise(noise)
     model, config = load_model(run_dir)
     metrics, history = read_metrics(run_dir), read_history(run_dir)
-    _, x_test, y_test = load_split(config, data)
+    _, x_test, y_test = load_split(config, data, other_data=True)
     check_image_shape(x_test, config)
     data_name = data or config.data
     own_data = data is None or is_own_data(config, data)  # named relative to here, recorded absolute

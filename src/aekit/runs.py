@@ -64,12 +64,22 @@ class RunExists(RunError, AlreadyExists):
 
 # --------------------------------------------------------------------------- data
 
-def load_split(config: TrainConfig, data: str | None = None) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
+def load_split(config: TrainConfig, data: str | None = None, *, other_data: bool = False
+               ) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
     """The run's data (its own, or ``data`` of the same kind): (x_train, x_test, y_test) as
     image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`).
-    The run's ``resize`` applies to other data only where resize does (image files)."""
+    The run's ``resize`` applies to other data only where resize does (image files).
+
+    Where a run that has read its data (``config.data_source`` recorded) no longer finds it at
+    its path, the error says so, and, for a caller that takes ``data`` (``other_data``), that
+    it can name where it is now."""
+    own = run_data(config)
+    if data is None and config.data_source and not data_lib.is_builtin(own) and not Path(own).exists():
+        where = ", or pass data=PATH to read it where it is now" if other_data else ""
+        raise data_lib.DataError(f"{own}: the run's data is no longer there (its config.json records where the "
+                                 f"run read it); move it back{where}")
     resize = config.resize if data is None or data_lib.detect(data).resizes else None
-    return open_images(data or run_data(config), resize, config.stream, config.limit)
+    return open_images(data or own, resize, config.stream, config.limit)
 
 
 def data_path(data: str) -> str:

@@ -151,7 +151,7 @@ def cmd_reconstruct(args) -> int:
 
     refuse_existing(args.out, overwrite=args.overwrite)
     model, config = load_model(args.run)
-    _, x_test, _ = load_split(config, args.data)
+    _, x_test, _ = load_split(config, args.data, other_data=True)
     check_image_shape(x_test, config)
     save_reconstructions(model, x_test.first(args.n), args.out, overwrite=args.overwrite)
     print(args.out)

@@ -161,6 +161,7 @@ LIKELIHOOD_LONG = (120, 64)  # (epochs, batch size) of the second method
 
 
 def vae_binarised(name: str, epochs: int, batch_size: int | None = None) -> Method:
+    """aekit's binarize VAE for the likelihood row, at its defaults but ``epochs`` and ``batch_size``."""
     batch = f", batch_size={batch_size}" if batch_size else ""
     return Method(name, f"ConvAutoencoder(model='vae', model_params={{'binarize': True}}, epochs={epochs}{batch}, "
                         f"random_state=SEED)",

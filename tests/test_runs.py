@@ -583,9 +583,9 @@ def test_a_run_records_its_data_absolute_and_resumes_on_it_from_any_folder(tmp_p
 
 
 def test_a_run_whose_data_moved_says_so_and_how_to_go_on(tmp_path, mnist, capsys):
-    """The run's data file moved after training: evaluate (which takes --data) says to name
-    where it is now, a resume (which cannot) to move it back; a new run on a path with
-    nothing there is the plain 'no data' error, not about a run's data."""
+    """The run's data file moved after training: evaluate, report and reconstruct (which take
+    --data) say to name where it is now, a resume (which cannot) to move it back; a new run
+    on a path with nothing there is the plain 'no data' error, not about a run's data."""
     ours = _digits_npy(tmp_path / "d" / "x.npy", mnist[0][0][:200]).resolve()
     out = tmp_path / "run"
     assert main(["train", "--data", str(ours), "--epochs", "1", "--out", str(out), "--quiet"]) == 0

@@ -43,6 +43,29 @@ def test_summary_matches_the_blog_table():
     assert "Trainable params: 4,385" in text
 
 
+def table_rows(text: str) -> list[tuple[str, str]]:
+    """(name, NHWC output shape) of each row of a summary table."""
+    return [(line.split()[0], line[33:59].strip()) for line in text.splitlines()
+            if line.split() and line.split()[0][-1].isdigit()]
+
+
+def test_summary_shows_where_a_model_pads_and_crops_an_image():
+    """A 30x30 RGB image: the encoder pads it to 32x32 before its first convolution and the
+    decoder's output is cropped back, before pca-conv's refinement; each row's shape follows
+    from the one before and the last row is the model's output. At 28x28 nothing is padded."""
+    conv = table_rows(summary(build_model("conv", (3, 30, 30))))
+    assert conv[:3] == [("input_1", "(None, 30, 30, 3)"), ("zero_padding2d_1", "(None, 32, 32, 3)"),
+                        ("conv2d_1", "(None, 32, 32, 16)")]
+    assert conv[-2:] == [("conv2d_5", "(None, 32, 32, 3)"), ("cropping2d_1", "(None, 30, 30, 3)")]
+    pca_conv = table_rows(summary(build_model("pca-conv", (3, 30, 30))))
+    crop = pca_conv.index(("cropping2d_1", "(None, 30, 30, 3)"))
+    assert pca_conv[crop - 1] == ("conv2d_5", "(None, 32, 32, 3)") and pca_conv[crop + 1][0] == "conv2d_6"
+    assert pca_conv[-1] == ("conv2d_8", "(None, 30, 30, 3)") and pca_conv[1][0] == "zero_padding2d_1"
+    for model in ("conv", "pca-conv", "vae", "map"):
+        assert not any(name.startswith(("zero_padding", "cropping"))
+                       for name, _ in table_rows(summary(build_model(model, (1, 28, 28)))))
+
+
 def test_bottleneck_can_be_read_and_decoded_alone():
     model = SeedAutoencoder().eval()
     x = torch.rand(5, 1, 28, 28)

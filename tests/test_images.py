@@ -302,3 +302,32 @@ def test_score_and_denoise_take_images_as_the_run_did_or_say_what_it_takes(colou
             assert main([command[0], str(colour_run), str(tmp_path / name), "--out", str(out), *command[1:]]) == 2
             assert one_error_line(capsys) == f"aekit: error: {tmp_path / name}: images of {fix.format(run=colour_run)}"
             assert not out.exists()
+
+
+def test_evaluate_reconstruct_and_report_resize_other_data_when_asked(colour_run, tmp_path, capsys):
+    """--data of several image sizes needs --resize, which these commands take (their error
+    says to pass it); --resize without --data is refused, since the run's own images are read
+    as the run read them."""
+    import json
+    import shutil
+
+    from aekit.cli import main
+
+    rng = np.random.default_rng(3)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (9 + i % 2, 12, 3), dtype=np.uint8)).save(mixed / f"{i:02d}.png")
+    run = shutil.copytree(colour_run, tmp_path / "run")  # report writes into the run folder
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(mixed)]) == 2
+    assert one_error_line(capsys).endswith("; pass --resize H W to bring them to one size")
+    assert main(["evaluate", str(run), "--data", str(mixed), "--resize", "8", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_test"] == 2  # the folder's 10% test split
+    assert main(["reconstruct", str(run), "--data", str(mixed), "--resize", "8", "8", "--n", "2",
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert main(["report", str(run), "--data", str(mixed), "--resize", "8", "8"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--resize", "8", "8"]) == 2
+    assert one_error_line(capsys) == ("aekit: error: --resize 8 8 applies to other data (--data PATH); the run's "
+                                      "own images are read as the run read them")

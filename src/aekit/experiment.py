@@ -358,10 +358,12 @@ def _train(config: TrainConfig, workdir: Path, resume: bool, device: torch.devic
     return RunResult(workdir=workdir, metrics=metrics, state=state)
 
 
-def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto") -> dict:
-    """Test-split metrics of a trained run, on its own data or on ``data``."""
+def evaluate_run(workdir: str | Path, data: str | None = None, device: str = "auto",
+                 resize: tuple[int, int] | None = None) -> dict:
+    """Test-split metrics of a trained run, on its own data or on ``data`` (resized to
+    ``resize``, by default as the run's own images were: :func:`aekit.runs.load_split`)."""
     model, config = load_model(workdir, device)
-    _, x_test, _ = load_split(config, data, other_data=True)
+    _, x_test, _ = load_split(config, data, other_data=True, resize=resize)
     check_image_shape(x_test, config)
     started = time.perf_counter()
     result = evaluate(model, x_test, config.loss)

@@ -88,11 +88,12 @@ code { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace
 
 
 def write_report(run_dir: str | Path, data: str | None = None, noise: str | None = "gaussian:0.5",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, resize: tuple[int, int] | None = None) -> Path:
     """Write ``run_dir/report.html`` for a trained run and return its path.
 
     ``data`` draws the figures from other data than the run's own test split (the metrics
-    and config stay the run's). ``noise`` is the corruption shown in the denoising figure
+    and config stay the run's), resized to ``resize`` (by default as the run's own images
+    were). ``noise`` is the corruption shown in the denoising figure
     (``None`` or ``"none"`` leaves that figure out). An existing report is replaced only
     with ``overwrite``.
     """
@@ -103,7 +104,7 @@ def write_report(run_dir: str | Path, data: str | None = None, noise: str | None
     corruption = parse_noise(noise)
     model, config = load_model(run_dir)
     metrics, history = read_metrics(run_dir), read_history(run_dir)
-    _, x_test, y_test = load_split(config, data, other_data=True)
+    _, x_test, y_test = load_split(config, data, other_data=True, resize=resize)
     check_image_shape(x_test, config)
     data_name = data or config.data
     own_data = data is None or is_own_data(config, data)  # named relative to here, recorded absolute

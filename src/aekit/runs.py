@@ -64,11 +64,12 @@ class RunExists(RunError, AlreadyExists):
 
 # --------------------------------------------------------------------------- data
 
-def load_split(config: TrainConfig, data: str | None = None, *, other_data: bool = False
-               ) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
+def load_split(config: TrainConfig, data: str | None = None, *, other_data: bool = False,
+               resize: tuple[int, int] | None = None) -> tuple[ImageSource, ImageSource, np.ndarray | None]:
     """The run's data (its own, or ``data`` of the same kind): (x_train, x_test, y_test) as
     image sources, in memory or streamed as the run was (:func:`aekit.data.open_images`).
-    The run's ``resize`` applies to other data only where resize does (image files).
+    The run's ``resize`` applies to other data only where resize does (image files); a
+    ``resize`` given applies to ``data`` instead (the run's own is read as the run read it).
 
     Where a run that has read its data (``config.data_source`` recorded) no longer finds it at
     its path, the error says so, and, for a caller that takes ``data`` (``other_data``), that
@@ -78,7 +79,11 @@ def load_split(config: TrainConfig, data: str | None = None, *, other_data: bool
         where = ", or pass data=PATH to read it where it is now" if other_data else ""
         raise data_lib.DataError(f"{own}: the run's data is no longer there (its config.json records where the "
                                  f"run read it); move it back{where}")
-    resize = config.resize if data is None or data_lib.detect(data).resizes else None
+    if resize is not None and data is None:
+        raise ValueError(f"resize={tuple(resize)} applies to other data (data=PATH); the run's own images are read "
+                         "as the run read them")
+    if resize is None:
+        resize = config.resize if data is None or data_lib.detect(data).resizes else None
     return open_images(data or own, resize, config.stream, config.limit)
 
 

@@ -140,7 +140,7 @@ def _interrupted(out: Path) -> str:
 def cmd_evaluate(args) -> int:
     from aekit.experiment import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data), indent=2))
+    print(json.dumps(evaluate_run(args.run, args.data, resize=args.resize), indent=2))
     return 0
 
 
@@ -151,7 +151,7 @@ def cmd_reconstruct(args) -> int:
 
     refuse_existing(args.out, overwrite=args.overwrite)
     model, config = load_model(args.run)
-    _, x_test, _ = load_split(config, args.data, other_data=True)
+    _, x_test, _ = load_split(config, args.data, other_data=True, resize=args.resize)
     check_image_shape(x_test, config)
     save_reconstructions(model, x_test.first(args.n), args.out, overwrite=args.overwrite)
     print(args.out)
@@ -288,7 +288,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from aekit.report import write_report
 
-    print(write_report(args.run, data=args.data, overwrite=args.overwrite))
+    print(write_report(args.run, data=args.data, overwrite=args.overwrite, resize=args.resize))
     return 0
 
 

@@ -82,9 +82,20 @@ def load_split(config: TrainConfig, data: str | None = None, *, other_data: bool
     if resize is not None and data is None:
         raise ValueError(f"resize={tuple(resize)} applies to other data (data=PATH); the run's own images are read "
                          "as the run read them")
-    if resize is None:
-        resize = config.resize if data is None or data_lib.detect(data).resizes else None
-    return open_images(data or own, resize, config.stream, config.limit)
+    if data is None:
+        return open_images(own, config.resize, config.stream, config.limit)
+    resize = other_images_resize(config, data_lib.detect(data).resizes, resize)
+    return open_images(data, resize, config.stream, config.limit)
+
+
+def other_images_resize(config: TrainConfig, resizes: bool, resize: tuple[int, int] | None = None
+                        ) -> tuple[int, int] | None:
+    """The (H, W) to resize images other than the run's own to, for its model: ``resize``
+    when given, else the run's own ``resize`` where the images' format resizes (image files;
+    ``resizes``, :attr:`aekit.data.Format.resizes`), else None."""
+    if resize is not None or not resizes or config.resize is None:
+        return resize
+    return tuple(config.resize)
 
 
 def data_path(data: str) -> str:

@@ -215,12 +215,10 @@ def _images_for_run(estimator, args) -> tuple[np.ndarray, list[str]]:
     images were (its --resize), unless --resize is given; images of another shape than the
     model's are refused in one line that says what the model takes and how to get there."""
     from aekit.data import detect, read_images
+    from aekit.runs import other_images_resize
 
     resizes = detect(args.input, builtins=False).resizes
-    resize = args.resize
-    if resize is None and resizes and estimator.config_.resize is not None:
-        resize = tuple(estimator.config_.resize)
-    x, names = read_images(args.input, resize)
+    x, names = read_images(args.input, other_images_resize(estimator.config_, resizes, args.resize))
     c, h, w = estimator.image_shape_
     got = (x.shape[3] if x.ndim == 4 else 1, x.shape[1], x.shape[2])
     if got != (c, h, w):

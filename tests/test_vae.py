@@ -204,3 +204,59 @@ def test_the_importance_sampled_nll_converges_to_the_exact_likelihood():
     assert (estimates.mean(0) - exact).abs().max() <= 5 * standard_error.max() + 1e-3  # + float32 sums
     elbo = iwae_bound(model, x, 1, torch.Generator().manual_seed(0)).double()
     assert float(elbo.mean()) < float(exact.mean())
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_importance_samples_train_on_the_importance_weighted_bound(binarize):
+    """With importance_samples=k the loss is -iwae_bound(k) per pixel, with the draws the
+    loss makes (its binarisation first, then k latents of (n, d) in turn); k=1 is the ELBO
+    the VAE has always trained on, on the same draws."""
+    from aekit.models.base import batch_generator
+    from aekit.models.vae import binarized
+
+    torch.manual_seed(0)
+    x = torch.rand(10, 1, 8, 8)
+    model = VAE((1, 8, 8), latent_dim=3, widths=(4,), binarize=binarize, importance_samples=5)
+    with torch.no_grad():  # weights far from a fresh model's, whose logits are all near 0 for any image
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    loss = model.loss(x, x, "bce")
+    generator = batch_generator(model.noise_seed, x)
+    drawn = binarized(x, torch.rand(x.shape, generator=generator)) if binarize else x
+    # The same draws and arithmetic, but the loss decodes the k * n latents in one pass where
+    # iwae_bound makes k passes of n: float32 sums of 64 pixels, ~1e-7 relative apart at most.
+    bound = iwae_bound(model, drawn, 5, generator)                            # (n,) nats per image
+    assert float(loss.total.detach()) == pytest.approx(float(-bound.mean() / 64), rel=1e-5)
+    assert loss.reconstruction.shape == x.shape and set(loss.parts) == {"reconstruction", "kl"}
+    loss.total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    one = VAE((1, 8, 8), latent_dim=3, widths=(4,), binarize=binarize)
+    one.load_state_dict(model.state_dict())
+    one.noise_seed = model.noise_seed
+    elbo = one.loss(x, x, "bce")
+    # beta 1: the ELBO, its two terms' means added (the mean of the sums: ~1e-7 relative apart)
+    terms = elbo.parts["reconstruction"] + elbo.parts["kl"]
+    assert float(elbo.total.detach()) == pytest.approx(float(terms.detach()), rel=1e-6)
+    generator = batch_generator(model.noise_seed, x)
+    drawn = binarized(x, torch.rand(x.shape, generator=generator)) if binarize else x
+    # The ELBO with the analytic KL against iwae_bound(k=1)'s sampled one: equal in expectation only.
+    assert float(elbo.total.detach()) != float(-iwae_bound(one, drawn, 1, generator).mean() / 64)
+
+
+def test_importance_samples_is_an_option_the_estimator_saves_and_checks(tmp_path):
+    x = np.random.default_rng(0).random((96, 8, 8), dtype=np.float32)
+    estimator = ConvAutoencoder(model="vae", latent_dim=2, widths=(4,), model_params={"importance_samples": 3},
+                                epochs=1, random_state=0).fit(x)
+    assert estimator.model_.importance_samples == 3
+    loaded = ConvAutoencoder.load(estimator.save(tmp_path / "run"))
+    assert loaded.model_.importance_samples == 3 and loaded.model_params == {"importance_samples": 3}
+    refused = [({"model_params": {"importance_samples": 0}},
+                r"^importance_samples must be a positive integer \(1: the ELBO\), got 0$"),
+               ({"model_params": {"importance_samples": 2.0}}, "got 2.0$"),
+               ({"model_params": {"importance_samples": 2}, "beta": 0.5},
+                r"^importance_samples=2 trains on the importance-weighted bound, which has no KL term to weight; "
+                r"beta=0.5 weights the ELBO's KL term \(importance_samples=1\) only: leave out one of the two$")]
+    for params, message in refused:
+        with pytest.raises(ValueError, match=message):
+            ConvAutoencoder(model="vae", epochs=1, **params).fit(x)

@@ -14,6 +14,9 @@ objective ``"bce"``; there is no ``"mse"`` (a Gaussian likelihood needs a varian
 ``binarize=True`` the model is of 0/1 pixels: every step draws each pixel as 1 with its grey
 level as the probability (dynamic binarisation, as binarised-MNIST likelihoods are trained
 and reported), and :func:`likelihood_metrics` scores one fixed binarisation of the test images.
+With ``importance_samples=k`` (k > 1) the objective is instead the negative importance-weighted
+bound of k latents per image (Burda et al. 2016; :func:`iwae_bound`), per pixel: tighter than
+the ELBO, for k decodes per image a step; it has no KL term, so it takes no ``beta``.
 
 The reparameterisation noise: each call of :meth:`VAE.loss` draws it from a local
 ``torch.Generator`` seeded by the model's ``noise_seed`` (drawn from torch's global generator
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from aekit._typed import is_real
+from aekit._typed import is_int, is_real
 from aekit.models.base import Autoencoder, Loss, batch_generator
 from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions
 from aekit.models.registry import register
@@ -54,14 +57,26 @@ class VAEOptions(ConvOptions):
     binarize: bool = field(default=False, metadata={
         "help": "model 0/1 pixels drawn with each grey level as the probability of a 1, a fresh draw at every "
                 "step (dynamic binarisation, the protocol of binarised-MNIST likelihoods)"})
+    importance_samples: int = field(default=1, metadata={
+        "help": "latents drawn per image in the training objective: 1 trains on the ELBO; k > 1 on the "
+                "importance-weighted bound of k samples (IWAE, Burda et al. 2016), a tighter bound on the "
+                "likelihood, for about k times the decoder's work a step"})
 
     def check(self, image_shape: tuple[int, int, int] | None) -> None:
-        """A one-line error for a ``beta`` that is not a non-negative number or a ``binarize``
-        that is not a bool, then the conv checks."""
+        """A one-line error for a ``beta`` that is not a non-negative number, a ``binarize``
+        that is not a bool, or ``importance_samples`` that are not a positive integer (or are
+        more than 1 beside a ``beta`` other than 1), then the conv checks."""
         if not is_real(self.beta) or not 0 <= self.beta < math.inf:
             raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {self.beta!r}")
         if not isinstance(self.binarize, bool):
             raise ValueError(f"binarize must be True or False, got {self.binarize!r}")
+        if not is_int(self.importance_samples) or self.importance_samples < 1:
+            raise ValueError(f"importance_samples must be a positive integer (1: the ELBO), "
+                             f"got {self.importance_samples!r}")
+        if self.importance_samples > 1 and self.beta != 1:
+            raise ValueError(f"importance_samples={self.importance_samples} trains on the importance-weighted "
+                             f"bound, which has no KL term to weight; beta={self.beta!r} weights the ELBO's KL term "
+                             "(importance_samples=1) only: leave out one of the two")
         super().check(image_shape)
 
 
@@ -80,12 +95,12 @@ class VAE(Autoencoder):
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
                  widths: tuple[int, ...] = Options.widths, beta: float = Options.beta,
-                 binarize: bool = Options.binarize):
+                 binarize: bool = Options.binarize, importance_samples: int = Options.importance_samples):
         super().__init__()
-        self.Options(latent_dim, widths, beta, binarize).check(image_shape)
+        self.Options(latent_dim, widths, beta, binarize, importance_samples).check(image_shape)
         widths = tuple(widths)
         self.image_shape, self.latent_dim, self.beta = tuple(image_shape), latent_dim, float(beta)
-        self.binarize = binarize
+        self.binarize, self.importance_samples = binarize, importance_samples
         # Layers in the order of torch's generator draws that the VAE has always made (it once
         # borrowed a conv model's decoder): an encoder of latent_dim outputs, dropped, then the
         # decoder, then the encoder. The dropped one keeps every seeded VAE's weights and
@@ -128,6 +143,8 @@ class VAE(Autoencoder):
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
         with one reparameterised sample per image; parts "reconstruction" and "kl", per pixel.
+        With ``importance_samples`` > 1, the negative importance-weighted bound instead
+        (:meth:`_importance_weighted_loss`).
         With ``binarize``, ``x`` and ``target`` are first binarised with the same draws
         (:func:`binarized`): where ``x`` is ``target`` (no noise) they stay the same 0/1 images."""
         if objective not in self.objectives:
@@ -137,6 +154,8 @@ class VAE(Autoencoder):
             uniform = torch.rand(target.shape, generator=generator, device=target.device, dtype=target.dtype)
             x, target = binarized(x, uniform), binarized(target, uniform)
         mean, log_var = self.posterior(x)                                     # (n, d) each
+        if self.importance_samples > 1:
+            return self._importance_weighted_loss(mean, log_var, target, generator)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps                             # (n, d)
         logits = self.decoder.logits(z)                                       # (n, C, H, W)
@@ -145,6 +164,28 @@ class VAE(Autoencoder):
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels  # KL(q || N(0, I))
         total = (recon + self.beta * kl).mean()
         return Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
+
+    def _importance_weighted_loss(self, mean: torch.Tensor, log_var: torch.Tensor, target: torch.Tensor,
+                                  generator: torch.Generator) -> Loss:
+        """The negative importance-weighted bound of k = ``importance_samples`` latents per
+        image (:func:`iwae_bound`, with its draws: k of (n, d) in turn), per pixel, batch mean.
+        Its parts, per pixel: "reconstruction", the cross-entropy averaged over the k samples,
+        and "kl", the analytic KL of q(z|x) from the prior, the two terms of the ELBO; the
+        loss is at most their sum. The reconstruction returned decodes the first sample."""
+        k, (n, _) = self.importance_samples, mean.shape
+        eps = torch.stack([torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                           for _ in range(k)])                                # (k, n, d)
+        z = mean + torch.exp(0.5 * log_var) * eps                             # (k, n, d)
+        logits = self.decoder.logits(z.flatten(0, 1))                         # (k * n, C, H, W)
+        targets = target.expand(k, *target.shape).flatten(0, 1)               # (k * n, C, H, W)
+        log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(2)            # (k, n)
+        log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(2)
+        bound = torch.logsumexp(log_px_z.view(k, n) + log_pz - log_qz, dim=0) - math.log(k)  # (n,)
+        pixels = math.prod(self.image_shape)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels
+        return Loss(-bound.mean() / pixels, torch.sigmoid(logits[:n]),
+                    {"reconstruction": -log_px_z.mean() / pixels, "kl": kl.mean()})
 
 
 def binarized(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

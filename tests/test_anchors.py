@@ -126,7 +126,7 @@ def test_resume_reads_the_cells_and_the_table_only_run_trains_nothing(anchors, t
     assert len(cells.read_text().splitlines()) == 10  # read, not rewritten
 
 
-def likelihood_cell(method, nll, nll_images=500):
+def likelihood_cell(method, nll, nll_images=10_000):
     return {"row": "likelihood", "method": method, "seed": 0, "part": None, "fit_s": 60.0, "train": 60000,
             "nll": nll, "elbo": -nll - 5, "nll_images": nll_images, "k": 5000, "model": "vae", "epochs": 50}
 
@@ -143,7 +143,12 @@ def test_the_likelihood_row_counts_aekit_against_the_bar_and_shows_pythae_beside
     late = {**likelihood_cell("vae", 85.4), "fit_s": 1800.0}
     assert row([late]).endswith("| no |")
     assert "fit 1800 s a seed (over the row's 30 minutes)" in anchors.table([late])
-    assert "k = 5,000 on the first 500 test images" in anchors.table([likelihood_cell("vae", 90.0)])
+    # The protocol scores all 10,000 test images; at the bar on the first 500 is not beating it
+    # (the first 500 ran about 2 nats easier than the whole set for one model, bench/ANCHORS.md).
+    subset = likelihood_cell("vae", 85.4, nll_images=500)
+    assert row([subset]).endswith("| no: at the bar on the first test images only, not on all 10,000 |")
+    assert "k = 5,000 on the first 500 test images" in anchors.table([subset])
+    assert row([likelihood_cell("vae", 90.0, nll_images=500)]).endswith("| no |")
 
 
 def test_the_likelihood_reading_is_the_vaes_iwae_nll_on_the_first_images(anchors, monkeypatch):

@@ -144,7 +144,7 @@ def test_the_likelihood_row_counts_aekit_against_the_bar_and_shows_pythae_beside
     assert row([late]).endswith("| no |")
     assert "fit 1800 s a seed (over the row's 30 minutes)" in anchors.table([late])
     # The protocol scores all 10,000 test images; at the bar on the first 500 is not beating it
-    # (the first 500 ran about 2 nats easier than the whole set for one model, bench/ANCHORS.md).
+    # (the first 500 read about 2.2 nats easier than the whole set, bench/ANCHORS.md).
     subset = likelihood_cell("vae", 85.4, nll_images=500)
     assert row([subset]).endswith("| no: at the bar on the first test images only, not on all 10,000 |")
     assert "k = 5,000 on the first 500 test images" in anchors.table([subset])

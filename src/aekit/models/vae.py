@@ -171,7 +171,8 @@ class VAE(Autoencoder):
         image (:func:`iwae_bound`, with its draws: k of (n, d) in turn), per pixel, batch mean.
         Its parts, per pixel: "reconstruction", the cross-entropy averaged over the k samples,
         and "kl", the analytic KL of q(z|x) from the prior, the two terms of the ELBO; the
-        loss is at most their sum. The reconstruction returned decodes the first sample."""
+        loss is at most their sum in expectation (the bound is at least the ELBO), not on
+        every batch. The reconstruction returned decodes the first sample."""
         k, (n, _) = self.importance_samples, mean.shape
         eps = torch.stack([torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
                            for _ in range(k)])                                # (k, n, d)

@@ -98,6 +98,9 @@ class _Tuple(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
+OTHER_DATA_IMAGES = "the images of --data (a folder or an image file)"  # what --resize resizes beside --data
+
+
 def _add_resize(parser: argparse.ArgumentParser, for_run: bool = False, what: str = "images in a folder") -> None:
     """--resize H W; a command that reads images for a run's model resizes as the run did."""
     default = " (default: as the run's own images were, if it trained with --resize)" if for_run else ""
@@ -251,13 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     p.add_argument("--data", help=f"evaluate on other data: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's)")
-    _add_resize(p, for_run=True, what="the images of --data (a folder or an image file)")
+    _add_resize(p, for_run=True, what=OTHER_DATA_IMAGES)
 
     p = sub.add_parser("reconstruct", help="write originals above reconstructions to a PNG")
     _add_run(p)
     p.add_argument("--data", help=f"data to reconstruct: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's test split)")
-    _add_resize(p, for_run=True, what="the images of --data (a folder or an image file)")
+    _add_resize(p, for_run=True, what=OTHER_DATA_IMAGES)
     p.add_argument("--n", type=_positive_int, default=10, help="number of images (default: 10)")
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -316,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     p.add_argument("--data", help=f"data for the figures: a built-in ({_builtin_names()}) or a path "
                                   "(default: the run's test split)")
-    _add_resize(p, for_run=True, what="the images of --data (a folder or an image file)")
+    _add_resize(p, for_run=True, what=OTHER_DATA_IMAGES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report.html")
 
     p = sub.add_parser("export", help="export a run's encoder, decoder and model for other runtimes")

@@ -161,7 +161,7 @@ class VAE(Autoencoder):
         logits = self.decoder.logits(z)                                       # (n, C, H, W)
         pixels = math.prod(self.image_shape)
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1) / pixels
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels  # KL(q || N(0, I))
+        kl = _kl(mean, log_var) / pixels                                      # KL(q || N(0, I))
         total = (recon + self.beta * kl).mean()
         return Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
 
@@ -173,20 +173,34 @@ class VAE(Autoencoder):
         and "kl", the analytic KL of q(z|x) from the prior, the two terms of the ELBO; the
         loss is at most their sum in expectation (the bound is at least the ELBO), not on
         every batch. The reconstruction returned decodes the first sample."""
-        k, (n, _) = self.importance_samples, mean.shape
+        k, n = self.importance_samples, len(mean)
         eps = torch.stack([torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
                            for _ in range(k)])                                # (k, n, d)
-        z = mean + torch.exp(0.5 * log_var) * eps                             # (k, n, d)
-        logits = self.decoder.logits(z.flatten(0, 1))                         # (k * n, C, H, W)
-        targets = target.expand(k, *target.shape).flatten(0, 1)               # (k * n, C, H, W)
-        log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(2)            # (k, n)
-        log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(2)
-        bound = torch.logsumexp(log_px_z.view(k, n) + log_pz - log_qz, dim=0) - math.log(k)  # (n,)
+        log_weights, log_px_z, logits = _log_weights(self, mean, log_var, eps, target)  # (k, n) each
+        bound = torch.logsumexp(log_weights, dim=0) - math.log(k)             # (n,)
         pixels = math.prod(self.image_shape)
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1) / pixels
         return Loss(-bound.mean() / pixels, torch.sigmoid(logits[:n]),
-                    {"reconstruction": -log_px_z.mean() / pixels, "kl": kl.mean()})
+                    {"reconstruction": -log_px_z.mean() / pixels, "kl": (_kl(mean, log_var) / pixels).mean()})
+
+
+def _kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """(n, d) each -> (n,): KL(N(mean, exp(log_var)) || N(0, I)) in nats."""
+    return 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+
+
+def _log_weights(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor,
+                 x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The importance weights of s latents per image, z = mean + std * eps with ``eps``
+    (s, n, d), against the targets ``x`` (n, C, H, W): log p(x|z) + log p(z) - log q(z|x)
+    (s, n), its log p(x|z) (s, n), and the decoder's logits (s * n, C, H, W)."""
+    s, n = eps.shape[:2]
+    z = mean + torch.exp(0.5 * log_var) * eps                                 # (s, n, d)
+    logits = model.decoder.logits(z.flatten(0, 1))                            # (s * n, C, H, W)
+    targets = x.expand(s, *x.shape).flatten(0, 1)
+    log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1).view(s, n)
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(2)
+    log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(2)
+    return log_px_z + log_pz - log_qz, log_px_z, logits
 
 
 def binarized(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -218,16 +232,10 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator) 
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int (samples per image), got {k!r}")
     mean, log_var = model.posterior(x)                                        # (n, d)
-    std = torch.exp(0.5 * log_var)
     log_weights = []
-    for _ in range(k):
+    for _ in range(k):  # one latent per image at a time: k decodes of n images, not one of k * n
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + std * eps                                                  # (n, d)
-        logits = model.decoder.logits(z)
-        log_px_z = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
-        log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(1)
-        log_weights.append(log_px_z + log_pz - log_qz)                        # (n,)
+        log_weights.append(_log_weights(model, mean, log_var, eps[None], x)[0][0])  # (n,)
     return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(k)
 
 

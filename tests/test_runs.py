@@ -520,8 +520,9 @@ def test_a_run_folder_from_aekit_0_1_loads_and_resumes(tmp_path, mnist):
 # the model's options as fields of their own, where aekit 0.4 records model_params.
 OLD_RUNS = {"0.2.0": {"latent_dim": 3, "widths": (4,)}, "0.3.0": {"latent_dim": 2, "widths": (4,), "beta": 0.5}}
 # Options a family gained after the run was written, at the value that means what the run did
-# (the VAE of 0.3 modelled grey levels, binarize off, and trained on the ELBO, one sample).
-ADDED_SINCE = {"0.2.0": {}, "0.3.0": {"binarize": False, "importance_samples": 1}}
+# (the VAE of 0.3 modelled grey levels, binarize off, and trained on the ELBO, one sample,
+# under the prior N(0, I)).
+ADDED_SINCE = {"0.2.0": {}, "0.3.0": {"binarize": False, "importance_samples": 1, "prior_components": 0}}
 
 
 @pytest.mark.parametrize("version", sorted(OLD_RUNS))

@@ -260,3 +260,116 @@ def test_importance_samples_is_an_option_the_estimator_saves_and_checks(tmp_path
     for params, message in refused:
         with pytest.raises(ValueError, match=message):
             ConvAutoencoder(model="vae", epochs=1, **params).fit(x)
+
+
+# ------------------------------------------------------------ the learned prior (prior_components)
+
+def _learned_prior_vae(**options) -> VAE:
+    """A VAE with 4 learned prior components, its weights and the prior's means and log-variances
+    moved far from a fresh model's (whose components all sit at log-variance 0)."""
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), latent_dim=3, widths=(4,), prior_components=4, **options)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model
+
+
+def test_the_learned_prior_is_the_mixture_torch_distributions_computes():
+    """log_prior against torch.distributions' equal mixture of diagonal Gaussians, and N(0, I)
+    without components; sample_latents draws from it: the component means are moved 20 apart
+    with standard deviations of 0.01, so each draw names its component, and the four are drawn
+    about equally (4,000 draws: each 1,000 +- 150, over 5 binomial standard deviations)."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    model = _learned_prior_vae()
+    z = torch.randn(5, 7, 3)
+    mixture = MixtureSameFamily(Categorical(logits=torch.zeros(4)),
+                                Independent(Normal(model.prior_means, torch.exp(0.5 * model.prior_log_vars)), 1))
+    # float32 sums of 3 terms and a logsumexp of 4, done in another order: ~1e-6 relative apart
+    torch.testing.assert_close(model.log_prior(z), mixture.log_prob(z), rtol=1e-5, atol=1e-5)
+    plain = VAE((1, 8, 8), latent_dim=3, widths=(4,))
+    torch.testing.assert_close(plain.log_prior(z), Independent(Normal(torch.zeros(3), 1.0), 1).log_prob(z))
+
+    with torch.no_grad():
+        model.prior_means.copy_(20.0 * torch.arange(4.0)[:, None].expand(4, 3))
+        model.prior_log_vars.fill_(2 * np.log(0.01))
+    drawn = model.sample_latents(4000, torch.Generator().manual_seed(0))
+    component = torch.round(drawn / 20.0)                                      # (4000, 3)
+    assert drawn.shape == (4000, 3) and torch.equal(component, component[:, :1].expand(4000, 3))
+    assert (drawn - 20.0 * component).abs().max() < 0.06                      # 6 standard deviations
+    counts = torch.bincount(component[:, 0].long(), minlength=4)
+    assert counts.sum() == 4000 and counts.sub(1000).abs().max() <= 150, counts
+    assert torch.equal(drawn, model.sample_latents(4000, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("importance_samples", [1, 3])
+def test_a_learned_prior_trains_on_the_bound_it_is_scored_with(importance_samples):
+    """Under a learned prior the loss is the negative importance-weighted bound per pixel, also
+    at k = 1, where the ELBO's KL term is the one-sample estimate log q(z|x) - log p(z) (there
+    is no closed form): against the bound written out with torch.distributions on the loss's
+    own draws, and against iwae_bound, which scores the model; the prior's means and
+    log-variances get gradients."""
+    import math
+
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    from aekit.models.base import batch_generator
+    from aekit.models.vae import binarized
+
+    k = importance_samples
+    model = _learned_prior_vae(binarize=True, importance_samples=k)
+    x = torch.rand(10, 1, 8, 8)
+    loss = model.loss(x, x, "bce")
+    generator = batch_generator(model.noise_seed, x)
+    drawn = binarized(x, torch.rand(x.shape, generator=generator))
+    with torch.no_grad():
+        mean, log_var = model.posterior(drawn)                                # (n, d) each
+        eps = torch.stack([torch.randn(mean.shape, generator=generator) for _ in range(k)])  # (k, n, d)
+        z = mean + torch.exp(0.5 * log_var) * eps                             # (k, n, d)
+        prior = MixtureSameFamily(Categorical(logits=torch.zeros(4)),
+                                  Independent(Normal(model.prior_means, torch.exp(0.5 * model.prior_log_vars)), 1))
+        posterior = Independent(Normal(mean, torch.exp(0.5 * log_var)), 1)
+        log_px_z = torch.stack([-torch.nn.functional.binary_cross_entropy_with_logits(
+            model.decoder.logits(z_i), drawn, reduction="none").flatten(1).sum(1) for z_i in z])  # (k, n)
+        bound = torch.logsumexp(log_px_z + prior.log_prob(z) - posterior.log_prob(z), 0) - math.log(k)
+    # float32: sums of 64 pixels and of 3 latent terms in other orders, ~1e-6 relative apart
+    assert float(loss.total.detach()) == pytest.approx(float(-bound.mean() / 64), rel=1e-5)
+    generator = batch_generator(model.noise_seed, x)
+    drawn = binarized(x, torch.rand(x.shape, generator=generator))
+    scored = iwae_bound(model, drawn, k, generator)                           # (n,) nats per image
+    assert float(loss.total.detach()) == pytest.approx(float(-scored.mean() / 64), rel=1e-5)
+    if k == 1:
+        terms = loss.parts["reconstruction"] + loss.parts["kl"]
+        assert float(loss.total.detach()) == pytest.approx(float(terms.detach()), rel=1e-6)
+    loss.total.backward()
+    assert model.prior_means.grad.abs().sum() > 0 and model.prior_log_vars.grad.abs().sum() > 0
+
+
+def test_prior_components_is_an_option_the_estimator_saves_samples_from_and_checks(tmp_path):
+    x = np.random.default_rng(0).random((96, 8, 8), dtype=np.float32)
+    estimator = ConvAutoencoder(model="vae", latent_dim=2, widths=(4,), model_params={"prior_components": 5},
+                                epochs=1, random_state=0).fit(x)
+    assert estimator.model_.prior_means.shape == (5, 2)
+    loaded = ConvAutoencoder.load(estimator.save(tmp_path / "run"))
+    assert loaded.model_params == {"prior_components": 5}
+    assert torch.equal(loaded.model_.prior_means, estimator.model_.prior_means)
+    assert np.array_equal(loaded.sample(6, random_state=0), estimator.sample(6, random_state=0))
+    for value, shown in ((-1, "-1"), (2.0, "2.0"), (True, "True")):
+        with pytest.raises(ValueError, match=rf"^prior_components must be a non-negative integer "
+                                             rf"\(0: the prior N\(0, I\)\), got {shown}$"):
+            ConvAutoencoder(model="vae", model_params={"prior_components": value}, epochs=1).fit(x)
+
+
+def test_the_cli_flag_of_prior_components_takes_0_and_refuses_what_is_below(capsys):
+    """--prior-components 0 is the default N(0, I), so the flag takes it (int flags are
+    positive unless the option declares a minimum of 0); -1 and a word get argparse's line."""
+    from aekit.cli.parser import build_parser
+
+    for value in ("0", "3"):
+        assert build_parser().parse_args(["train", "--model", "vae", "--prior-components", value]).prior_components \
+            == int(value)
+    for value, shown in (("-1", "-1"), ("many", "'many'")):
+        assert main(["train", "--model", "vae", "--prior-components", value, "--epochs", "1"]) == 2
+        assert one_error_line(capsys) == (f"aekit: error: argument --prior-components: expected a non-negative "
+                                          f"integer, got {shown}; see `aekit train --help`")

@@ -37,14 +37,24 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int) -> int:
+    """``text`` as an int of at least ``least`` (0 or 1), or argparse's error saying so."""
+    kind = "positive" if least == 1 else "non-negative"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _seed(text: str) -> int:
@@ -170,7 +180,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=_OPTION_TYPES.get(hint, hint), help=help_text,
+            # An int option is positive unless its field declares metadata "minimum": 0.
+            kind = _non_negative_int if hint is int and f.metadata.get("minimum") == 0 else _OPTION_TYPES.get(hint, hint)
+            parser.add_argument(flag, type=kind, help=help_text,
                                 metavar=option.upper() if hint in _OPTION_TYPES or hint in (int, float, str) else None)
 
 

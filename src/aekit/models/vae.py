@@ -4,7 +4,11 @@
 The encoder is :class:`aekit.models.blocks.ConvEncoder` with ``2 * latent_dim`` outputs, read
 as the mean and the log-variance of a diagonal Gaussian posterior q(z|x); the decoder is
 :class:`aekit.models.blocks.ConvDecoder`, whose logits are the means of a Bernoulli likelihood
-p(x|z) per pixel; the prior is N(0, I).
+p(x|z) per pixel; the prior is N(0, I), or with ``prior_components=K`` a learned one: an equal
+mixture of K diagonal Gaussians whose means and log-variances are parameters of the model
+(Tomczak & Welling 2018 compare it with N(0, I) and with their VampPrior), trained with the
+rest. Under it the ELBO's KL term has no closed form and is the one-sample estimate
+log q(z|x) - log p(z); the importance-weighted bound and the NLL take log p(z) as they are.
 
 The objective is the negative ELBO under that Bernoulli likelihood (binary cross-entropy
 summed over pixels, which takes grey-level pixels in [0, 1] as they are), plus ``beta``
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from aekit._typed import is_int, is_real
 from aekit.models.base import Autoencoder, Loss, batch_generator
@@ -62,10 +67,16 @@ class VAEOptions(ConvOptions):
                 "importance-weighted bound of k samples (IWAE, Burda et al. 2016), a tighter bound on the "
                 "likelihood, for about k times the decoder's work a step"})
 
+    prior_components: int = field(default=0, metadata={
+        "minimum": 0, "help": "0: the prior is N(0, I); K > 0: a learned prior, an equal mixture of K diagonal Gaussians "
+                "whose means and variances train with the model (a better likelihood, and samples drawn from "
+                "where the codes are)"})
+
     def check(self, image_shape: tuple[int, int, int] | None) -> None:
         """A one-line error for a ``beta`` that is not a non-negative number, a ``binarize``
-        that is not a bool, or ``importance_samples`` that are not a positive integer (or are
-        more than 1 beside a ``beta`` other than 1), then the conv checks."""
+        that is not a bool, ``importance_samples`` that are not a positive integer (or are
+        more than 1 beside a ``beta`` other than 1), or ``prior_components`` that are not a
+        non-negative integer, then the conv checks."""
         if not is_real(self.beta) or not 0 <= self.beta < math.inf:
             raise ValueError(f"beta must be a non-negative number (1.0: the plain VAE), got {self.beta!r}")
         if not isinstance(self.binarize, bool):
@@ -77,6 +88,9 @@ class VAEOptions(ConvOptions):
             raise ValueError(f"importance_samples={self.importance_samples} trains on the importance-weighted "
                              f"bound, which has no KL term to weight; beta={self.beta!r} weights the ELBO's KL term "
                              "(importance_samples=1) only: leave out one of the two")
+        if not is_int(self.prior_components) or self.prior_components < 0:
+            raise ValueError(f"prior_components must be a non-negative integer (0: the prior N(0, I)), "
+                             f"got {self.prior_components!r}")
         super().check(image_shape)
 
 
@@ -95,9 +109,10 @@ class VAE(Autoencoder):
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28), latent_dim: int = Options.latent_dim,
                  widths: tuple[int, ...] = Options.widths, beta: float = Options.beta,
-                 binarize: bool = Options.binarize, importance_samples: int = Options.importance_samples):
+                 binarize: bool = Options.binarize, importance_samples: int = Options.importance_samples,
+                 prior_components: int = Options.prior_components):
         super().__init__()
-        self.Options(latent_dim, widths, beta, binarize, importance_samples).check(image_shape)
+        self.Options(latent_dim, widths, beta, binarize, importance_samples, prior_components).check(image_shape)
         widths = tuple(widths)
         self.image_shape, self.latent_dim, self.beta = tuple(image_shape), latent_dim, float(beta)
         self.binarize, self.importance_samples = binarize, importance_samples
@@ -112,6 +127,12 @@ class VAE(Autoencoder):
         # A plain int, not a buffer: fast.ChunkPool shares parameters only. Drawn on the CPU
         # also when built on the meta device (models.check_size counts parameters there).
         self.noise_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        # The learned prior's parameters, drawn last: a model without them has the weights and
+        # noise_seed that the same seed has always given.
+        self.prior_components = prior_components
+        if prior_components:
+            self.prior_means = nn.Parameter(torch.randn(prior_components, latent_dim))      # (K, d)
+            self.prior_log_vars = nn.Parameter(torch.zeros(prior_components, latent_dim))  # (K, d)
 
     @property
     def latent_shape(self) -> tuple[int]:
@@ -136,9 +157,26 @@ class VAE(Autoencoder):
         """What a run reports beside its test loss: :func:`likelihood_metrics` of ``images``."""
         return likelihood_metrics(self, images)
 
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., latent_dim) -> (...): log p(z) in nats, under N(0, I) or, with
+        ``prior_components`` K, the equal mixture of the K learned Gaussians."""
+        if not self.prior_components:
+            return -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        z = z.unsqueeze(-2)                                                   # (..., 1, d)
+        log_density = -0.5 * ((z - self.prior_means).pow(2) * torch.exp(-self.prior_log_vars)
+                              + self.prior_log_vars + math.log(2 * math.pi)).sum(-1)  # (..., K)
+        return torch.logsumexp(log_density, dim=-1) - math.log(self.prior_components)
+
     def sample_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, latent_dim) latents drawn from the prior N(0, I) with ``generator``."""
-        return torch.randn(n, *self.latent_shape, generator=generator)
+        """(n, latent_dim) latents drawn from the prior with ``generator`` (a CPU generator;
+        the latents are on the CPU): N(0, I), or a component of the learned mixture for each
+        latent, then a draw from it."""
+        eps = torch.randn(n, *self.latent_shape, generator=generator)
+        if not self.prior_components:
+            return eps
+        component = torch.randint(self.prior_components, (n,), generator=generator)
+        means, log_vars = (p.detach().cpu()[component] for p in (self.prior_means, self.prior_log_vars))
+        return means + torch.exp(0.5 * log_vars) * eps
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Negative ELBO per pixel: (BCE summed over pixels + beta * KL) / pixels, batch mean,
@@ -161,7 +199,7 @@ class VAE(Autoencoder):
         logits = self.decoder.logits(z)                                       # (n, C, H, W)
         pixels = math.prod(self.image_shape)
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1) / pixels
-        kl = _kl(mean, log_var) / pixels                                      # KL(q || N(0, I))
+        kl = _kl(self, mean, log_var, eps) / pixels                           # KL(q || p)
         total = (recon + self.beta * kl).mean()
         return Loss(total, torch.sigmoid(logits), {"reconstruction": recon.mean(), "kl": kl.mean()})
 
@@ -179,13 +217,23 @@ class VAE(Autoencoder):
         log_weights, log_px_z, logits = _log_weights(self, mean, log_var, eps, target)  # (k, n) each
         bound = torch.logsumexp(log_weights, dim=0) - math.log(k)             # (n,)
         pixels = math.prod(self.image_shape)
+        kl = _kl(self, mean, log_var, eps[0])                                 # (n,)
         return Loss(-bound.mean() / pixels, torch.sigmoid(logits[:n]),
-                    {"reconstruction": -log_px_z.mean() / pixels, "kl": (_kl(mean, log_var) / pixels).mean()})
+                    {"reconstruction": -log_px_z.mean() / pixels, "kl": (kl / pixels).mean()})
 
 
-def _kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """(n, d) each -> (n,): KL(N(mean, exp(log_var)) || N(0, I)) in nats."""
-    return 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+def _kl(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(n, d) each -> (n,): KL(q(z|x) || p(z)) in nats, q = N(mean, exp(log_var)): exact under
+    the prior N(0, I); under a learned prior (``prior_components``), whose KL has no closed
+    form, the one-sample estimate log q(z|x) - log p(z) at z = mean + std * eps."""
+    if not model.prior_components:
+        return 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+    return _log_q(eps, log_var) - model.log_prior(mean + torch.exp(0.5 * log_var) * eps)
+
+
+def _log_q(eps: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """(..., d), (n, d) -> (...): log q(z|x) of z = mean + std * eps, in nats."""
+    return -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(-1)
 
 
 def _log_weights(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor,
@@ -198,9 +246,7 @@ def _log_weights(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: tor
     logits = model.decoder.logits(z.flatten(0, 1))                            # (s * n, C, H, W)
     targets = x.expand(s, *x.shape).flatten(0, 1)
     log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1).view(s, n)
-    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(2)
-    log_qz = -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(2)
-    return log_px_z + log_pz - log_qz, log_px_z, logits
+    return log_px_z + model.log_prior(z) - _log_q(eps, log_var), log_px_z, logits
 
 
 def binarized(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,29 @@ def test_a_likelihood_cell_is_redone_when_asked_for_another_number_of_test_image
     assert fitted == [7] and saved[0]["nll_images"] == 2 and saved[0]["nll"] == 90.0
 
 
+def test_methods_runs_only_the_methods_named_and_refuses_a_name_the_rows_lack(anchors, tmp_path, monkeypatch, capsys):
+    """--methods vae-w32 runs that method of the row and no other (a cell of another method
+    still to do stays to do); a name that no asked-for row has is refused, naming the ones it has."""
+    made = []
+
+    def runner(row, split, seeds, done, save, only, nll_images=None):
+        made.extend(method.name for method in anchors.methods_of(row, only))
+
+    monkeypatch.setattr(anchors, "CELLS", tmp_path / "cells.jsonl")
+    monkeypatch.setattr(anchors, "DOC", tmp_path / "ANCHORS.md")
+    monkeypatch.setattr(anchors, "RUNNERS", {"likelihood": runner, "hinton": runner})
+    monkeypatch.setattr(anchors, "load_dataset", lambda name: None)
+    assert anchors.main(["--rows", "likelihood", "--methods", "vae-w32", "--resume"]) == 0
+    assert made == ["vae-w32"]
+    assert anchors.main(["--rows", "likelihood,hinton", "--resume"]) == 0  # no --methods: every one
+    assert made[1:] == [m.name for m in (*anchors.METHODS["likelihood"], *anchors.METHODS["hinton"])]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        anchors.main(["--rows", "hinton", "--methods", "vae-w32"])
+    assert exit_.value.code == 2
+    assert "unknown methods ['vae-w32'] for rows hinton; expected some of" in capsys.readouterr().err
+
+
 def test_a_row_without_cells_keeps_its_lines_and_machine_from_the_table_it_replaces(anchors):
     hinton = [{"row": "hinton", "method": "default", "seed": 0, "part": None, "sq_error": 2.9, "fit_s": 1.0,
                "epochs": 10, "model": "pca-conv"}]

@@ -149,6 +149,7 @@ def test_the_likelihood_row_counts_aekit_against_the_bar_and_shows_pythae_beside
     assert row([subset]).endswith("| no: at the bar on the first test images only, not on all 10,000 |")
     assert "k = 5,000 on the first 500 test images" in anchors.table([subset])
     assert row([likelihood_cell("vae", 90.0, nll_images=500)]).endswith("| no |")
+    assert "k = 5,000 on all 10,000 test images" in anchors.table([likelihood_cell("vae", 85.4)])
 
 
 def test_the_likelihood_reading_is_the_vaes_iwae_nll_on_the_first_images(anchors, monkeypatch):

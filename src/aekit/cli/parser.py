@@ -181,7 +181,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             # An int option is positive unless its field declares metadata "minimum": 0.
-            kind = _non_negative_int if hint is int and f.metadata.get("minimum") == 0 else _OPTION_TYPES.get(hint, hint)
+            at_least_0 = hint is int and f.metadata.get("minimum") == 0
+            kind = _non_negative_int if at_least_0 else _OPTION_TYPES.get(hint, hint)
             parser.add_argument(flag, type=kind, help=help_text,
                                 metavar=option.upper() if hint in _OPTION_TYPES or hint in (int, float, str) else None)
 

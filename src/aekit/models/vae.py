@@ -68,7 +68,8 @@ class VAEOptions(ConvOptions):
                 "likelihood, for about k times the decoder's work a step"})
 
     prior_components: int = field(default=0, metadata={
-        "minimum": 0, "help": "0: the prior is N(0, I); K > 0: a learned prior, an equal mixture of K diagonal Gaussians "
+        "minimum": 0,
+        "help": "0: the prior is N(0, I); K > 0: a learned prior, an equal mixture of K diagonal Gaussians "
                 "whose means and variances train with the model (a better likelihood, and samples drawn from "
                 "where the codes are)"})
 
@@ -208,9 +209,9 @@ class VAE(Autoencoder):
         """The negative importance-weighted bound of k = ``importance_samples`` latents per
         image (:func:`iwae_bound`, with its draws: k of (n, d) in turn), per pixel, batch mean.
         Its parts, per pixel: "reconstruction", the cross-entropy averaged over the k samples,
-        and "kl", the analytic KL of q(z|x) from the prior, the two terms of the ELBO; the
-        loss is at most their sum in expectation (the bound is at least the ELBO), not on
-        every batch. The reconstruction returned decodes the first sample."""
+        and "kl", the KL of q(z|x) from the prior (:func:`_kl`, at the first sample), the two
+        terms of the ELBO; the loss is at most their sum in expectation (the bound is at least
+        the ELBO), not on every batch. The reconstruction returned decodes the first sample."""
         k, n = self.importance_samples, len(mean)
         eps = torch.stack([torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
                            for _ in range(k)])                                # (k, n, d)

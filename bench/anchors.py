@@ -173,7 +173,8 @@ LIKELIHOOD_WIDE = {(24, 48): 64, (32, 64): 52}  # widths: epochs, in batches of 
 # time (measured at 6 minutes: 8 epochs 88.08 nats against the ELBO's 9 epochs 88.55).
 LIKELIHOOD_IWAE = ((32, 64), 2, 41)  # widths, importance samples, epochs (batches of 64)
 # The sixth: the fifth with a learned prior, a mixture of 100 Gaussians (prior_components),
-# about 1.08x the fifth's epoch (measured at 8 epochs: 86.31 nats in 312 s against 88.08 in 288 s without it).
+# about 1.08x the fifth's epoch (measured at 8 epochs: 86.31 nats in 312 s against 88.08 in
+# 288 s without it).
 LIKELIHOOD_PRIOR = (100, 40)  # prior components, epochs
 
 

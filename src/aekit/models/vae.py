@@ -162,10 +162,10 @@ class VAE(Autoencoder):
         """(..., latent_dim) -> (...): log p(z) in nats, under N(0, I) or, with
         ``prior_components`` K, the equal mixture of the K learned Gaussians."""
         if not self.prior_components:
-            return -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+            return _log_normal(z.pow(2), 0.0)
         z = z.unsqueeze(-2)                                                   # (..., 1, d)
-        log_density = -0.5 * ((z - self.prior_means).pow(2) * torch.exp(-self.prior_log_vars)
-                              + self.prior_log_vars + math.log(2 * math.pi)).sum(-1)  # (..., K)
+        log_density = _log_normal((z - self.prior_means).pow(2) * torch.exp(-self.prior_log_vars),
+                                  self.prior_log_vars)                        # (..., K)
         return torch.logsumexp(log_density, dim=-1) - math.log(self.prior_components)
 
     def sample_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -234,7 +234,13 @@ def _kl(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor
 
 def _log_q(eps: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """(..., d), (n, d) -> (...): log q(z|x) of z = mean + std * eps, in nats."""
-    return -0.5 * (eps.pow(2) + log_var + math.log(2 * math.pi)).sum(-1)
+    return _log_normal(eps.pow(2), log_var)
+
+
+def _log_normal(squared: torch.Tensor, log_var: torch.Tensor | float) -> torch.Tensor:
+    """(..., d) -> (...): the log-density in nats of a diagonal Gaussian at a point whose
+    squared distance from the mean, divided by the variance, is ``squared`` per dimension."""
+    return -0.5 * (squared + log_var + math.log(2 * math.pi)).sum(-1)
 
 
 def _log_weights(model: VAE, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor,

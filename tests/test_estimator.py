@@ -279,11 +279,12 @@ def test_a_threshold_saved_before_outlier_scores_were_named(fitted, small_run, t
     assert ConvAutoencoder.load(run).threshold_ == metrics["threshold"]
 
 
-def test_an_estimator_saved_before_beta_existed_loads(fitted, tmp_path, digits):
+@pytest.mark.parametrize("added", ["beta", "precision"])
+def test_an_estimator_saved_before_a_param_existed_loads(added, fitted, tmp_path, digits):
     fitted.save(tmp_path / "est")
-    edit_state(tmp_path / "est", lambda state: state["params"].pop("beta"))  # as aekit 0.2 wrote it
+    edit_state(tmp_path / "est", lambda state: state["params"].pop(added))  # as aekit 0.2 / 0.5 wrote it
     loaded = ConvAutoencoder.load(tmp_path / "est")
-    assert loaded.beta is None
+    assert loaded.get_params()[added] == {"beta": None, "precision": "float32"}[added]
     np.testing.assert_array_equal(loaded.transform(digits[2][:8]), fitted.transform(digits[2][:8]))
 
 

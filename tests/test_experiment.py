@@ -117,3 +117,23 @@ def test_a_run_stopped_with_images_held_out_resumes_to_the_same_kept_weights(tmp
     assert resumed.metrics["kept_epoch"] == kept
     a, b = load_file(tmp_path / "straight" / runs.WEIGHTS), load_file(tmp_path / "stopped" / runs.WEIGHTS)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_precision_is_one_choice_for_train_and_fit_and_stays_with_the_run(tmp_path, few, capsys):
+    """--precision bfloat16 and ConvAutoencoder(precision="bfloat16") train the same run bit
+    for bit, unlike float32's; the run folder and a saved estimator keep the choice."""
+    x_train, x_test = few
+    np.savez(tmp_path / "few.npz", x_train=x_train, x_test=x_test)
+    assert main(["train", "--data", str(tmp_path / "few.npz"), "--model", "conv", "--epochs", "2",
+                 "--precision", "bfloat16", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    run_weights = load_file(tmp_path / "run" / runs.WEIGHTS)
+    fitted = {precision: ConvAutoencoder(model="conv", epochs=2, precision=precision, random_state=0).fit(x_train)
+              for precision in ("bfloat16", "float32")}
+    assert runs.read_config(tmp_path / "run").precision == fitted["bfloat16"].config_.precision == "bfloat16"
+    for precision, est in fitted.items():
+        state = est.model_.state_dict()
+        same = all(torch.equal(run_weights[name], state[name]) for name in state)
+        assert same == (precision == "bfloat16"), precision
+    assert ConvAutoencoder.load(tmp_path / "run").precision == "bfloat16"
+    fitted["bfloat16"].save(tmp_path / "est")
+    assert ConvAutoencoder.load(tmp_path / "est").get_params()["precision"] == "bfloat16"

@@ -55,6 +55,28 @@ def test_conv_to_one_matches_torch_conv2d_forward_and_backward(channels_last):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_to_one_follows_autocast_as_torch_conv2d_does():
+    """Under bfloat16 autocast (precision="bfloat16") ConvToOne takes bfloat16 inputs, as
+    F.conv2d does, and its backward runs in the forward's autocast state: the same values
+    and gradients to bfloat16's precision, in the inputs' and parameters' own dtypes."""
+    torch.manual_seed(0)
+    conv = ConvToOne(16)
+    x = torch.randn(5, 16, 12, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_y = torch.randn(5, 1, 12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = conv(x)
+        reference = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    # Both round the 144 products' inputs to bfloat16 (2^-9 relative) and sum in float32:
+    # outputs of size ~5 differ by a few bfloat16 steps of 0.03, their gradients likewise.
+    torch.testing.assert_close(ours, reference, rtol=2e-2, atol=5e-2)
+    ours_grads = torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_y)
+    reference_grads = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad_y)
+    for a, b, param in zip(ours_grads, reference_grads, (x, conv.weight, conv.bias)):
+        assert a.dtype == b.dtype == param.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-1)
+
+
 def test_every_gradient_has_its_parameters_strides_while_fast():
     """DDP copies each gradient into a bucket laid out as its parameter, and warns on every
     torchrun run ("Grad strides do not match bucket view strides") where one differs:

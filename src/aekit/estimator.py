@@ -28,7 +28,8 @@ from aekit._io import atomic_folder, refuse_existing, write_text_atomic
 from aekit._typed import is_int, plain
 from aekit.reconstructor import _ImageReconstructor, _is_threshold
 
-_ADDED_PARAMS = {"beta": None, "model_params": None}  # params added after 0.2.0, with the value an older save means
+# params added after 0.2.0, with the value an older save means
+_ADDED_PARAMS = {"beta": None, "model_params": None, "precision": "float32"}
 _OPTION_PARAMS = ("latent_dim", "widths", "beta")  # the options that are parameters of their own
 ESTIMATOR = "estimator.json"  # what `save` adds to a run folder: params, threshold, layout, history
 _STATE_KEYS = ("params", "threshold", "outlier_score", "layout", "image_shape", "history")
@@ -66,11 +67,14 @@ class ConvAutoencoder(_ImageReconstructor):
     the built-in families that take them (see ``aekit train --help``); ``model_params`` (a
     dict, as scikit-learn's ``metric_params``) gives any other option a family declares in
     its ``Options``, e.g. ``model_params={"penalty": 0.2}`` for a family that takes one.
+    ``precision="bfloat16"`` trains with the forward pass in bfloat16
+    (:func:`aekit.fast.mixed_precision`): faster on CPUs with bfloat16 instructions and on
+    GPUs, a slightly different model; inference stays float32.
     """
 
     def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, model_params=None, epochs=None,
                  batch_size=None, lr=None, loss=None, recipe="default", noise=None, contamination=0.01,
-                 image_shape=None, random_state=None, device="auto", verbose=False):
+                 image_shape=None, random_state=None, device="auto", precision="float32", verbose=False):
         self.model = model
         self.latent_dim = latent_dim
         self.widths = widths
@@ -86,6 +90,7 @@ class ConvAutoencoder(_ImageReconstructor):
         self.image_shape = image_shape
         self.random_state = random_state
         self.device = device
+        self.precision = precision
         self.verbose = verbose
 
     def _config(self, image_shape=None, seed=0):
@@ -110,7 +115,7 @@ class ConvAutoencoder(_ImageReconstructor):
         return TrainConfig(
             data="<array>", model=self.model, model_params=options, noise=self.noise, recipe=self.recipe,
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, loss=self.loss, seed=seed,
-            device=self.device, image_shape=image_shape,
+            device=self.device, precision=self.precision, image_shape=image_shape,
         ).resolved()
 
     def _fit(self, x: np.ndarray) -> None:
@@ -254,7 +259,8 @@ class ConvAutoencoder(_ImageReconstructor):
             est = cls(model=config.model, **{k: options[k] for k in _OPTION_PARAMS if k in options},
                       model_params=extra or None,
                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, loss=config.loss,
-                      recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device)
+                      recipe=config.recipe, noise=config.noise, random_state=config.seed, device=device,
+                      precision=config.precision)
             metrics = read_metrics(path) if (path / METRICS).is_file() else {}
             threshold, score_name = metrics.get("threshold"), metrics.get("outlier_score")
             if threshold is not None:

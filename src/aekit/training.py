@@ -62,7 +62,7 @@ def _check_trainable(model: nn.Module, loss: str) -> torch.device:
 
 def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss: str,
                optimizer: torch.optim.Optimizer, micro_batch: int, pool: fast.ChunkPool | None = None,
-               weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               weight: float = 1.0, precision: str = "float32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step on the model's objective ``loss``: reconstruct ``target``
     (n, C, H, W) from ``x_in`` (``target`` itself, or a corrupted copy when training a
     denoiser). Returns the loss and its named parts, each summed over the images, detached.
@@ -74,21 +74,27 @@ def train_step(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, loss:
     one of a single pass over the whole batch, up to float rounding: the same step, computed
     in a cache-friendly order. With a ``pool`` the chunks run side by side and the sum is the
     same, bit for bit. ``weight`` scales the gradient (DDP: this rank's share of the global
-    batch, see aekit.distributed).
+    batch, see aekit.distributed). ``precision`` is the forward pass's
+    (:func:`aekit.fast.mixed_precision`), entered by whichever thread computes a chunk.
     """
     n = len(target)
     chunks = list(zip(x_in.split(micro_batch), target.split(micro_batch)))
+
+    def chunk_loss(m: nn.Module, chunk_in: torch.Tensor, chunk_target: torch.Tensor) -> models.Loss:
+        with fast.mixed_precision(chunk_target.device, precision):
+            return models.loss(m, chunk_in, chunk_target, loss)
+
     optimizer.zero_grad(set_to_none=True)
     if pool is None or len(chunks) == 1:
         summed = []  # each chunk's loss and parts, summed over its images
         for chunk_in, chunk_target in chunks:
-            out = models.loss(model, chunk_in, chunk_target, loss)
+            out = chunk_loss(model, chunk_in, chunk_target)
             scale = weight * len(chunk_target) / n
             (out.total if scale == 1 else out.total * scale).backward()
             size = len(chunk_target)
             summed.append((out.total.detach() * size, {k: v.detach() * size for k, v in out.parts.items()}))
     else:
-        results = pool.gradients(chunks, lambda m, x, t: models.loss(m, x, t, loss), n, weight)
+        results = pool.gradients(chunks, chunk_loss, n, weight)
         grads = list(results[0][2])
         for _, _, chunk_grads in results[1:]:
             for grad, more in zip(grads, chunk_grads):
@@ -202,7 +208,8 @@ def _train_epoch(model: nn.Module, train_model: nn.Module, optimizer: torch.opti
             use_pool = chooser.pool_now() if chooser is not None else pool is not None
             step_started = time.perf_counter()
             step_loss, step_parts = train_step(train_model, inputs, rows, config.loss, optimizer, micro_batch,
-                                               pool if use_pool else None, weight=weight)
+                                               pool if use_pool else None, weight=weight,
+                                               precision=config.precision)
             if not weight:  # a stand-in row so this rank joins the all-reduce; not data
                 step_loss, step_parts = step_loss * 0, {k: v * 0 for k, v in step_parts.items()}
             loss_sum += step_loss
@@ -301,7 +308,7 @@ def fit(
     state = state or TrainState()
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     if micro_batch is None:
-        micro_batch = fast.default_micro_batch(device, config.batch_size)
+        micro_batch = fast.default_micro_batch(device, config.batch_size, config.precision)
     elif isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
         raise ValueError(f"micro_batch must be a positive number of images, got {micro_batch!r}; "
                          "leave it None for the device's default")

@@ -53,6 +53,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -155,6 +156,18 @@ MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEE
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))
 HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
                 lambda seed: ConvAutoencoder(latent_dim=30, random_state=seed))
+# Hinton's row in bfloat16 (precision="bfloat16"): on a CPU with bfloat16 instructions its
+# steps in batches of 64 train 1.8-2.0x the images per second of the default's (batches of
+# 32 in float32; 2-core Zen 4), so 30 epochs fit in the row's 15 minutes where the default
+# takes 10 (measured: 22 epochs in batches of 32 read 2.682 in bfloat16 and 2.687 in
+# float32, so the arithmetic costs nothing here). On a CPU without them it is slower than
+# float32, and its fit may not count.
+HINTON_BF16_EPOCHS = 30
+HINTON_BF16 = Method(
+    "bf16-b64", f"ConvAutoencoder(latent_dim=30, epochs={HINTON_BF16_EPOCHS}, batch_size=64, precision='bfloat16', "
+                "random_state=SEED)",
+    lambda seed: ConvAutoencoder(latent_dim=30, epochs=HINTON_BF16_EPOCHS, batch_size=64, precision="bfloat16",
+                                 random_state=seed))
 # The likelihood row: aekit's VAE on dynamically binarised MNIST, and Pythae's beside it (the
 # same networks and initial weights, trained by Pythae's pipeline on the same kind of images:
 # batch 64, Adam 1e-3 constant, as bench/vae_pythae.py; Pythae's default 1e-4 is for hundreds
@@ -204,7 +217,7 @@ VAE_BINARISED_PRIOR = vae_binarised(f"{VAE_BINARISED_IWAE.name}-mog{LIKELIHOOD_P
 PYTHAE = Method("pythae", f"Pythae 0.1.2 VAE, the same networks, {LIKELIHOOD_EPOCHS} epochs, batch 64, Adam 1e-3",
                 lambda seed: None)  # trained by pythae_vae below, not an estimator
 METHODS = {"oneclass-mnist": ONE_CLASS, "oneclass-fashion": ONE_CLASS, "map-mnist": (pca_method(2), MAP),
-           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON),
+           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON, HINTON_BF16),
            "likelihood": (VAE_BINARISED, PYTHAE, VAE_BINARISED_LONG, *VAE_BINARISED_WIDE,
                           VAE_BINARISED_IWAE, VAE_BINARISED_PRIOR)}
 
@@ -378,41 +391,77 @@ def test_mse(line: dict) -> float:
 CARRIED_ON = "measured earlier on: "
 
 
+class CarriedMethod(NamedTuple):
+    """One method's reading in the table already in bench/ANCHORS.md: its piece of the aekit
+    column (empty for PCA and Pythae, whose reading is the reference column), its detail line,
+    the machine that measured it, and what :func:`table` needs to judge it against the bar
+    (the keys of :func:`summarise`'s lines, read back from the detail line)."""
+
+    piece: str
+    detail: str
+    machine: str
+    line: dict
+
+
 class Carried(NamedTuple):
     """A row of the table already in bench/ANCHORS.md: its lines (the table line, then its
-    detail lines) and the machine line of the run that measured it."""
+    detail lines) and its methods' readings, by method name."""
 
     lines: list[str]
-    machine: str
+    methods: dict[str, CarriedMethod]
+
+
+def _read_back(row: str, detail: str) -> tuple[str, dict]:
+    """The method name and a :func:`summarise`-like line of a detail line that :func:`table` wrote."""
+    call = detail.split("`", 2)[1]
+    name = next((m.name for m in METHODS[row] if m.call == call), call)
+    value = float(re.search(r" seeds [\d, ]+: (-?[\d.]+)", detail).group(1))
+    fit_s = float(re.search(r"; fit (\d+) s a seed", detail).group(1))
+    cell: dict = {}
+    if images := re.search(r" on (?:all|the first) ([\d,]+) test images", detail):
+        cell["nll_images"] = int(images.group(1).replace(",", ""))
+    if mse := re.search(r", test MSE ([\d.]+)", detail):
+        cell["test_mse"] = float(mse.group(1))
+    return name, {"method": name, "value": value, "per_seed": {"earlier": (value, fit_s, [cell])}}
 
 
 def previous_table(doc_text: str) -> dict[str, Carried]:
     """The measured rows of the table in ``doc_text`` (a row "not run" or "not measured" there
-    is left out), by row: what :func:`table` keeps for a row with no cells on this run."""
+    is left out), by row: what :func:`table` keeps of a row, or of its methods, that has no
+    cells on this run."""
     if BEGIN not in doc_text or END not in doc_text:
         return {}
     inside = doc_text.split(BEGIN, 1)[1].split(END, 1)[0].splitlines()
     machine = next((line.removeprefix("Machine: ") for line in inside if line.startswith("Machine: ")), "not recorded")
-    # A row carried before keeps the machine it was measured on, not that of the run that carried it.
-    measured_on = {row: note.split(CARRIED_ON, 1)[1] for note in inside if CARRIED_ON in note
-                   for row in note.removeprefix("Rows ").split(":", 1)[0].split(", ")}
+    # Carried before, a row or a method keeps the machine it was measured on, not that of the run
+    # that carried it. A note names whole rows ("hinton") and single methods ("hinton `pca`").
+    measured_on = {unit: note.split(CARRIED_ON, 1)[1] for note in inside if CARRIED_ON in note
+                   for unit in note.removeprefix("Rows ").split(": no cells", 1)[0].split(", ")}
     rows = {}
     for row in ROWS:
         lines = [line for line in inside if line.startswith(f"| {row} |")]
-        if lines and "not run" not in lines[0] and "not measured" not in lines[0]:
-            lines += [line for line in inside if line.startswith(f"- {row}, ")]
-            rows[row] = Carried(lines, measured_on.get(row, machine))
+        if not lines or "not run" in lines[0] or "not measured" in lines[0]:
+            continue
+        details = [line for line in inside if line.startswith(f"- {row}, ")]
+        pieces = {piece.split("`", 2)[1]: piece for piece in lines[0].split(" | ")[5].split("; ") if "`" in piece}
+        methods = {}
+        for detail in details:
+            name, line = _read_back(row, detail)
+            where = measured_on.get(f"{row} `{name}`", measured_on.get(row, machine))
+            methods[name] = CarriedMethod(pieces.get(name, ""), detail, where, line)
+        rows[row] = Carried(lines + details, methods)
     return rows
 
 
 def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, Carried] | None = None) -> str:
     """The markdown table of ``cells``, one line per row, and a detail line per method. A row
-    with no cells takes its lines from ``previous`` (:func:`previous_table` of the doc), where
-    it was measured there, and the table says so: running one row does not erase the others
+    with no cells takes its lines from ``previous`` (:func:`previous_table` of the doc), and so
+    does a method of a row that has no cells of its own, and the table says which were carried
+    and the machine that measured them: running one row or one method does not erase the others
     (the cells file is local to a checkout; the doc is the record).
     """
     previous = previous or {}
-    carried: dict[str, list[str]] = {}  # machine -> the rows carried from a run on it
+    carried: dict[str, list[str]] = {}  # machine -> the rows and methods carried from a run on it
     out = ["| row | measure | best published | bar | PCA (likelihood: Pythae) "
            "| aekit (method: mean [min, max] over seeds) "
            "| aekit beats the bar |", "| --- | --- | --- | ---: | ---: | --- | --- |"]
@@ -420,18 +469,30 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
     for row in rows:
         measure, published, bar, _ = PUBLISHED[row]
         lines = summarise(row, [c for c in cells if c["row"] == row])
+        earlier = previous[row].methods if row in previous else {}
         if not lines and row in previous:
             out.append(previous[row].lines[0])
             details += previous[row].lines[1:]
-            carried.setdefault(previous[row].machine, []).append(row)
+            machines = {m.machine for m in earlier.values()}
+            units = [row] if len(machines) <= 1 else [f"{row} `{name}`" for name in earlier]
+            for unit, name in zip(units, earlier):
+                carried.setdefault(earlier[name].machine, []).append(unit)
             continue
-        pca = next((line for line in lines if line["method"] == "pca"), None)
-        reference = pca or next((line for line in lines if line["method"] == "pythae"), None)
-        ours = [line for line in lines if line["method"] not in ("pca", "pythae")]
+        measured = {line["method"] for line in lines}
+        kept = {name: method for name, method in earlier.items() if name not in measured}
+        for name, method in kept.items():
+            carried.setdefault(method.machine, []).append(f"{row} `{name}`")
+        order = [m.name for m in METHODS[row]]
+        lines_all = sorted(lines + [method.line for method in kept.values()],
+                           key=lambda line: order.index(line["method"]) if line["method"] in order else len(order))
+        pca = next((line for line in lines_all if line["method"] == "pca"), None)
+        reference = pca or next((line for line in lines_all if line["method"] == "pythae"), None)
+        ours = [line for line in lines_all if line["method"] not in ("pca", "pythae")]
         def fmt(v: float) -> str:
             return f"{v:.2f}"
 
-        aekit_text = "; ".join(f"`{line['method']}` {fmt(line['value'])} [{fmt(line['low'])}, {fmt(line['high'])}]"
+        aekit_text = "; ".join(kept[line["method"]].piece if line["method"] in kept else
+                               f"`{line['method']}` {fmt(line['value'])} [{fmt(line['low'])}, {fmt(line['high'])}]"
                                f" ({len(line['seeds'])} seed{'s' * (len(line['seeds']) > 1)})" for line in ours) \
             or "not run"
         def at_bar(line: dict, whole_test_set: bool = True) -> bool:
@@ -451,7 +512,10 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
             beats = f"no: at the bar on the first test images only, not on all {NLL_TEST_IMAGES:,}"
         out.append(f"| {row} | {measure} | {published} | {bar:g} | {fmt(reference['value']) if reference else ''} "
                    f"| {aekit_text} | {beats} |")
-        for line in lines:
+        for line in lines_all:
+            if line["method"] in kept:
+                details.append(kept[line["method"]].detail)
+                continue
             call = next((m.call for m in METHODS[row] if m.name == line["method"]), line["method"])
             extra = ""
             if row.startswith("map"):

@@ -232,3 +232,32 @@ def test_a_row_without_cells_keeps_its_lines_and_machine_from_the_table_it_repla
     assert "Rows hinton: no cells" in third and "Rows likelihood: no cells" in third
     notes = [line for line in third.splitlines() if line.startswith("Rows ")]
     assert [note.split("measured earlier on: ")[1] for note in notes] == ["the first machine", "the second machine"]
+
+
+def test_a_method_without_cells_keeps_its_lines_beside_the_methods_rerun_in_its_row(anchors):
+    # Measured on the first machine: PCA, the default and a method at the bar's edge.
+    hinton = [{"row": "hinton", "method": method, "seed": 0, "part": None, "sq_error": value, "fit_s": fit_s,
+               "epochs": 10, "model": "pca-conv"}
+              for method, value, fit_s in (("pca", 12.5, 3.0), ("default", 2.9, 385.0), ("bf16-b64", 2.4, 800.0))]
+    first = f"{anchors.BEGIN}\nMachine: the first machine\n\n{anchors.table(hinton)}{anchors.END}\n"
+    assert "| 12.50 |" in first and "| yes |" in first
+    previous = anchors.previous_table(first)
+    assert sorted(previous["hinton"].methods) == ["bf16-b64", "default", "pca"]
+    # The second run reruns the default only (worse now): the others stay, and so does the verdict.
+    rerun = [dict(hinton[1], sq_error=3.1)]
+    second = anchors.table(rerun, previous=previous)
+    [line] = [line for line in second.splitlines() if line.startswith("| hinton |")]
+    assert "| 12.50 |" in line and "`default` 3.10" in line and "`bf16-b64` 2.40" in line and line.endswith("| yes |")
+    assert second.count("- hinton, ") == 3 and ": 3.10; fit 385 s" in second and ": 12.50; fit 3 s" in second
+    assert "Rows hinton `pca`, hinton `bf16-b64`: no cells" in second
+    assert second.rstrip().endswith("measured earlier on: the first machine")
+    # A carried method past the row's 15 minutes does not count as reaching the bar.
+    late = first.replace(": 2.40; fit 800 s", ": 2.40; fit 950 s")
+    assert anchors.table(rerun, previous=anchors.previous_table(late)).split("| hinton |")[1].split("\n")[0] \
+        .endswith("| no |")
+    # Carried again by a third run on another machine, each method still names the machine that measured it.
+    third = anchors.table([], previous=anchors.previous_table(
+        f"{anchors.BEGIN}\nMachine: the second machine\n\n{second}{anchors.END}\n"))
+    notes = [line for line in third.splitlines() if line.startswith("Rows ")]
+    notes = [note.split(": no cells")[0] + " | " + note.split("measured earlier on: ")[1] for note in notes]
+    assert notes == ["Rows hinton `pca`, hinton `bf16-b64` | the first machine", "Rows hinton `default` | the second machine"]

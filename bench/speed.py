@@ -133,14 +133,16 @@ def _aekit_model(config, device):
     return new_model(dataclasses.replace(config, image_shape=(1, 28, 28)), device)
 
 
-def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | None) -> float:
+def _train_aekit(n: int, batch: int, device: str, recipe: str, workers: int | None,
+                 precision: str = "float32") -> float:
     from aekit.data import prepare_images
     from aekit.config import TrainConfig
     from aekit.training import fit
 
     x, x_test = _mnist(n)
     x, x_val = prepare_images(x), prepare_images(x_test[:10])
-    config = TrainConfig(model="seed", recipe=recipe, epochs=1, batch_size=batch, device=device).resolved()
+    config = TrainConfig(model="seed", recipe=recipe, epochs=1, batch_size=batch, device=device,
+                         precision=precision).resolved()
     fit(_aekit_model(config, device), x[:2 * batch], x_val, config, progress=False, workers=workers)  # warm up
     model = _aekit_model(config, device)
     started = time.perf_counter()
@@ -195,10 +197,10 @@ def _default_model(n: int, batch: int = 32) -> dict:
     config = TrainConfig(model="pca-conv", epochs=1, batch_size=batch).resolved()
     config = dataclasses.replace(config, image_shape=(1, 28, 28))
 
-    def aekit_fit(images) -> float:
+    def aekit_fit(images, precision: str = "float32") -> float:
         model = new_model(config, torch.device("cpu"))
         started = time.perf_counter()
-        fit(model, images, x_val, config, progress=False)
+        fit(model, images, x_val, dataclasses.replace(config, precision=precision), progress=False)
         return len(images) / (time.perf_counter() - started)
 
     def plain_fit(images) -> float:
@@ -212,8 +214,8 @@ def _default_model(n: int, batch: int = 32) -> dict:
             optimizer.step()
         return len(images) / (time.perf_counter() - started)
 
-    aekit_fit(x[:4 * batch]), plain_fit(x[:4 * batch])  # warm up
-    out = {"fit": aekit_fit(x), "plain": plain_fit(x)}
+    aekit_fit(x[:4 * batch]), plain_fit(x[:4 * batch]), aekit_fit(x[:4 * batch], "bfloat16")  # warm up
+    out = {"fit": aekit_fit(x), "plain": plain_fit(x), "fit_bfloat16": aekit_fit(x, "bfloat16")}
     model = new_model(config, torch.device("cpu")).eval()
     encode(model, x_test[:256])
     started = time.perf_counter()
@@ -370,7 +372,8 @@ def worker(spec: dict) -> dict:
         elif impl == "plain":
             rate = _train_plain(n, batch, device)
         else:
-            rate = _train_aekit(n, batch, device, spec["recipe"], spec.get("workers"))
+            rate = _train_aekit(n, batch, device, spec["recipe"], spec.get("workers"),
+                                spec.get("precision", "float32"))
         out = {"images_per_second": rate}
     elif kind == "encode":
         out = _encode(spec.get("device", "cpu"), spec["threads"])
@@ -515,6 +518,10 @@ def main(argv: list[str] | None = None) -> None:
             for recipe in ("blog", "default"):
                 rows.append((f"aekit fit, {recipe} recipe, batch {batch}, {t} thr",
                              dict(impl="aekit", recipe=recipe, batch=batch, threads=t, workers=t)))
+            if t == max(threads):  # the option, not the same run: beside the float32 rows, not among them
+                rows.append((f"aekit fit, default recipe, precision bfloat16, batch {batch}, {t} thr",
+                             dict(impl="aekit", recipe="default", batch=batch, threads=t, workers=t,
+                                  precision="bfloat16")))
         if t == max(threads):
             rows.append(("aekit fit, blog recipe, batch 128, default (pool or 1 thr, as load allows)",
                          dict(impl="aekit", recipe="blog", batch=128, threads=t, workers=None)))
@@ -552,8 +559,10 @@ def main(argv: list[str] | None = None) -> None:
         plain = rates.get(f"plain PyTorch loop, batch {spec['batch']}, {t} thr")
         ratio = lambda ref: f"{rate / ref:.2f}x" if ref else "-"  # noqa: E731
         spread = [r["images_per_second"] for r in results[label] if "images_per_second" in r]
+        # The peak is float32's: a bfloat16 row's share of it would overstate how busy the machine is.
+        share = "-" if spec.get("precision") == "bfloat16" else f"{100 * gflops / peak[t]:.0f}%"
         print(f"| {label} | {rate:,.0f} ({min(spread):,.0f}-{max(spread):,.0f}) | {MNIST_TRAIN / rate:.1f} | {gflops:.1f} | "
-              f"{100 * gflops / peak[t]:.0f}% | {ratio(keras)} | {ratio(plain)} | "
+              f"{share} | {ratio(keras)} | {ratio(plain)} | "
               f"{median(results[label], 'max_rss_mb'):.0f} |")
     if keras_missing is not None:
         print(f"| Keras 3, torch backend | {keras_missing} | | | | | | |")
@@ -569,6 +578,11 @@ def main(argv: list[str] | None = None) -> None:
             if best and ref:
                 print(f"best aekit, blog recipe (batch {batch}, {best.split(f'batch {batch}, ', 1)[1]}) vs "
                       f"{ref_name} at torch's default {stock_t} threads: {rates[best] / ref:.2f}x")
+        bf16 = rates.get(f"aekit fit, default recipe, precision bfloat16, batch {batch}, {max(threads)} thr")
+        keras = rates.get(f"Keras 3, torch backend, batch {batch}, {max(threads)} thr")
+        if bf16 and keras:
+            print(f"aekit, default recipe in bfloat16 (batch {batch}, {max(threads)} thr) vs Keras 3, torch backend "
+                  f"(float32): {bf16 / keras:.2f}x, another arithmetic, so not the float32 goal")
 
     if "profile" not in args.skip:
         print("\n## Where an epoch goes (bench/profile_step.py: aekit.training.fit under torch.profiler, "
@@ -603,6 +617,9 @@ def main(argv: list[str] | None = None) -> None:
             print("| --- | ---: | ---: | ---: | ---: |")
             print(f"| training | {fit_rate:,.0f} | {plain_rate:,.0f} | {fit_rate / plain_rate:.2f}x | "
                   f"{MNIST_TRAIN / fit_rate:.1f} |")
+            bf16 = median(dm, "fit_bfloat16")
+            print(f"| training, precision bfloat16 (another arithmetic) | {bf16:,.0f} | {plain_rate:,.0f} | "
+                  f"{bf16 / plain_rate:.2f}x | {MNIST_TRAIN / bf16:.1f} |")
             print(f"| encoding | {enc:,.0f} | {eager:,.0f} | {enc / eager:.2f}x | |")
 
     print("\n## Encoding (aekit encoder, CPU)\n")

@@ -207,10 +207,11 @@ def mixed_precision(device: torch.device, precision: str) -> AbstractContextMana
     gradients and the optimiser stay float32; only the forward pass's arithmetic (and with it
     the backward's) changes.
 
-    It is fast where the CPU has bfloat16 instructions (AVX-512 BF16, AMX: measured 1.6x at
-    batch 32 on one thread and 2.2-2.5x at batch 128 on two, on a Zen 4 core, for the default
-    model's step) and on GPUs with bfloat16 units (not measured here); on other CPUs oneDNN
-    emulates it, slower than float32. Thread-local, as autocast is: each thread of a
+    It is fast where the CPU has bfloat16 instructions (AVX-512 BF16, AMX: on a 2-core Zen 4,
+    the default model's step alone 1.6x at batch 32 on one thread and 2.2-2.5x at batch 128
+    on two; a whole fit 1.24-1.48x, bench/RESULTS.md run 6), and by design on GPUs with
+    bfloat16 units (not measured yet); on other CPUs oneDNN emulates it, expected slower than
+    float32 (not measured). Thread-local, as autocast is: each thread of a
     :class:`ChunkPool` enters it for its own chunk.
     """
     if precision == "float32":
@@ -270,10 +271,11 @@ def default_micro_batch(device: torch.device, batch_size: int, precision: str = 
     """Chunk size for a training step: :data:`CPU_MICRO_BATCH` on the CPU, twice that in
     bfloat16 (:func:`mixed_precision`), the whole batch elsewhere (a GPU wants large passes).
 
-    bfloat16 activations take half the bytes, so twice the images stay in cache: measured
-    at batch 128 on the 2-core Zen 4 machine, chunks of 64 train the seed network at 1.2-1.3x
-    the images per second of chunks of 32 (two ChunkPool workers) and the default model at
-    1.2x (two PyTorch threads), in bfloat16 (bench/RESULTS.md, run 6)."""
+    Measured in bfloat16 at batch 128 on the 2-core Zen 4 machine (train_step alone, 3
+    rounds; bench/RESULTS.md, run 6): chunks of 64 train the seed network at 1.2-1.5x the
+    images per second of chunks of 32 (two ChunkPool workers) and the default model at
+    1.2-1.3x (two PyTorch threads); bfloat16's activations take half the bytes, which
+    presumably is why. float32 keeps 32: a change of chunk changes its weights' rounding."""
     if device.type != "cpu":
         return batch_size
     return min(batch_size, CPU_MICRO_BATCH * (2 if precision == "bfloat16" else 1))

@@ -160,8 +160,8 @@ HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
 # steps in batches of 64 train 1.8-2.0x the images per second of the default's (batches of
 # 32 in float32; 2-core Zen 4), so 30 epochs fit in the row's 15 minutes where the default
 # takes 10 (measured: 22 epochs in batches of 32 read 2.682 in bfloat16 and 2.687 in
-# float32, so the arithmetic costs nothing here). On a CPU without them it is slower than
-# float32, and its fit may not count.
+# float32, so the arithmetic costs nothing here). On a CPU without them it is expected slower than
+# float32 (not measured), and its fit may not count.
 HINTON_BF16_EPOCHS = 30
 HINTON_BF16 = Method(
     "bf16-b64", f"ConvAutoencoder(latent_dim=30, epochs={HINTON_BF16_EPOCHS}, batch_size=64, precision='bfloat16', "

@@ -162,30 +162,25 @@ HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
 # takes 10 (measured: 22 epochs in batches of 32 read 2.682 in bfloat16 and 2.687 in
 # float32, so the arithmetic costs nothing here). On a CPU without them it is expected slower than
 # float32 (not measured), and its fit may not count.
-HINTON_BF16_EPOCHS = 30
-HINTON_BF16 = Method(
-    "bf16-b64", f"ConvAutoencoder(latent_dim=30, epochs={HINTON_BF16_EPOCHS}, batch_size=64, precision='bfloat16', "
-                "random_state=SEED)",
-    lambda seed: ConvAutoencoder(latent_dim=30, epochs=HINTON_BF16_EPOCHS, batch_size=64, precision="bfloat16",
-                                 random_state=seed))
 # Wider, for fewer epochs in the same 15 minutes: at about 5 minutes of fitting each (one-off
 # script; bfloat16, batches of 64, seed 0) widths (16, 32) read 3.02 after 10 epochs, (32, 64)
-# 2.92 after 6, (48, 96) 2.73 after 6 (44 s an epoch, 2-core Zen 4); HINTON_WIDE_EPOCHS keeps
-# (48, 96)'s fit near 14 minutes there.
-HINTON_WIDE_EPOCHS = 18
-HINTON_WIDE = Method(
-    "w48-bf16", f"ConvAutoencoder(latent_dim=30, widths=(48, 96), epochs={HINTON_WIDE_EPOCHS}, batch_size=64, "
-                "precision='bfloat16', random_state=SEED)",
-    lambda seed: ConvAutoencoder(latent_dim=30, widths=(48, 96), epochs=HINTON_WIDE_EPOCHS, batch_size=64,
-                                 precision="bfloat16", random_state=seed))
-# Wider still for a margin in time: (64, 128) read 2.98 after 3 epochs (222 s) where (48, 96)
-# read 3.09 (172 s); about 59 s an epoch, so 12 epochs fit near 12.5 minutes.
-HINTON_WIDER_EPOCHS = 12
-HINTON_WIDER = Method(
-    "w64-bf16", f"ConvAutoencoder(latent_dim=30, widths=(64, 128), epochs={HINTON_WIDER_EPOCHS}, batch_size=64, "
-                "precision='bfloat16', random_state=SEED)",
-    lambda seed: ConvAutoencoder(latent_dim=30, widths=(64, 128), epochs=HINTON_WIDER_EPOCHS, batch_size=64,
-                                 precision="bfloat16", random_state=seed))
+# 2.92 after 6, (48, 96) 2.73 after 6 (44 s an epoch, 2-core Zen 4), so 18 epochs of (48, 96)
+# fit near 14 minutes there. Wider still for a margin in time: (64, 128) read 2.98 after 3
+# epochs (222 s) where (48, 96) read 3.09 (172 s); about 59 s an epoch, so 12 epochs fit near
+# 12.5 minutes.
+HINTON_BF16 = {None: 30, (48, 96): 18, (64, 128): 12}  # widths (None: the default's): epochs
+
+
+def hinton_bfloat16(widths: tuple[int, ...] | None, epochs: int) -> Method:
+    """Hinton's 30-number code in bfloat16, in batches of 64, at ``widths`` for ``epochs``."""
+    name = f"w{widths[0]}-bf16" if widths else "bf16-b64"
+    wide = f"widths={widths}, " if widths else ""
+    return Method(name, f"ConvAutoencoder(latent_dim=30, {wide}epochs={epochs}, batch_size=64, "
+                        "precision='bfloat16', random_state=SEED)",
+                  lambda seed: ConvAutoencoder(latent_dim=30, widths=widths, epochs=epochs, batch_size=64,
+                                               precision="bfloat16", random_state=seed))
+
+
 # The likelihood row: aekit's VAE on dynamically binarised MNIST, and Pythae's beside it (the
 # same networks and initial weights, trained by Pythae's pipeline on the same kind of images:
 # batch 64, Adam 1e-3 constant, as bench/vae_pythae.py; Pythae's default 1e-4 is for hundreds
@@ -235,7 +230,8 @@ VAE_BINARISED_PRIOR = vae_binarised(f"{VAE_BINARISED_IWAE.name}-mog{LIKELIHOOD_P
 PYTHAE = Method("pythae", f"Pythae 0.1.2 VAE, the same networks, {LIKELIHOOD_EPOCHS} epochs, batch 64, Adam 1e-3",
                 lambda seed: None)  # trained by pythae_vae below, not an estimator
 METHODS = {"oneclass-mnist": ONE_CLASS, "oneclass-fashion": ONE_CLASS, "map-mnist": (pca_method(2), MAP),
-           "map-fashion": (pca_method(2), MAP), "hinton": (pca_method(30), HINTON, HINTON_BF16, HINTON_WIDE, HINTON_WIDER),
+           "map-fashion": (pca_method(2), MAP),
+           "hinton": (pca_method(30), HINTON, *(hinton_bfloat16(w, epochs) for w, epochs in HINTON_BF16.items())),
            "likelihood": (VAE_BINARISED, PYTHAE, VAE_BINARISED_LONG, *VAE_BINARISED_WIDE,
                           VAE_BINARISED_IWAE, VAE_BINARISED_PRIOR)}
 
@@ -491,10 +487,12 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
         if not lines and row in previous:
             out.append(previous[row].lines[0])
             details += previous[row].lines[1:]
-            machines = {m.machine for m in earlier.values()}
-            units = [row] if len(machines) <= 1 else [f"{row} `{name}`" for name in earlier]
-            for unit, name in zip(units, earlier):
-                carried.setdefault(earlier[name].machine, []).append(unit)
+            machines = {method.machine for method in earlier.values()}
+            if len(machines) == 1:  # the note names the row, else each method with its machine
+                carried.setdefault(machines.pop(), []).append(row)
+            else:
+                for name, method in earlier.items():
+                    carried.setdefault(method.machine, []).append(f"{row} `{name}`")
             continue
         measured = {line["method"] for line in lines}
         kept = {name: method for name, method in earlier.items() if name not in measured}

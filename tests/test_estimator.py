@@ -443,6 +443,14 @@ EXPECTED_FAILED_CHECKS = {
     "check_dtype_object": "images must be numeric arrays: an object array, even of numbers, is refused with "
                           "a message to convert it (test_bad_input_errors) instead of being converted",
 }
+# Checks whose tolerance is finer than float32 on some CPUs: each may pass or fail, and a
+# test of aekit's own checks the same property to a tolerance float32 allows on any CPU.
+FLOAT32_TOLERANCE_CHECKS = {
+    "check_methods_subset_invariance": "asks each row's answer alone to equal it within the whole batch to "
+                                       "1e-7, finer than float32 at these values: MKL on an Intel Xeon takes "
+                                       "another matrix-product kernel for one row than for 20, and the scores "
+                                       "move by 2-3 float32 ulps (test_answers_do_not_depend_on_the_batch)",
+}
 # Skipped by scikit-learn itself on this machine; any other skip fails the test.
 ALLOWED_SKIPS = {"check_array_api_input", "check_classifier_data_not_an_array"}
 # What the waived checks used to hide: each must run and pass.
@@ -480,11 +488,41 @@ def run_checks(estimator, expected_failed: dict[str, str]) -> dict[str, list[str
     (TabularPCA(latent_dim=1, random_state=0), EXPECTED_FAILED_CHECKS),
 ], ids=["ConvAutoencoder", "PCAReconstructor"])
 def test_scikit_learn_estimator_checks(estimator, expected_failed):
-    checks = run_checks(estimator, expected_failed)
+    checks = run_checks(estimator, {**expected_failed, **FLOAT32_TOLERANCE_CHECKS})
     assert checks["messages"] == []
-    assert set(checks.get("xfail", [])) == set(expected_failed)  # a waived check that passes is noticed
+    xfail = set(checks.get("xfail", []))
+    assert set(expected_failed) <= xfail <= set(expected_failed) | set(FLOAT32_TOLERANCE_CHECKS)
     assert set(checks.get("skipped", [])) <= ALLOWED_SKIPS
-    assert MUST_PASS - set(expected_failed) <= set(checks["passed"])
+    assert MUST_PASS - set(expected_failed) - xfail <= set(checks["passed"])
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("estimator", [
+    TabularAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0, device="cpu"),
+    TabularPCA(latent_dim=1, random_state=0),
+], ids=["ConvAutoencoder", "PCAReconstructor"])
+def test_answers_do_not_depend_on_the_batch(estimator):
+    """scikit-learn's check_methods_subset_invariance, to the tolerance of float32 on any CPU:
+    every row alone gives the answer it gets among all 20 rows (scikit-learn's own data).
+
+    A batch's size may pick another kernel, which sums each dot product in another order: a
+    few units in float32's last place (u = 6e-8) per layer, over the ~10 layers between an
+    image and its score; measured 2.6e-7 relative on an Intel Xeon, 0 on an AMD EPYC. 1e-5
+    relative (about 170 u) leaves that room 40 times over and still fails an answer that
+    takes anything from the other rows of its batch, which moves it at the 1e-2 level or
+    more."""
+    X = 3 * np.random.RandomState(0).uniform(size=(20, 3))
+    estimator.fit(X)
+    Z = estimator.transform(X)
+    for f, rows in ((estimator.transform, X), (estimator.inverse_transform, Z), (estimator.score_samples, X),
+                    (estimator.decision_function, X), (estimator.reconstruction_error, X)):
+        alone = np.concatenate([f(row[None]) for row in rows])
+        np.testing.assert_allclose(alone, f(rows), rtol=1e-5, atol=1e-6, err_msg=f.__name__)
+    # The labels agree wherever the score is not within that rounding of the threshold.
+    clear = np.abs(estimator.decision_function(X)) > 1e-5 * np.abs(estimator.score_samples(X))
+    alone = np.concatenate([estimator.predict(row[None]) for row in X])
+    np.testing.assert_array_equal(alone[clear], estimator.predict(X)[clear])
+    assert clear.sum() >= 15
 
 
 # ---- layouts of the answers (Trust II, item 1 and 3) and numpy hyperparameters (item 10)

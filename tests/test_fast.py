@@ -1,10 +1,13 @@
 """aekit.fast: the CPU speed tricks compute what the plain model computes, and leave it as it was."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
+
+from conftest import need
 
 from aekit import fast, inference
 from aekit.fast import ConvToOne, run_chunks
@@ -168,3 +171,99 @@ def test_inference_leaves_the_random_generator_alone():
     with fast.on_cpu(model):
         pass
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- denormal floats (issue 20): flushed in a training step's threads, the same weights
+
+def _denormals(t: torch.Tensor) -> int:
+    """How many of a float32 tensor's values are denormal, read from their bits (a thread
+    that flushes also compares denormals as zero, so ``abs() < 1.18e-38`` would not see them)."""
+    bits = t.detach().float().contiguous().view(torch.int32)
+    return int((((bits & 0x7F800000) == 0) & ((bits & 0x007FFFFF) != 0)).sum())
+
+
+def test_flush_denormals_flushes_in_the_block_and_gives_the_thread_its_setting_back():
+    need(torch.set_flush_denormal(False), "this CPU cannot flush denormal floats")
+    cpu = torch.device("cpu")
+    assert not fast.flushing_denormals()
+    with fast.flush_denormals(cpu):
+        assert fast.flushing_denormals()
+        assert _denormals(torch.full((4,), 1e-39) * 0.5) == 0
+    assert not fast.flushing_denormals()
+    assert _denormals(torch.full((4,), 1e-39) * 0.5) == 4
+    torch.set_flush_denormal(True)  # a thread that flushed before the block flushes after it
+    try:
+        with fast.flush_denormals(cpu):
+            assert fast.flushing_denormals()
+        assert fast.flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    with fast.flush_denormals(torch.device("meta")):  # not the CPU's arithmetic: nothing
+        assert not fast.flushing_denormals()
+
+
+@pytest.mark.filterwarnings("ignore::aekit.training.CollapseWarning", "ignore:Full backward hook is firing")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_steps_flush_denormals_and_train_the_same_weights(mnist, workers, monkeypatch):
+    """The blog recipe's plateau makes denormal gradients from about its 30th step (where
+    some CPUs slow down 2-3x): with flushing, no step's backward sees one, in the calling thread or
+    in ChunkPool's; without, some do. The weights after the epoch are the same bit for bit:
+    a flushed value is under 1.2e-38, and Adam's step from it (times 1e-3 over its epsilon
+    1e-7) under 1e-34, far below the last place of any of these weights (aekit.fast)."""
+    need(torch.set_flush_denormal(False), "this CPU cannot flush denormal floats")
+    from aekit.config import TrainConfig
+    from aekit.data import prepare_images
+    from aekit.start import new_model
+    from aekit.training import fit
+
+    (x_train, _), (x_test, _) = mnist
+    x, x_val = prepare_images(x_train[:3200]), prepare_images(x_test[:64])  # denormals from about step 30 of 50
+    config = TrainConfig(model="seed", recipe="blog", epochs=1, batch_size=64, device="cpu",
+                         image_shape=(1, 28, 28)).resolved()
+
+    def train() -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = new_model(config, torch.device("cpu"))
+        seen = []
+        def count(module, grad_in, grad_out):  # the output layer's input gradient has most of them
+            if isinstance(module, ConvToOne):
+                seen.append(sum(_denormals(g) for g in grad_in if g is not None))
+
+        hook = nn.modules.module.register_module_full_backward_hook(count)
+        try:  # one PyTorch thread: its intra-op threads keep their own setting (aekit.fast)
+            with fast.torch_threads(1):
+                fit(model, x, x_val, config, progress=False, workers=workers, micro_batch=32)
+        finally:
+            hook.remove()
+        assert not fast.flushing_denormals()  # fit gives the thread its setting back
+        return [p.detach().clone() for p in model.parameters()], sum(seen)
+
+    flushed, denormals_seen = train()
+    assert denormals_seen == 0
+    with monkeypatch.context() as m:
+        m.setattr(fast, "flush_denormals", lambda device: contextlib.nullcontext())
+        plain, plain_denormals = train()
+    assert plain_denormals > 0  # these steps do make them
+    assert all(torch.equal(a, b) for a, b in zip(flushed, plain))
+
+
+def test_chunk_pool_workers_flush_denormals_while_they_compute_a_chunk():
+    """Each worker enters the flush itself: its threads may have started outside a step."""
+    need(torch.set_flush_denormal(False), "this CPU cannot flush denormal floats")
+    from aekit import models
+
+    pool, seen = fast.ChunkPool(_seed_model(), 2), []
+
+    def loss(model, chunk_in, chunk_target):
+        seen.append(fast.flushing_denormals())
+        return models.loss(model, chunk_in, chunk_target, "mse")
+
+    x = torch.rand(4, 1, 28, 28)
+    try:
+        for _ in range(2):  # the second time on the threads the first one started
+            pool.gradients(list(zip(x.split(2), x.split(2))), loss, len(x))
+        after = [pool._pool.submit(fast.flushing_denormals).result() for _ in range(4)]
+    finally:
+        pool.close()
+    assert seen == [True] * 4
+    assert after == [False] * 4  # and gives its setting back after the chunk

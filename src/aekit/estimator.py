@@ -68,9 +68,9 @@ class ConvAutoencoder(_ImageReconstructor):
     dict, as scikit-learn's ``metric_params``) gives any other option a family declares in
     its ``Options``, e.g. ``model_params={"penalty": 0.2}`` for a family that takes one.
     ``precision="bfloat16"`` trains with the forward pass in bfloat16
-    (:func:`aekit.fast.mixed_precision`): faster on CPUs with bfloat16 instructions (and by
-    design on GPUs with bfloat16 units, not measured yet), a slightly different model;
-    inference stays float32.
+    (:func:`aekit.fast.mixed_precision`): faster on some CPUs with bfloat16 instructions
+    and slower on others (measured 1.4x on an AMD Zen 4, 0.7x on an Intel Xeon; not yet
+    measured on a GPU), a slightly different model; inference stays float32.
     """
 
     def __init__(self, model="pca-conv", latent_dim=32, widths=None, beta=None, model_params=None, epochs=None,

@@ -209,12 +209,12 @@ def mixed_precision(device: torch.device, precision: str) -> AbstractContextMana
     gradients and the optimiser stay float32; only the forward pass's arithmetic (and with it
     the backward's) changes.
 
-    It is fast where the CPU has bfloat16 instructions (AVX-512 BF16, AMX: on a 2-core Zen 4,
-    the default model's step alone 1.6x at batch 32 on one thread and 2.2-2.5x at batch 128
-    on two; a whole fit 1.24-1.48x, bench/RESULTS.md run 6), and by design on GPUs with
-    bfloat16 units (not measured yet); on other CPUs oneDNN emulates it, expected slower than
-    float32 (not measured). Thread-local, as autocast is: each thread of a
-    :class:`ChunkPool` enters it for its own chunk.
+    Whether it is faster depends on the CPU, not only on its instruction sets: on a 2-core
+    Zen 4 (AVX-512 BF16) the default model's step alone ran 1.6x at batch 32 on one thread
+    and 2.2-2.5x at batch 128 on two, a whole fit 1.24-1.48x (bench/RESULTS.md run 6); on a
+    2-core Intel Xeon with AVX-512 BF16 too (no AMX in its VM) a whole fit ran 0.72-1.01x
+    (run 7). GPUs with bfloat16 units are fast by design (not measured yet). Thread-local,
+    as autocast is: each thread of a :class:`ChunkPool` enters it for its own chunk.
     """
     if precision == "float32":
         return nullcontext()

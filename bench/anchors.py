@@ -160,8 +160,9 @@ HINTON = Method("default", "ConvAutoencoder(latent_dim=30, random_state=SEED)",
 # steps in batches of 64 train 1.8-2.0x the images per second of the default's (batches of
 # 32 in float32; 2-core Zen 4), so 30 epochs fit in the row's 15 minutes where the default
 # takes 10 (measured: 22 epochs in batches of 32 read 2.682 in bfloat16 and 2.687 in
-# float32, so the arithmetic costs nothing here). On a CPU without them it is expected slower than
-# float32 (not measured), and its fit may not count.
+# float32, so the arithmetic costs nothing here). Where bfloat16 is not faster its fit may not
+# count: on a 2-core Intel Xeon with AVX-512 BF16 (bench/RESULTS.md run 7) it ran 0.72x float32,
+# and w48's call in float32 read 2.366 in 935 s, over the 15 minutes (bench/ANCHORS.md).
 # Wider, for fewer epochs in the same 15 minutes: at about 5 minutes of fitting each (one-off
 # script; bfloat16, batches of 64, seed 0) widths (16, 32) read 3.02 after 10 epochs, (32, 64)
 # 2.92 after 6, (48, 96) 2.73 after 6 (44 s an epoch, 2-core Zen 4), so 18 epochs of (48, 96)

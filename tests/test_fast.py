@@ -208,8 +208,9 @@ def test_training_steps_flush_denormals_and_train_the_same_weights(mnist, worker
     """The blog recipe's plateau makes denormal gradients from about its 30th step (where
     some CPUs slow down 2-3x): with flushing, no step's backward sees one, in the calling thread or
     in ChunkPool's; without, some do. The weights after the epoch are the same bit for bit:
-    a flushed value is under 1.2e-38, and Adam's step from it (times 1e-3 over its epsilon
-    1e-7) under 1e-34, far below the last place of any of these weights (aekit.fast)."""
+    a flushed value is under 1.2e-38, and what Adam could make of it (times 1e-3, times 10 for
+    the first step's bias correction, over its epsilon 1e-7) is about 1e-33, far below the last
+    place of any of these weights (aekit.fast)."""
     need(torch.set_flush_denormal(False), "this CPU cannot flush denormal floats")
     from aekit.config import TrainConfig
     from aekit.data import prepare_images

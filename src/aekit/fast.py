@@ -249,10 +249,11 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
     against 3,869-3,965 at batch 32; the default recipe, which makes none, 3,810-4,134 either
     way. An AMD EPYC (Zen 4) computes them at full speed (bench/RESULTS.md run 5).
 
-    It does not change a run: a value it flushes is under 1.2e-38, and Adam's step from it
-    (the learning rate times it over the optimiser's epsilon, at least 1e-8) is under 1e-32,
-    far below a float32 weight's last place; the weights after an epoch are the same bit for
-    bit with and without (tests/test_fast.py).
+    It does not change a run: a value it flushes is under 1.2e-38, and what Adam could make
+    of it (the learning rate, under 1, times 10 for the first step's bias correction, times
+    the value, over Adam's epsilon, 1e-7 in aekit) is under 2e-30, far below a float32
+    weight's last place; the weights after an epoch are the same bit for bit with
+    and without (tests/test_fast.py).
 
     The setting is per thread, so a step enters this in each thread that computes part of it
     (:func:`aekit.training.train_step`, :class:`ChunkPool`'s workers); PyTorch's own

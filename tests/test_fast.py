@@ -270,3 +270,20 @@ def test_chunk_pool_workers_flush_denormals_while_they_compute_a_chunk():
         pool.close()
     assert seen == [True] * 4
     assert after == [False] * 4  # and gives its setting back after the chunk
+
+
+def test_flushing_denormals_reads_the_cpu_float32_setting_whatever_the_defaults():
+    """A user's float64 default dtype (where 1e-39 is a normal number) does not hide the
+    thread's setting, so flush_denormals does not turn off a flush the user made."""
+    need(torch.set_flush_denormal(False), "this CPU cannot flush denormal floats")
+    before = torch.get_default_dtype()
+    torch.set_flush_denormal(True)
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert fast.flushing_denormals()
+        with fast.flush_denormals(torch.device("cpu")):
+            pass
+        assert fast.flushing_denormals()
+    finally:
+        torch.set_default_dtype(before)
+        torch.set_flush_denormal(False)

@@ -233,7 +233,7 @@ def flushing_denormals() -> bool:
     thread's own (x86's MXCSR, set by ``torch.set_flush_denormal``), and PyTorch has no
     getter: 1e-39 is below float32's smallest normal number (1.18e-38), so a flushing thread
     reads it as 0."""
-    return torch.tensor([1e-39]).mul_(1.0).item() == 0.0
+    return torch.tensor([1e-39], dtype=torch.float32, device="cpu").mul_(1.0).item() == 0.0
 
 
 @contextmanager

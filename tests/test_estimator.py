@@ -438,6 +438,12 @@ class TabularPCA(_TabularRows, PCAReconstructor):
     pass
 
 
+# The two estimators as scikit-learn's checks and ours take them: the smallest of each.
+TABULAR = {"ConvAutoencoder": lambda: TabularAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16,
+                                                         random_state=0, device="cpu"),
+           "PCAReconstructor": lambda: TabularPCA(latent_dim=1, random_state=0)}
+
+
 # The checks that still fail, each for its own reason.
 EXPECTED_FAILED_CHECKS = {
     "check_dtype_object": "images must be numeric arrays: an object array, even of numbers, is refused with "
@@ -483,10 +489,9 @@ def run_checks(estimator, expected_failed: dict[str, str]) -> dict[str, list[str
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("estimator, expected_failed", [
-    (TabularAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0, device="cpu"),
-     EXPECTED_FAILED_CHECKS),
-    (TabularPCA(latent_dim=1, random_state=0), EXPECTED_FAILED_CHECKS),
-], ids=["ConvAutoencoder", "PCAReconstructor"])
+    (TABULAR["ConvAutoencoder"](), EXPECTED_FAILED_CHECKS),
+    (TABULAR["PCAReconstructor"](), EXPECTED_FAILED_CHECKS),
+], ids=list(TABULAR))
 def test_scikit_learn_estimator_checks(estimator, expected_failed):
     checks = run_checks(estimator, {**expected_failed, **FLOAT32_TOLERANCE_CHECKS})
     assert checks["messages"] == []
@@ -497,23 +502,19 @@ def test_scikit_learn_estimator_checks(estimator, expected_failed):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("estimator", [
-    TabularAutoencoder(latent_dim=2, widths=(4,), epochs=1, batch_size=16, random_state=0, device="cpu"),
-    TabularPCA(latent_dim=1, random_state=0),
-], ids=["ConvAutoencoder", "PCAReconstructor"])
-def test_answers_do_not_depend_on_the_batch(estimator):
+@pytest.mark.parametrize("name", list(TABULAR))
+def test_answers_do_not_depend_on_the_batch(name):
     """scikit-learn's check_methods_subset_invariance, to the tolerance of float32 on any CPU:
     every row alone gives the answer it gets among all 20 rows (scikit-learn's own data).
 
     A batch's size may pick another kernel, which sums each dot product in another order: a
     few units in float32's last place (u = 6e-8) per layer, over the ~10 layers between an
     image and its score; measured 2.6e-7 relative on an Intel Xeon, and within scikit-learn's
-    1e-7 on an AMD EPYC (its check passed there). 1e-5
-    relative (about 170 u) leaves that room 40 times over and still fails an answer that
-    takes anything from the other rows of its batch, which moves it at the 1e-2 level or
-    more."""
+    1e-7 on an AMD EPYC (its check passed there). 1e-5 relative (about 170 u) leaves that room
+    40 times over and still fails an answer that takes anything from the other rows of its
+    batch, which moves it at the 1e-2 level or more."""
     X = 3 * np.random.RandomState(0).uniform(size=(20, 3))
-    estimator.fit(X)
+    estimator = TABULAR[name]().fit(X)
     Z = estimator.transform(X)
     for f, rows in ((estimator.transform, X), (estimator.inverse_transform, Z), (estimator.score_samples, X),
                     (estimator.decision_function, X), (estimator.reconstruction_error, X)):

@@ -512,16 +512,24 @@ def test_answers_do_not_depend_on_the_batch(name):
     image and its score; measured 2.6e-7 relative on an Intel Xeon, and within scikit-learn's
     1e-7 on an AMD EPYC (its check passed there). 1e-5 relative (about 170 u) leaves that room
     40 times over and still fails an answer that takes anything from the other rows of its
-    batch, which moves it at the 1e-2 level or more."""
+    batch, which moves it at the 1e-2 level or more.
+
+    ``decision_function`` is ``score_samples - offset_``: it carries the score's rounding, which
+    is relative to the score (about 6 here), not to the decision (about 0.5). Its room is
+    therefore 1e-5 of the score, plus the subtraction's own half ulp of the decision."""
     X = 3 * np.random.RandomState(0).uniform(size=(20, 3))
     estimator = TABULAR[name]().fit(X)
     Z = estimator.transform(X)
     for f, rows in ((estimator.transform, X), (estimator.inverse_transform, Z), (estimator.score_samples, X),
-                    (estimator.decision_function, X), (estimator.reconstruction_error, X)):
+                    (estimator.reconstruction_error, X)):
         alone = np.concatenate([f(row[None]) for row in rows])
         np.testing.assert_allclose(alone, f(rows), rtol=1e-5, atol=1e-6, err_msg=f.__name__)
+    score, decision = estimator.score_samples(X), estimator.decision_function(X)
+    alone = np.concatenate([estimator.decision_function(row[None]) for row in X])
+    room = 1e-5 * np.abs(score) + 1e-6
+    assert np.all(np.abs(alone - decision) <= room), np.max(np.abs(alone - decision) / room)
     # The labels agree wherever the score is not within that rounding of the threshold.
-    clear = np.abs(estimator.decision_function(X)) > 1e-5 * np.abs(estimator.score_samples(X))
+    clear = np.abs(decision) > room
     alone = np.concatenate([estimator.predict(row[None]) for row in X])
     np.testing.assert_array_equal(alone[clear], estimator.predict(X)[clear])
     assert clear.sum() >= 15

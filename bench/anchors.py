@@ -151,6 +151,8 @@ def pca_method(latent_dim: int) -> Method:
 ONE_CLASS = (
     pca_method(32),
     Method("default", "ConvAutoencoder(random_state=SEED)", lambda seed: ConvAutoencoder(random_state=seed)),
+    Method("restore", "ConvAutoencoder(model='restore', random_state=SEED)",
+           lambda seed: ConvAutoencoder(model="restore", random_state=seed)),
 )
 MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEED)",
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))

@@ -16,7 +16,8 @@ package imports aekit's own):
 - :mod:`~aekit.models.summary`: the Keras-style layer table (NHWC shapes, as in the blog).
 - The families: :mod:`~aekit.models.seed` (``"seed"``, the blog's network),
   :mod:`~aekit.models.conv` (``"conv"``), :mod:`~aekit.models.map` (``"map"``),
-  :mod:`~aekit.models.pca_conv` (``"pca-conv"``), :mod:`~aekit.models.vae` (``"vae"``).
+  :mod:`~aekit.models.pca_conv` (``"pca-conv"``), :mod:`~aekit.models.vae` (``"vae"``),
+  :mod:`~aekit.models.restore` (``"restore"``).
 
 The models are plain PyTorch; :mod:`aekit.fast` runs them faster on the CPU, explicitly.
 Shapes are NCHW inside PyTorch.
@@ -37,10 +38,11 @@ from aekit.models.conv import ConvAutoencoderNet
 from aekit.models.map import MapAutoencoder
 from aekit.models.pca_conv import PCAConvAutoencoder
 from aekit.models.vae import VAE
+from aekit.models.restore import RestoreAutoencoder
 
 __all__ = [
     "Autoencoder", "SeedAutoencoder", "SeedEncoder", "SeedDecoder", "ConvAutoencoderNet", "ConvEncoder",
-    "ConvDecoder", "ConvOptions", "NoOptions", "MapAutoencoder", "PCAConvAutoencoder", "VAE",
+    "ConvDecoder", "ConvOptions", "NoOptions", "MapAutoencoder", "PCAConvAutoencoder", "VAE", "RestoreAutoencoder",
     "MODELS", "INITS", "register", "build_model", "count_parameters", "init_keras_", "init_he_", "summary",
     "Loss", "loss", "objectives", "reconstruction_loss", "logits_loss", "check_options", "conv3x3",
     "RECONSTRUCTION_OBJECTIVES", "training_data", "batch_generator", "check_size", "MAX_IMAGE_VALUES",

@@ -37,7 +37,7 @@ def encoded_inputs(model: RestoreAutoencoder, x: torch.Tensor, objective: str = 
 def test_the_loss_restores_each_image_from_a_turn_drawn_by_its_batch(rng, shape):
     """Every image goes in turned by one of its shape's turns (each turn taken in a batch of
     64), the loss is the reconstruction loss of the untouched target from those, and the same
-    batch draws the same turns (a step's chunks and DDP's ranks agree)."""
+    batch draws the same turns (in any thread, and again when a run resumes)."""
     torch.manual_seed(0)
     model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,))
     x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
@@ -70,7 +70,7 @@ def test_the_outlier_score_is_the_mean_error_of_restoring_each_turn(rng, shape):
     np.testing.assert_allclose(score.numpy(), expected, rtol=1e-12)
 
 
-def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist, capsys):
+def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist):
     import json
 
     from aekit.cli import main
@@ -86,6 +86,8 @@ def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_s
     scores = -estimator.score_samples(x)
     with torch.no_grad():
         expected = estimator.model_.outlier_score(torch.from_numpy(x).float().div(255).unsqueeze(1)).numpy()
-    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    # The estimator runs the model on aekit.fast's CPU path (other kernels, other float32
+    # rounding): the tolerance of test_estimator's test_answers_do_not_depend_on_the_batch.
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
     loaded = ConvAutoencoder.load(estimator.save(tmp_path / "saved"))
     np.testing.assert_array_equal(loaded.score_samples(x), estimator.score_samples(x))

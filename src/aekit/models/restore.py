@@ -20,8 +20,8 @@ verbs of a run (reconstruct, transform, denoise) work as for ``model="conv"``.
 
 The training loss turns each image of a batch by a turn drawn from a generator seeded by the
 batch's contents (:func:`~aekit.models.base.batch_generator`), so the same images draw the
-same turns in any thread and any order of a step's chunks; evaluation (the held-out and test loss) turns
-them the same way, so ``val_loss`` reads the objective the model trains on.
+same turns in any thread and any order of a step's chunks; evaluation (the held-out and
+test loss) turns them the same way, so ``val_loss`` reads the objective the model trains on.
 """
 
 from __future__ import annotations

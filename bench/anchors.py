@@ -148,15 +148,20 @@ def pca_method(latent_dim: int) -> Method:
                   lambda seed: PCAReconstructor(latent_dim=latent_dim, random_state=0))
 
 
+def restore_method(name: str, widths: tuple[int, ...] | None = None, epochs: int | None = None) -> Method:
+    """model="restore" at its defaults but ``widths`` and ``epochs``."""
+    options = (f"widths={widths}, " if widths else "") + (f"epochs={epochs}, " if epochs else "")
+    return Method(name, f"ConvAutoencoder(model='restore', {options}random_state=SEED)",
+                  lambda seed: ConvAutoencoder(model="restore", widths=widths, epochs=epochs, random_state=seed))
+
+
 ONE_CLASS = (
     pca_method(32),
     Method("default", "ConvAutoencoder(random_state=SEED)", lambda seed: ConvAutoencoder(random_state=seed)),
-    Method("restore", "ConvAutoencoder(model='restore', random_state=SEED)",
-           lambda seed: ConvAutoencoder(model="restore", random_state=seed)),
+    restore_method("restore"),
     # Wider and longer: measured beforehand on four digits (one thread, seed 0), 36 epochs
     # instead of the rule's 18 gained 0.4-1.2 points a digit (0, 2, 5, 8), widths (32, 64) 0.1-1.4 (0, 8).
-    Method("restore-w32-e36", "ConvAutoencoder(model='restore', widths=(32, 64), epochs=36, random_state=SEED)",
-           lambda seed: ConvAutoencoder(model="restore", widths=(32, 64), epochs=36, random_state=seed)),
+    restore_method("restore-w32-e36", widths=(32, 64), epochs=36),
 )
 MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEED)",
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))

@@ -119,6 +119,15 @@ def outlier_score_name(model: nn.Module) -> str:
     return getattr(model, "outlier_score_name", RECONSTRUCTION_ERROR)
 
 
+def draw_seed() -> int:
+    """A model's seed for :func:`batch_generator` (a VAE's noise, a map's edges, a restore
+    model's turns), drawn from torch's global generator when the model is built, so the run's
+    seed decides it. A plain int, not a buffer: fast.ChunkPool's copies share parameters only.
+    Drawn on the CPU also when the model is built on the meta device (models.check_size
+    counts parameters there)."""
+    return int(torch.randint(0, 2 ** 62, (), device="cpu"))
+
+
 def batch_generator(seed: int, x: torch.Tensor, device: torch.device | str | None = None) -> torch.Generator:
     """A generator on ``device`` (default: ``x``'s) seeded by ``seed`` and the contents of
     ``x``: for a model's own randomness in :meth:`Autoencoder.loss` (a VAE's noise, a map's

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from aekit.models.base import Autoencoder, Loss, batch_generator, logits_loss
+from aekit.models.base import Autoencoder, Loss, batch_generator, draw_seed, logits_loss
 from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions
 from aekit.models.registry import register
 
@@ -133,8 +133,7 @@ class MapAutoencoder(Autoencoder):
         self.encoder = nn.Sequential(features, nn.ReLU(), nn.Linear(HIDDEN, latent_dim))
         self.decoder = MapDecoder(self.image_shape, latent_dim, tuple(widths), features.feature_shape)
         self.graph: NeighbourGraph | None = None  # set while the model trains (training_data)
-        # The seed of the graph samples, a plain int as the VAE's noise_seed (see batch_generator).
-        self.graph_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        self.graph_seed = draw_seed()  # the seed of the graph samples
 
     @property
     def latent_shape(self) -> tuple[int]:

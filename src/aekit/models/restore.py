@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from aekit.models.base import Loss, batch_generator, image_errors, logits_loss
+from aekit.models.base import Loss, batch_generator, draw_seed, image_errors, logits_loss
 from aekit.models.conv import ConvAutoencoderNet
 from aekit.models.registry import register
 
@@ -65,8 +65,7 @@ class RestoreAutoencoder(ConvAutoencoderNet):
                  latent_dim: int = ConvAutoencoderNet.Options.latent_dim,
                  widths: tuple[int, ...] = ConvAutoencoderNet.Options.widths):
         super().__init__(image_shape, latent_dim, widths)
-        # The seed of the turns, a plain int as the map's graph_seed (see batch_generator).
-        self.turn_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        self.turn_seed = draw_seed()  # the seed of the turns
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Reconstructing ``target`` from ``x`` with each image turned by a random turn of

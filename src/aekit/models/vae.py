@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aekit._typed import is_int, is_real
-from aekit.models.base import Autoencoder, Loss, batch_generator
+from aekit.models.base import Autoencoder, Loss, batch_generator, draw_seed
 from aekit.models.blocks import ConvDecoder, ConvEncoder, ConvOptions
 from aekit.models.registry import register
 
@@ -125,9 +125,7 @@ class VAE(Autoencoder):
         decoder = ConvDecoder(self.image_shape, latent_dim, widths, features)
         self.encoder = ConvEncoder(self.image_shape, 2 * latent_dim, widths)  # mean, log_var
         self.decoder = decoder
-        # A plain int, not a buffer: fast.ChunkPool shares parameters only. Drawn on the CPU
-        # also when built on the meta device (models.check_size counts parameters there).
-        self.noise_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        self.noise_seed = draw_seed()
         # The learned prior's parameters, drawn last: a model without them has the weights and
         # noise_seed that the same seed has always given.
         self.prior_components = prior_components

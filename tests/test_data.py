@@ -364,6 +364,52 @@ def test_cached_file_with_wrong_checksum_is_refused(data_home):
         load_dataset("mnist")
 
 
+def test_a_cache_is_read_once_per_load_and_verified_again_when_written_again(data_home, mnist, monkeypatch):
+    """Each load reads the file once; its checksums are computed once per version of the file
+    (a process that loads MNIST ten times hashes it once), and a file written again, in place
+    with the same size, is verified again."""
+    (x_train, y_train), (x_test, y_test) = mnist
+    data_home.mkdir()
+    arrays = dict(x_train=x_train, y_train=y_train.astype(np.uint8), x_test=x_test, y_test=y_test.astype(np.uint8))
+    np.savez(data_home / "mnist.npz", **arrays)
+    reads, hashes = [], []
+    read_npz, sha256_array = data_lib.datasets.read_npz, data_lib.datasets.sha256_array
+    monkeypatch.setattr(data_lib.datasets, "read_npz", lambda *a: reads.append(a) or read_npz(*a))
+    monkeypatch.setattr(data_lib.datasets, "sha256_array", lambda a: hashes.append(a.shape) or sha256_array(a))
+    for _ in range(2):
+        (x, _), _ = load_dataset("mnist")
+        np.testing.assert_array_equal(x, x_train)
+    assert len(reads) == 2 and len(hashes) == 4  # four arrays, hashed on the first load only
+    size = (data_home / "mnist.npz").stat().st_size
+    np.savez(data_home / "mnist.npz", **{**arrays, "x_train": np.zeros_like(x_train)})
+    assert (data_home / "mnist.npz").stat().st_size == size
+    with pytest.raises(DataError, match=r"mnist\.npz: checksum mismatch for x_train"):
+        load_dataset("mnist")
+
+
+def test_a_cache_replaced_while_read_is_verified_again(data_home, mnist, monkeypatch):
+    """What was read is verified; the version that replaced it while it was read is not taken
+    for verified (it is the next load's to verify)."""
+    (x_train, y_train), (x_test, y_test) = mnist
+    data_home.mkdir()
+    arrays = dict(x_train=x_train, y_train=y_train.astype(np.uint8), x_test=x_test, y_test=y_test.astype(np.uint8))
+    np.savez(data_home / "mnist.npz", **arrays)
+    read_npz = data_lib.datasets.read_npz
+
+    def read_then_replace(*args):
+        read = read_npz(*args)
+        np.savez(data_home / "replaced.npz", **{**arrays, "x_train": np.zeros_like(x_train)})
+        os.replace(data_home / "replaced.npz", data_home / "mnist.npz")
+        return read
+
+    monkeypatch.setattr(data_lib.datasets, "read_npz", read_then_replace)
+    (x, _), _ = load_dataset("mnist")
+    np.testing.assert_array_equal(x, x_train)
+    monkeypatch.setattr(data_lib.datasets, "read_npz", read_npz)
+    with pytest.raises(DataError, match=r"mnist\.npz: checksum mismatch for x_train"):
+        load_dataset("mnist")
+
+
 def test_truncated_cache_is_refused(data_home):
     data_home.mkdir()
     (data_home / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")

@@ -194,39 +194,64 @@ def _verify(builtin: Builtin, arrays: dict[str, np.ndarray], source: str) -> Non
 
 def fetch(name: str) -> Path:
     """Download built-in data set ``name`` into the cache (once) and return its path."""
-    if name not in BUILTINS:
-        raise DataError(f"unknown data set {name!r}; built-in names are {sorted(BUILTINS)}")
-    builtin = BUILTINS[name]
-    path = builtin.cache_path
-    if path.exists():
+    builtin = _builtin(name)
+    if builtin.cache_path.exists():
         _read_cache(builtin)  # verifies
-        return path
-    arrays = {key: np.asarray(value, dtype=np.uint8) for key, value in builtin.fetch().items()}
-    _verify(builtin, arrays, f"downloaded {name}")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    return path
+    else:
+        _download_into_cache(builtin)
+    return builtin.cache_path
 
 
 def load_builtin(name: str) -> Dataset:
     """Built-in data set ``name`` (fetched first if need be), verified:
     ``(x_train, y_train), (x_test, y_test)``, images uint8 (n, H, W) or (n, H, W, 3),
     labels int64 (n,), or None for the photograph sets, which have none."""
-    fetch(name)
-    return _read_cache(BUILTINS[name])
+    builtin = _builtin(name)
+    if not builtin.cache_path.exists():
+        _download_into_cache(builtin)
+    return _read_cache(builtin)  # read once, whether just fetched or cached before
+
+
+def _builtin(name: str) -> Builtin:
+    if name not in BUILTINS:
+        raise DataError(f"unknown data set {name!r}; built-in names are {sorted(BUILTINS)}")
+    return BUILTINS[name]
+
+
+def _download_into_cache(builtin: Builtin) -> None:
+    arrays = {key: np.asarray(value, dtype=np.uint8) for key, value in builtin.fetch().items()}
+    _verify(builtin, arrays, f"downloaded {builtin.name}")
+    with atomic_path(builtin.cache_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+# The versions of cache files whose arrays this process has verified, as (path, inode, size,
+# mtime): hashing MNIST's 55 MB takes a tenth of a second, so it is done once per process and
+# version of the file (a file written again, by `aekit data fetch` or anyone, is verified again).
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _version(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _read_cache(builtin: Builtin) -> Dataset:
     path = builtin.cache_path
     try:
+        before = _version(path)
         arrays = read_npz(path, SPLIT_KEYS)
-    except DataError as exc:
+        after = _version(path)
+    except (DataError, OSError) as exc:
         raise DataError(
             f"{path}: cannot read the cached {builtin.name} ({exc}); delete it and run "
             f"`aekit data fetch {builtin.name}` again"
         ) from None
-    _verify(builtin, arrays, str(path))
+    if before != after or after not in _VERIFIED:  # replaced while read: verify what was read
+        _verify(builtin, arrays, str(path))
+        if before == after:
+            _VERIFIED.add(after)
     labels = {key: arrays[key].astype(np.int64) if key in arrays else None for key in ("y_train", "y_test")}
     return (arrays["x_train"], labels["y_train"]), (arrays["x_test"], labels["y_test"])
 

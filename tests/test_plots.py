@@ -106,15 +106,30 @@ def test_denoising_shows_three_rows_of_the_given_images(tmp_path):
     g = torch.Generator().manual_seed(0)
     clean, noisy, denoised = (torch.rand(4, 1, 8, 8, generator=g) for _ in range(3))
     fig = plots.denoising_figure(clean, noisy, denoised)
-    assert len(fig.axes) == 12
-    for row, images in enumerate((clean, noisy, denoised)):
-        for i in range(4):
-            np.testing.assert_array_equal(fig.axes[row * 4 + i].images[0].get_array(), images[i, 0].numpy())
-    assert [fig.axes[r * 4].get_title(loc="left") for r in range(3)] == ["clean", "noisy input", "denoised"]
+    assert len(fig.axes) == 3  # one picture per row
+    step = 8 + plots.GAP
+    for ax, images in zip(fig.axes, (clean, noisy, denoised)):
+        row = ax.images[0].get_array()
+        assert row.shape == (8, 4 * step - plots.GAP, 4)
+        for i in range(4):  # gray: red, green and blue each the image, opaque
+            tile = row[:, i * step:i * step + 8]
+            for channel in range(3):
+                np.testing.assert_array_equal(tile[..., channel], images[i, 0].numpy())
+            assert (tile[..., 3] == 1).all()
+        assert (row[:, 8:step, 3] == 0).all()  # between two images: transparent
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["clean", "noisy input", "denoised"]
     plots.save_denoising(clean, noisy, denoised, tmp_path / "d.png")
     written(tmp_path / "d.png")
     with pytest.raises(ValueError, match="of one shape"):
         plots.denoising_figure(clean, noisy[:3], denoised)
+
+
+def test_a_row_of_colour_images_keeps_their_channels():
+    images = torch.rand(3, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    row = plots.image_row(images * 1.5 - 0.25)  # clipped to [0, 1], as every figure shows them
+    step = 6 + plots.GAP
+    for i in range(3):
+        np.testing.assert_array_equal(row[:, i * step:i * step + 6, :3], (images[i] * 1.5 - 0.25).clamp(0, 1).permute(1, 2, 0).numpy())
 
 
 def test_figure_png_is_a_png():

@@ -32,12 +32,6 @@ def _figure_module():
     return plt
 
 
-def _as_image(x: torch.Tensor):
-    """(C, H, W) in [0, 1] -> an array imshow takes: (H, W) gray or (H, W, 3) colour."""
-    x = torch.as_tensor(x).detach().cpu().clamp(0, 1)
-    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
-
-
 def _as_numpy(x, name: str, ndim: int) -> np.ndarray:
     """A tensor or array as a float64 NumPy array of ``ndim`` dimensions, or a ValueError."""
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -72,10 +66,16 @@ def figure_png(fig) -> bytes:
 
 # ------------------------------------------------------------------------ image grids
 
+# Transparent pixels between two images of a row of image_rows_figure.
+GAP = 4
+
+
 def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]]):
     """One row of images per ``(label, images)`` pair, images (n, C, H, W) in [0, 1].
 
-    Every row must hold the same number of images; column i shows image i of each row.
+    Every row must hold the same number of images; column i shows image i of each row. A row
+    is one picture, :func:`image_row` (one axes per image took most of a training run's
+    last second).
     """
     plt = _figure_module()
     counts = {len(images) for _, images in rows}
@@ -83,15 +83,26 @@ def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]]):
         raise ValueError(f"every row needs the same, non-zero number of images, got "
                          f"{[(label, len(images)) for label, images in rows]}")
     n = counts.pop()
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
-    for r, (label, images) in enumerate(rows):
-        for i in range(n):
-            ax = axes[r][i]
-            ax.imshow(_as_image(images[i]), cmap="gray", vmin=0, vmax=1)
-            ax.set_axis_off()
-        axes[r][0].set_title(label, fontsize=8, loc="left")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows):
+        ax.imshow(image_row(images))
+        ax.set_axis_off()
+        ax.set_title(label, fontsize=8, loc="left")
     fig.tight_layout()
     return fig
+
+
+def image_row(images: torch.Tensor) -> np.ndarray:
+    """Images (n, C, H, W) in [0, 1] side by side, :data:`GAP` transparent pixels apart:
+    RGBA (H, n W + (n - 1) GAP, 4), gray images as equal red, green and blue."""
+    x = torch.as_tensor(images).detach().cpu().clamp(0, 1).to(torch.float32)
+    n, _, h, w = x.shape
+    rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    row = torch.zeros(h, n * (w + GAP) - GAP, 4)
+    for i in range(n):
+        row[:, i * (w + GAP):i * (w + GAP) + w, :3] = rgb[i].permute(1, 2, 0)
+        row[:, i * (w + GAP):i * (w + GAP) + w, 3] = 1
+    return row.numpy()
 
 
 def reconstruction_figure(model: nn.Module, x: torch.Tensor):
@@ -320,7 +331,7 @@ def save_error_histogram(errors, threshold: float | None, path: str | Path, over
 
 
 __all__ = [
-    "save_figure", "figure_png", "image_rows_figure", "reconstruction_figure", "save_reconstructions",
+    "save_figure", "figure_png", "image_rows_figure", "image_row", "reconstruction_figure", "save_reconstructions",
     "denoising_figure", "save_denoising", "loss_curves_figure", "save_loss_curves", "project_2d",
     "latent_map_figure", "save_latent_map", "tile", "png_bytes", "save_image", "LatentGrid", "latent_grid",
     "error_histogram_figure", "save_error_histogram",

@@ -157,6 +157,10 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.1", "--contamination", "0.1"],
      "argument --contamination: not allowed with argument --fpr"),
     (["score", "r", "x.npy", "--out", "s.csv", "--fpr", "0.7"], "argument --fpr: expected a fraction"),
+    (["score", "r", "--data", "x.npy", "--out", "s.csv"],
+     "unrecognized arguments: --data; aekit score takes its images as INPUT, the argument after RUN: drop --data"),
+    (["denoise", "r", "--data", "x", "--out", "d"],
+     "unrecognized arguments: --data; aekit denoise takes its images as INPUT, the argument after RUN: drop --data"),
     (["reconstruct", "r"], "the following arguments are required: --out"),
     (["compare", "--latent-dims", "2,x", "--out", "o"], "argument --latent-dims: expected comma-separated"),
     (["data", "info", "x.npy", "--resize", "28"], "argument --resize: expected 2 arguments"),
@@ -169,8 +173,8 @@ def test_bad_command_lines_are_one_line_and_exit_2(argv, named, capsys):
     assert main(argv) == 2
     line = one_error_line(capsys)
     assert named in line
-    command = " ".join(["aekit"] + [a for a in argv[:2] if a in ("train", "score", "reconstruct", "compare",
-                                                                 "data", "info", "fetch")])
+    command = " ".join(["aekit"] + [a for a in argv[:2] if a in ("train", "score", "denoise", "reconstruct",
+                                                                 "compare", "data", "info", "fetch")])
     assert line.endswith(f"see `{command} --help`"), line
 
 

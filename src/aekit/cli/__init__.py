@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would blame the top-level parser; name the command instead
         command = " ".join(filter(None, ("aekit", args.command, getattr(args, "data_command", None))))
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `{command} --help`")
+        hint = ""
+        if "--data" in unknown and hasattr(args, "input"):  # score and denoise; train and the others take --data
+            hint = f"; {command} takes its images as INPUT, the argument after RUN: drop --data"
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{hint}; see `{command} --help`")
     return args
 

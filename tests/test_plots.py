@@ -128,8 +128,9 @@ def test_a_row_of_colour_images_keeps_their_channels():
     images = torch.rand(3, 3, 5, 6, generator=torch.Generator().manual_seed(0))
     row = plots.image_row(images * 1.5 - 0.25)  # clipped to [0, 1], as every figure shows them
     step = 6 + plots.GAP
+    shown = (images * 1.5 - 0.25).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3)
     for i in range(3):
-        np.testing.assert_array_equal(row[:, i * step:i * step + 6, :3], (images[i] * 1.5 - 0.25).clamp(0, 1).permute(1, 2, 0).numpy())
+        np.testing.assert_array_equal(row[:, i * step:i * step + 6, :3], shown[i])
 
 
 def test_figure_png_is_a_png():

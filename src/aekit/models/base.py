@@ -184,6 +184,14 @@ class Autoencoder(nn.Module):
         under ``objective``, one of ``objectives``."""
         return reconstruction_loss(self, x, target, objective)
 
+    def check_objective(self, objective: str, family: str | None = None) -> None:
+        """A ValueError unless ``objective`` is one of :attr:`objectives`, for a family's own
+        :meth:`loss` to raise before it draws or computes anything; ``family``, its ``model=``
+        name, is named in the message."""
+        if objective not in self.objectives:
+            where = f" for model={family!r}" if family else ""
+            raise ValueError(f"unknown objective {objective!r}{where}; expected one of {self.objectives}")
+
     def training_data(self, images, new: bool) -> contextlib.AbstractContextManager:
         """What the model takes from its training images, for as long as it trains.
 

@@ -153,8 +153,7 @@ class MapAutoencoder(Autoencoder):
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """The reconstruction loss under ``objective``; while training (in ``training_data``
         and train mode), plus :data:`WEIGHT` times the neighbourhood term (part "neighbours")."""
-        if objective not in self.objectives:
-            raise ValueError(f"unknown objective {objective!r} for model='map'; expected one of {self.objectives}")
+        self.check_objective(objective, "map")
         z_batch = self.encoder(x)                                                        # (n, d)
         recon = logits_loss(self.decoder.logits(z_batch), target, objective)
         if self.graph is None or not self.training:

@@ -205,8 +205,7 @@ class PCAConvAutoencoder(Autoencoder):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
-        if objective != "mse":
-            raise ValueError(f"unknown objective {objective!r}; expected one of {self.objectives}")
+        self.check_objective(objective)
         raw = self.decoder.raw(self.encoder(x))
         return Loss(F.mse_loss(raw, target), raw.detach().clamp(0.0, 1.0), {})
 

@@ -70,12 +70,11 @@ class RestoreAutoencoder(ConvAutoencoderNet):
     def loss(self, x: torch.Tensor, target: torch.Tensor, objective: str) -> Loss:
         """Reconstructing ``target`` from ``x`` with each image turned by a random turn of
         :func:`turns`, under ``objective``."""
-        if objective not in self.objectives:
-            raise ValueError(f"unknown objective {objective!r} for model='restore'; expected one of {self.objectives}")
+        self.check_objective(objective, "restore")
         allowed = torch.tensor(turns(self.image_shape))
         pick = torch.randint(len(allowed), (len(x),), generator=batch_generator(self.turn_seed, x, device="cpu"))
         turned = turn(x, allowed[pick].to(x.device))
-        return logits_loss(self.decoder.logits(self.encoder(turned)), target, objective)
+        return logits_loss(self.logits(turned), target, objective)
 
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) in [0, 1] -> float64 (n,): the mean over :func:`turns` of the error

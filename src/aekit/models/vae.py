@@ -184,8 +184,7 @@ class VAE(Autoencoder):
         (:meth:`_importance_weighted_loss`).
         With ``binarize``, ``x`` and ``target`` are first binarised with the same draws
         (:func:`binarized`): where ``x`` is ``target`` (no noise) they stay the same 0/1 images."""
-        if objective not in self.objectives:
-            raise ValueError(f"unknown objective {objective!r} for model='vae'; expected one of {self.objectives}")
+        self.check_objective(objective, "vae")
         generator = batch_generator(self.noise_seed, x)
         if self.binarize:
             uniform = torch.rand(target.shape, generator=generator, device=target.device, dtype=target.dtype)

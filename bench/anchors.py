@@ -148,11 +148,15 @@ def pca_method(latent_dim: int) -> Method:
                   lambda seed: PCAReconstructor(latent_dim=latent_dim, random_state=0))
 
 
-def restore_method(name: str, widths: tuple[int, ...] | None = None, epochs: int | None = None) -> Method:
-    """model="restore" at its defaults but ``widths`` and ``epochs``."""
-    options = (f"widths={widths}, " if widths else "") + (f"epochs={epochs}, " if epochs else "")
+def restore_method(name: str, widths: tuple[int, ...] | None = None, epochs: int | None = None,
+                   turn_head: float | None = None) -> Method:
+    """model="restore" at its defaults but ``widths``, ``epochs`` and ``turn_head``."""
+    params = {"turn_head": turn_head} if turn_head is not None else None
+    options = ((f"model_params={params}, " if params else "") + (f"widths={widths}, " if widths else "")
+               + (f"epochs={epochs}, " if epochs else ""))
     return Method(name, f"ConvAutoencoder(model='restore', {options}random_state=SEED)",
-                  lambda seed: ConvAutoencoder(model="restore", widths=widths, epochs=epochs, random_state=seed))
+                  lambda seed: ConvAutoencoder(model="restore", model_params=params, widths=widths, epochs=epochs,
+                                               random_state=seed))
 
 
 ONE_CLASS = (
@@ -162,6 +166,10 @@ ONE_CLASS = (
     # Wider and longer: measured beforehand on four digits (one thread, seed 0), 36 epochs
     # instead of the rule's 18 gained 0.4-1.2 points a digit (0, 2, 5, 8), widths (32, 64) 0.1-1.4 (0, 8).
     restore_method("restore-w32-e36", widths=(32, 64), epochs=36),
+    # A turn head (turn_head=1.0): measured beforehand with the default widths and epochs (one
+    # thread, seed 0), 97.95 mean AUROC on MNIST against the restoring error's 96.91.
+    restore_method("restore-turns", turn_head=1.0),
+    restore_method("restore-turns-w32-e36", widths=(32, 64), epochs=36, turn_head=1.0),
 )
 MAP = Method("map", "ConvAutoencoder(model='map', latent_dim=2, random_state=SEED)",
              lambda seed: ConvAutoencoder(model="map", latent_dim=2, random_state=seed))

@@ -1,5 +1,6 @@
 """model="restore": the turns against NumPy's rot90, the training loss on turned images, the
-outlier score as its formula, and the family through the CLI and the estimator."""
+outlier score as its formula, the turn head's loss and score against a direct computation,
+and the family through the CLI and the estimator."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ import torch
 
 from aekit import ConvAutoencoder
 from aekit.models import logits_loss
-from aekit.models.restore import OUTLIER_SCORE, TURNS, TURNS_NOT_SQUARE, RestoreAutoencoder, turn, turns
+from aekit.models.restore import (OUTLIER_SCORE, OUTLIER_SCORE_WITH_TURNS, TURNS, TURNS_NOT_SQUARE,
+                                  RestoreAutoencoder, turn, turns)
+from conftest import one_error_line
 
 
 def numpy_turned(x: torch.Tensor, quarters) -> np.ndarray:
@@ -70,7 +73,89 @@ def test_the_outlier_score_is_the_mean_error_of_restoring_each_turn(rng, shape):
     np.testing.assert_allclose(score.numpy(), expected, rtol=1e-12)
 
 
-def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist):
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 12), (3, 8, 12)])
+def test_a_turn_head_adds_the_cross_entropy_of_naming_each_turn(rng, shape):
+    """With turn_head=w the loss is the restoring loss plus w times the cross-entropy of the
+    head's logits (from the code of each turned image) against the turn it was given; the
+    autoencoder's layers and turns are drawn as without a head, which has no extra weights."""
+    x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
+    torch.manual_seed(0)
+    plain = RestoreAutoencoder(shape, latent_dim=4, widths=(4,))
+    torch.manual_seed(0)
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0.5)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"head.weight", "head.bias", "error_quantiles", "fitted_images"}
+    assert model.head.out_features == len(turns(shape)) and model.turn_seed == plain.turn_seed
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    loss, (given,) = encoded_inputs(model, x)
+    quarters = [next(i for i, k in enumerate(turns(shape)) if np.array_equal(np.rot90(image, k, axes=(1, 2)), fed))
+                for image, fed in zip(x.numpy(), given.numpy())]
+    with torch.no_grad():
+        z = model.encoder(given)
+        restoring = logits_loss(model.decoder.logits(z), x, "bce").total
+        naming = -log_softmax(model.head(z).double().numpy())[np.arange(len(x)), quarters].mean()
+    assert set(loss.parts) == {"reconstruction", "turns"}
+    parts = {name: float(part.detach()) for name, part in loss.parts.items()}
+    assert parts["reconstruction"] == float(restoring)
+    assert parts["turns"] == pytest.approx(naming, rel=1e-6)
+    assert float(loss.total.detach()) == pytest.approx(float(restoring) + 0.5 * naming, rel=1e-6)
+    assert torch.equal(encoded_inputs(plain, x)[1][0], given)  # the same turns as without the head
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match=r"^turn_head must be a non-negative number \(0: no turn head\), got "):
+            RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=bad)
+
+
+def test_the_outlier_score_with_a_turn_head_is_how_rare_both_errors_are_in_training(rng):
+    """score = sum over the two errors (restoring; naming the turn: the mean over turns of
+    the cross-entropy) of -log((N tail + 1) / (N + 1)), tail the fraction of the N training
+    images with a larger error, read from their quantiles as np.interp reads them; the
+    restoring error alone until fit_outlier_score has seen the training images."""
+    from aekit.data import as_images
+    from aekit.models.restore import QUANTILES
+
+    shape = (1, 12, 12)
+    torch.manual_seed(0)
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=1.0).eval()
+    train = torch.from_numpy(rng.random((300, *shape), dtype=np.float32))
+    x = torch.cat([train[:3], torch.from_numpy(rng.random((5, *shape), dtype=np.float32)), torch.ones(2, *shape)])
+
+    def errors(images: torch.Tensor) -> np.ndarray:  # (n, 2): restoring, naming, by NumPy's turns
+        restoring, naming = [], []
+        with torch.no_grad():
+            for i, k in enumerate(turns(shape)):
+                z = model.encoder(torch.from_numpy(numpy_turned(images, [k] * len(images))))
+                restored = model.decoder(z).double().clamp(0, 1).numpy()
+                restoring.append(((restored - images.double().numpy()) ** 2).reshape(len(images), -1).mean(1))
+                naming.append(-log_softmax(model.head(z).double().numpy())[:, i])
+        return np.stack([np.mean(restoring, 0), np.mean(naming, 0)], 1)
+
+    with torch.no_grad():
+        np.testing.assert_allclose(model.outlier_score(x).numpy(), errors(x)[:, 0], rtol=1e-12)  # not fitted
+        model.fit_outlier_score(as_images(train))
+        score = model.outlier_score(x).numpy()
+    seen, levels = errors(train), np.linspace(0, 1, QUANTILES)
+    quantiles = np.quantile(seen, levels, axis=0).T                                       # (2, QUANTILES)
+    # fit_outlier_score runs the model on aekit.fast's CPU path (other kernels, other float32
+    # rounding): the tolerance of test_estimator's test_answers_do_not_depend_on_the_batch.
+    np.testing.assert_allclose(model.error_quantiles.numpy(), quantiles, rtol=1e-5)
+    assert float(model.fitted_images) == len(train)
+    mine = model.error_quantiles.numpy()  # the tails read from the model's own quantiles
+    tails = np.stack([1 - np.interp(errors(x)[:, j], mine[j], levels, left=0.0, right=1.0) for j in range(2)], 1)
+    expected = -np.log((len(train) * tails + 1) / (len(train) + 1)).sum(1)
+    np.testing.assert_allclose(score, expected, rtol=1e-6, atol=1e-9)
+    # White images restore worse than every training image: that term alone is log(N + 1).
+    assert errors(x)[-2:, 0].min() > seen[:, 0].max() and score[-2:].min() >= np.log(len(train) + 1)
+    assert model.outlier_score_name == OUTLIER_SCORE_WITH_TURNS
+
+
+def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist, capsys):
+    """The CLI trains the plain family; the estimator the family with a turn head, whose
+    training spreads (buffers) are saved and loaded with the weights."""
     import json
 
     from aekit.cli import main
@@ -80,8 +165,13 @@ def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_s
     assert main(["train", "--model", "restore", "--latent-dim", "4", "--limit", "200", "--epochs", "1",
                  "--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["outlier_score"] == OUTLIER_SCORE
-    estimator = ConvAutoencoder(model="restore", latent_dim=4, epochs=1, random_state=0).fit(x_train[:200])
-    assert isinstance(estimator.model_, RestoreAutoencoder)
+    capsys.readouterr()
+    assert main(["train", "--model", "restore", "--turn-head", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "turn_head must be a non-negative number (0: no turn head), got -1.0" in one_error_line(capsys)
+    estimator = ConvAutoencoder(model="restore", latent_dim=4, model_params={"turn_head": 0.5}, epochs=1,
+                                random_state=0).fit(x_train[:200])
+    assert isinstance(estimator.model_, RestoreAutoencoder) and estimator.model_.turn_head == 0.5
+    assert float(estimator.model_.fitted_images) == 200  # fitted on the training images
     x = x_test[:20]
     scores = -estimator.score_samples(x)
     with torch.no_grad():
@@ -90,4 +180,5 @@ def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_s
     # rounding): the tolerance of test_estimator's test_answers_do_not_depend_on_the_batch.
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     loaded = ConvAutoencoder.load(estimator.save(tmp_path / "saved"))
+    assert torch.equal(loaded.model_.error_quantiles, estimator.model_.error_quantiles)
     np.testing.assert_array_equal(loaded.score_samples(x), estimator.score_samples(x))

@@ -42,7 +42,7 @@ def test_the_loss_restores_each_image_from_a_turn_drawn_by_its_batch(rng, shape)
     64), the loss is the reconstruction loss of the untouched target from those, and the same
     batch draws the same turns (in any thread, and again when a run resumes)."""
     torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,))
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0)
     x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
     loss, (given,) = encoded_inputs(model, x)
     quarters = []
@@ -62,7 +62,7 @@ def test_the_loss_restores_each_image_from_a_turn_drawn_by_its_batch(rng, shape)
 @pytest.mark.parametrize("shape", [(1, 12, 12), (2, 8, 12)])
 def test_the_outlier_score_is_the_mean_error_of_restoring_each_turn(rng, shape):
     torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,)).eval()
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0).eval()
     x = torch.from_numpy(rng.random((6, *shape), dtype=np.float32))
     with torch.no_grad():
         restored = [model(torch.from_numpy(numpy_turned(x, [k] * len(x)))).double().clamp(0, 1).numpy()
@@ -85,7 +85,7 @@ def test_a_turn_head_adds_the_cross_entropy_of_naming_each_turn(rng, shape):
     autoencoder's layers and turns are drawn as without a head, which has no extra weights."""
     x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
     torch.manual_seed(0)
-    plain = RestoreAutoencoder(shape, latent_dim=4, widths=(4,))
+    plain = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0)
     torch.manual_seed(0)
     model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0.5)
     assert set(model.state_dict()) - set(plain.state_dict()) == {"head.weight", "head.bias", "error_quantiles", "fitted_images"}
@@ -154,24 +154,33 @@ def test_the_outlier_score_with_a_turn_head_is_how_rare_both_errors_are_in_train
 
 
 def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist, capsys):
-    """The CLI trains the plain family; the estimator the family with a turn head, whose
-    training spreads (buffers) are saved and loaded with the weights."""
+    """The CLI trains the family without a turn head; a config.json that does not name
+    turn_head (a restore run from before the option) reads as that, not as the default's
+    head. The estimator trains the default, with a head, whose training quantiles (buffers)
+    are saved and loaded with the weights."""
     import json
 
     from aekit.cli import main
+    from aekit.weights import load_model
 
     (x_train, _), (x_test, _) = mnist
     run = tmp_path / "run"
-    assert main(["train", "--model", "restore", "--latent-dim", "4", "--limit", "200", "--epochs", "1",
-                 "--out", str(run), "--quiet"]) == 0
+    assert main(["train", "--model", "restore", "--turn-head", "0", "--latent-dim", "4", "--limit", "200",
+                 "--epochs", "1", "--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["outlier_score"] == OUTLIER_SCORE
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["model_params"].pop("turn_head") == 0
+    (run / "config.json").write_text(json.dumps(recorded))
+    model, config = load_model(run)
+    assert config.model_params["turn_head"] == 0 and not hasattr(model, "head") and model.turn_head == 0
     capsys.readouterr()
     assert main(["train", "--model", "restore", "--turn-head", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "turn_head must be a non-negative number (0: no turn head), got -1.0" in one_error_line(capsys)
-    estimator = ConvAutoencoder(model="restore", latent_dim=4, model_params={"turn_head": 0.5}, epochs=1,
-                                random_state=0).fit(x_train[:200])
-    assert isinstance(estimator.model_, RestoreAutoencoder) and estimator.model_.turn_head == 0.5
+
+    estimator = ConvAutoencoder(model="restore", latent_dim=4, epochs=1, random_state=0).fit(x_train[:200])
+    assert isinstance(estimator.model_, RestoreAutoencoder) and estimator.model_.turn_head == 1.0
     assert float(estimator.model_.fitted_images) == 200  # fitted on the training images
+    assert estimator.model_.outlier_score_name == OUTLIER_SCORE_WITH_TURNS
     x = x_test[:20]
     scores = -estimator.score_samples(x)
     with torch.no_grad():

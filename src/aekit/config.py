@@ -197,7 +197,9 @@ class TrainConfig:
         the model's options against the types its family declares and completed with its
         defaults. A config of aekit 0.3 or older, with the options as fields of their own,
         reads as one with ``model_params``; an option it left out (null) was built at the
-        family's default, and reads so."""
+        family's default, and reads so. An option the config does not name at all reads as
+        its field's ``metadata["absent"]`` where the family declares one (an option added
+        with a default other than what runs did before it), else at its default."""
         if not isinstance(data, dict):
             return from_plain(cls, data, "config")  # the one error for what is not an object
         data = dict(data)
@@ -209,6 +211,10 @@ class TrainConfig:
         config = from_plain(cls, data, "config")
         family = models.MODELS.get(config.model)
         if family is not None:  # an unknown model is refused, by name, when the config is validated
+            # An option the family gained after the config was written: the value that means
+            # what the run did, where that is not the option's default (metadata "absent").
+            params = {**{f.name: f.metadata["absent"] for f in dataclasses.fields(family.Options)
+                         if "absent" in f.metadata}, **params}
             hints = typing.get_type_hints(family.Options)
             params = models.resolve_options(config.model, {
                 key: conform(value, hints[key], f"config.model_params.{key}") if key in hints else value

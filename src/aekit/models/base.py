@@ -161,7 +161,9 @@ class Autoencoder(nn.Module):
     and overrides the hooks below where its family differs from the defaults. ``Options``:
     a frozen dataclass of the constructor arguments :func:`aekit.models.build_model` may pass
     beside image_shape (each field with its default and ``metadata["help"]``; an int field's
-    flag takes positive values, or from 0 with ``metadata["minimum"] = 0``), with a
+    flag takes positive values, or from 0 with ``metadata["minimum"] = 0``; an option added
+    with a default other than what the family did before it declares that older value as
+    ``metadata["absent"]``, which a config.json without the option reads as), with a
     ``check(image_shape)`` that raises the one-line error of a value the family cannot take
     (``image_shape`` None: before the data is read, the values alone);
     ``options``, the names of its fields, is set from it for every subclass.

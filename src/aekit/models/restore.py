@@ -7,23 +7,23 @@ training images stand, which is knowledge of what they are; an image of another 
 restored worse. This is the Inverse-Transform AutoEncoder (Huang et al., 2019) with
 rotations, as ARNet (Ye et al.) restores "erased" orientation.
 
-Its outlier score is the mean, over every turn (the unturned image included), of the error
-of restoring the turned image to the image (:func:`~aekit.models.base.image_errors`)::
+A linear head on the code also learns to name the turn each training image was given
+(cross-entropy, weighted ``turn_head``, default 1.0, beside the restoring loss), as GEOM
+(Golan & El-Yaniv, 2018) classifies transformations; an image of another kind has its turns
+named worse. The outlier score combines how rare the image's two errors are among the
+training images' (:meth:`RestoreAutoencoder.outlier_score`): the mean, over every turn (the
+unturned image included), of the error of restoring the turned image to the image
+(:func:`~aekit.models.base.image_errors`), and the mean over the turns of the cross-entropy
+of naming each. With ``turn_head=0`` there is no head, and the score is the restoring error::
 
     score(x) = mean_t  mean_pixels (restore(turn_t(x)) - x)^2
 
-With ``turn_head=w > 0`` a linear head on the code also learns to name the turn each
-training image was given (cross-entropy, weighted ``w`` beside the restoring loss), as
-GEOM (Golan & El-Yaniv, 2018) classifies transformations; an image of another kind has its
-turns named worse. The outlier score then combines how rare the image's restoring error and
-its naming error are among the training images' (:meth:`RestoreAutoencoder.outlier_score`).
-
-Measured on the one-class protocol (one class of MNIST or Fashion-MNIST fitted, the
-10,000 test images ranked): 96.9 and 92.6 mean AUROC, against 95.8 and 91.6 for the default
-model with its own score (seed 0; bench/ANCHORS.md); with ``turn_head=1.0``, 97.95 on
-MNIST. ``encode``, ``decode`` and ``forward`` are the conv autoencoder's on the image as
-given (a reconstruction), so the verbs of a run (reconstruct, transform, denoise) work as
-for ``model="conv"``.
+Measured on the one-class protocol (one class of MNIST or Fashion-MNIST fitted, the 10,000
+test images ranked; seed 0, bench/ANCHORS.md): 97.94 and 93.88 mean AUROC; 96.89 and 92.62
+with ``turn_head=0``; 95.76 and 91.55 for the default model with its own score.
+``encode``, ``decode`` and ``forward`` are the conv autoencoder's on the image as given (a
+reconstruction), so the verbs of a run (reconstruct, transform, denoise) work as for
+``model="conv"``.
 
 The training loss turns each image of a batch by a turn drawn from a generator seeded by the
 batch's contents (:func:`~aekit.models.base.batch_generator`), so the same images draw the
@@ -76,10 +76,11 @@ def turn(x: torch.Tensor, quarters: torch.Tensor) -> torch.Tensor:
 class RestoreOptions(ConvOptions):
     """The conv options, and the weight of the turn-naming term."""
 
-    turn_head: float = field(default=0.0, metadata={
-        "help": "0: restore turned images alone; w > 0: also name each training image's turn from its code "
-                "(a linear head, cross-entropy weighted w), and add how badly an image's turns are named to "
-                "its outlier score (better one-class detection on MNIST; see bench/ANCHORS.md)"})
+    turn_head: float = field(default=1.0, metadata={
+        "absent": 0.0,  # a restore run from before the option had no turn head
+        "help": "w > 0: also name each training image's turn from its code (a linear head, cross-entropy "
+                "weighted w), and add how rare an image's errors of restoring and of naming its turns are to "
+                "its outlier score; 0: restore turned images alone (see bench/ANCHORS.md)"})
 
     def check(self, image_shape: tuple[int, int, int] | None) -> None:
         """A one-line error for a ``turn_head`` that is not a non-negative number, then the conv checks."""
@@ -90,10 +91,10 @@ class RestoreOptions(ConvOptions):
 
 @register("restore")
 class RestoreAutoencoder(ConvAutoencoderNet):
-    """A conv autoencoder trained to turn images back the right way up, whose outlier score
-    (the mean error of restoring each 90-degree turn) flags images unlike the training ones,
-    for one-class detection; with ``turn_head``, also trained to name the turn. See the
-    module docstring."""
+    """A conv autoencoder trained to turn images back the right way up and (``turn_head`` >
+    0) to name the turn, whose outlier score (how rare its errors of restoring and of naming
+    each 90-degree turn are) flags images unlike the training ones, for one-class detection.
+    See the module docstring."""
 
     Options = RestoreOptions
 

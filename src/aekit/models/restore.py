@@ -141,7 +141,8 @@ class RestoreAutoencoder(ConvAutoencoderNet):
             if self.turn_head:
                 named = torch.full((len(x),), i, device=x.device)
                 naming.append(F.cross_entropy(self.head(z).double(), named, reduction="none"))
-        return torch.stack([torch.stack(restoring).mean(0)] + ([torch.stack(naming).mean(0)] if naming else []), 1)
+        columns = [torch.stack(restoring).mean(0)] + ([torch.stack(naming).mean(0)] if naming else [])
+        return torch.stack(columns, 1)
 
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) in [0, 1] -> float64 (n,): the error of restoring (see :meth:`errors`).

@@ -449,8 +449,8 @@ class Carried(NamedTuple):
 
 def _read_back(row: str, detail: str) -> tuple[str, dict]:
     """The method name and a :func:`summarise`-like line of a detail line that :func:`table` wrote."""
-    call = detail.split("`", 2)[1]
-    name = next((m.name for m in METHODS[row] if m.call == call), call)
+    first = detail.split("`", 2)[1]  # the method's name; in a line from before lines named it, its call
+    name = next((m.name for m in METHODS[row] if m.call == first), first)
     value = float(re.search(r" seeds [\d, ]+: (-?[\d.]+)", detail).group(1))
     fit_s = float(re.search(r"; fit (\d+) s a seed", detail).group(1))
     cell: dict = {}
@@ -478,7 +478,7 @@ def previous_table(doc_text: str) -> dict[str, Carried]:
         lines = [line for line in inside if line.startswith(f"| {row} |")]
         if not lines or "not run" in lines[0] or "not measured" in lines[0]:
             continue
-        details = [line for line in inside if line.startswith(f"- {row}, ")]
+        details = [line for line in inside if line.startswith((f"- {row} `", f"- {row}, "))]
         pieces = {piece.split("`", 2)[1]: piece for piece in lines[0].split(" | ")[5].split("; ") if "`" in piece}
         methods = {}
         for detail in details:
@@ -571,7 +571,7 @@ def table(cells: list[dict], rows: tuple[str, ...] = ROWS, previous: dict[str, C
             limit = FIT_LIMIT_S.get(row, math.inf)
             late = (f" (over the row's {limit / 60:.0f} minutes)"
                     if any(seconds >= limit for _, seconds, _ in line["per_seed"].values()) else "")
-            details.append(f"- {row}, `{call}` (model {line['model']}{epochs}), seeds "
+            details.append(f"- {row} `{line['method']}`, `{call}` (model {line['model']}{epochs}), seeds "
                            f"{', '.join(map(str, line['seeds']))}: {fmt(line['value'])}{extra}; "
                            f"fit {line['fit_s']:.0f} s a seed{late}")
     if carried:

@@ -223,7 +223,7 @@ def test_a_row_without_cells_keeps_its_lines_and_machine_from_the_table_it_repla
     assert sorted(previous) == ["hinton"]  # a row "not run" there is not kept
     second = anchors.table([likelihood_cell("vae", 90.0)], previous=previous)
     [line] = [line for line in second.splitlines() if line.startswith("| hinton |")]
-    assert "`default` 2.90" in line and "- hinton, " in second
+    assert "`default` 2.90" in line and "- hinton `default`, `" in second
     assert "Rows hinton: no cells" in second and second.rstrip().endswith("measured earlier on: the first machine")
     # Carried again by a third run on another machine, it still names the machine it was measured on.
     third = anchors.table([], previous=anchors.previous_table(
@@ -243,12 +243,18 @@ def test_a_method_without_cells_keeps_its_lines_beside_the_methods_rerun_in_its_
     assert "| 12.50 |" in first and "| yes |" in first
     previous = anchors.previous_table(first)
     assert sorted(previous["hinton"].methods) == ["bf16-b64", "default", "pca"]
+    # A method is known by its name, also after its call changed (a new option's old value written
+    # out); a line from before the lines named their method, by its call while that is unchanged.
+    call = next(m.call for m in anchors.METHODS["hinton"] if m.name == "default")
+    assert f"- hinton `default`, `{call}` (model" in first
+    for edited in (first.replace(call, "ConvAutoencoder(as_called_before=1)"), first.replace("- hinton `default`, ", "- hinton, ")):
+        assert sorted(anchors.previous_table(edited)["hinton"].methods) == ["bf16-b64", "default", "pca"]
     # The second run reruns the default only (worse now): the others stay, and so does the verdict.
     rerun = [dict(hinton[1], sq_error=3.1)]
     second = anchors.table(rerun, previous=previous)
     [line] = [line for line in second.splitlines() if line.startswith("| hinton |")]
     assert "| 12.50 |" in line and "`default` 3.10" in line and "`bf16-b64` 2.40" in line and line.endswith("| yes |")
-    assert second.count("- hinton, ") == 3 and ": 3.10; fit 385 s" in second and ": 12.50; fit 3 s" in second
+    assert second.count("- hinton `") == 3 and ": 3.10; fit 385 s" in second and ": 12.50; fit 3 s" in second
     assert "Rows hinton `pca`, hinton `bf16-b64`: no cells" in second
     assert second.rstrip().endswith("measured earlier on: the first machine")
     # A carried method past the row's 15 minutes does not count as reaching the bar.

@@ -1,6 +1,6 @@
-"""model="restore": the turns against NumPy's rot90, the training loss on turned images, the
-outlier score as its formula, the turn head's loss and score against a direct computation,
-and the family through the CLI and the estimator."""
+"""model="restore": the turns and shifts against NumPy's rot90 and slicing, the training loss
+on transformed images, the outlier score as its formula, the turn head's loss and score
+against a direct computation, and the family through the CLI and the estimator."""
 
 import numpy as np
 import pytest
@@ -9,20 +9,40 @@ import torch
 from aekit import ConvAutoencoder
 from aekit.models import logits_loss
 from aekit.models.restore import (OUTLIER_SCORE, OUTLIER_SCORE_WITH_TURNS, TURNS, TURNS_NOT_SQUARE,
-                                  RestoreAutoencoder, turn, turns)
+                                  RestoreAutoencoder, transform, transform_each, transformations, turns)
 from conftest import one_error_line
 
 
-def numpy_turned(x: torch.Tensor, quarters) -> np.ndarray:
-    """Each (C, H, W) image turned counter-clockwise by its quarters, as NumPy turns it."""
-    return np.stack([np.rot90(image, int(k), axes=(1, 2)) for image, k in zip(x.numpy(), quarters)])
+def numpy_transformed(image: np.ndarray, quarters: int, down: int, right: int) -> np.ndarray:
+    """A (C, H, W) image moved down and right (zeros moved in), then turned counter-clockwise
+    by its quarters, as NumPy slices and turns it."""
+    _, height, width = image.shape
+    moved = np.zeros_like(image)
+    moved[:, max(down, 0):height + min(down, 0), max(right, 0):width + min(right, 0)] = \
+        image[:, max(-down, 0):height - max(down, 0), max(-right, 0):width - max(right, 0)]
+    return np.rot90(moved, quarters, axes=(1, 2))
 
 
-def test_turn_gives_each_image_its_own_turn(rng):
-    x = torch.from_numpy(rng.random((8, 2, 5, 5), dtype=np.float32))
-    quarters = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
-    assert np.array_equal(turn(x, quarters).numpy(), numpy_turned(x, quarters.tolist()))
+def test_the_transformations_are_each_turn_of_the_image_moved_or_not(rng):
+    """Each turn (four for a square image, the half turn for others), of the image as it is
+    and moved by round(shift * side) pixels down, up, right, left; the turns alone, in
+    their order, without a shift. Each image of a batch takes its own, as NumPy computes it."""
     assert turns((1, 28, 28)) == TURNS == (0, 1, 2, 3) and turns((3, 28, 32)) == TURNS_NOT_SQUARE == (0, 2)
+    assert transformations((1, 28, 28), 0.0) == tuple((k, 0, 0) for k in TURNS)
+    assert transformations((3, 28, 32), 0.0) == ((0, 0, 0), (2, 0, 0))
+    moves = ((0, 0), (6, 0), (-6, 0), (0, 6), (0, -6))  # 0.2 * 28 = 5.6 pixels
+    assert transformations((1, 28, 28), 0.2) == tuple((k, dy, dx) for k in TURNS for dy, dx in moves)
+    moves = ((0, 0), (7, 0), (-7, 0), (0, 8), (0, -8))  # 0.25 of 28 and of 32
+    assert transformations((3, 28, 32), 0.25) == tuple((k, dy, dx) for k in (0, 2) for dy, dx in moves)
+
+    for shape, shift in (((2, 5, 5), 0.4), ((2, 5, 7), 0.3)):
+        table = transformations(shape, shift)
+        x = torch.from_numpy(rng.random((3 * len(table), *shape), dtype=np.float32))
+        picks = torch.arange(len(x)).flip(0) % len(table)
+        expected = np.stack([numpy_transformed(image, *table[i]) for image, i in zip(x.numpy(), picks.tolist())])
+        assert np.array_equal(transform_each(x, picks, table).numpy(), expected)
+        for t in table:
+            assert np.array_equal(transform(x, *t).numpy(), np.stack([numpy_transformed(i, *t) for i in x.numpy()]))
 
 
 def encoded_inputs(model: RestoreAutoencoder, x: torch.Tensor, objective: str = "bce"):
@@ -36,22 +56,30 @@ def encoded_inputs(model: RestoreAutoencoder, x: torch.Tensor, objective: str = 
     return loss, seen
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 12), (3, 8, 12)])
-def test_the_loss_restores_each_image_from_a_turn_drawn_by_its_batch(rng, shape):
-    """Every image goes in turned by one of its shape's turns (each turn taken in a batch of
-    64), the loss is the reconstruction loss of the untouched target from those, and the same
-    batch draws the same turns (in any thread, and again when a run resumes)."""
-    torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0)
-    x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
-    loss, (given,) = encoded_inputs(model, x)
-    quarters = []
+def drawn(model: RestoreAutoencoder, x: torch.Tensor, given: torch.Tensor) -> list[int]:
+    """The index in ``model.transformations`` of the one transformation of each image of ``x``
+    that gives the encoder's input."""
+    picks = []
     for image, fed in zip(x.numpy(), given.numpy()):
-        matches = [k for k in turns(shape) if np.array_equal(np.rot90(image, k, axes=(1, 2)), fed)]
+        matches = [i for i, t in enumerate(model.transformations) if np.array_equal(numpy_transformed(image, *t), fed)]
         assert len(matches) == 1
-        quarters.append(matches[0])
-    assert set(quarters) == set(turns(shape))
-    expected = logits_loss(model.decoder.logits(model.encoder(torch.from_numpy(numpy_turned(x, quarters)))), x, "bce")
+        picks.append(matches[0])
+    return picks
+
+
+@pytest.mark.parametrize("shape, shift", [((1, 12, 12), 0.0), ((3, 8, 12), 0.0), ((1, 12, 12), 0.25), ((3, 8, 12), 0.3)])
+def test_the_loss_restores_each_image_from_a_transformation_drawn_by_its_batch(rng, shape, shift):
+    """Every image goes in given one of its shape's transformations (each taken in a batch of
+    128), the loss is the reconstruction loss of the untouched target from those, and the
+    same batch draws the same transformations (in any thread, and again when a run resumes)."""
+    torch.manual_seed(0)
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0, shift=shift)
+    x = torch.from_numpy(rng.random((128, *shape), dtype=np.float32))
+    loss, (given,) = encoded_inputs(model, x)
+    picks = drawn(model, x, given)
+    assert set(picks) == set(range(len(transformations(shape, shift))))
+    fed = np.stack([numpy_transformed(image, *model.transformations[i]) for image, i in zip(x.numpy(), picks)])
+    expected = logits_loss(model.decoder.logits(model.encoder(torch.from_numpy(fed))), x, "bce")
     assert torch.equal(loss.total, expected.total)
     again, (given_again,) = encoded_inputs(model, x)
     assert torch.equal(given_again, given) and torch.equal(again.total, loss.total)
@@ -59,14 +87,18 @@ def test_the_loss_restores_each_image_from_a_turn_drawn_by_its_batch(rng, shape)
         model.loss(x, x, "huber")
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 12), (2, 8, 12)])
-def test_the_outlier_score_is_the_mean_error_of_restoring_each_turn(rng, shape):
+def numpy_all_transformed(x: torch.Tensor, t: tuple[int, int, int]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([numpy_transformed(image, *t) for image in x.numpy()]))
+
+
+@pytest.mark.parametrize("shape, shift", [((1, 12, 12), 0.0), ((2, 8, 12), 0.0), ((2, 8, 12), 0.3)])
+def test_the_outlier_score_is_the_mean_error_of_restoring_each_transformation(rng, shape, shift):
     torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0).eval()
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0, shift=shift).eval()
     x = torch.from_numpy(rng.random((6, *shape), dtype=np.float32))
     with torch.no_grad():
-        restored = [model(torch.from_numpy(numpy_turned(x, [k] * len(x)))).double().clamp(0, 1).numpy()
-                    for k in turns(shape)]
+        restored = [model(numpy_all_transformed(x, t)).double().clamp(0, 1).numpy()
+                    for t in transformations(shape, shift)]
         score = model.outlier_score(x)
     expected = np.mean([((r - x.double().numpy()) ** 2).reshape(len(x), -1).mean(1) for r in restored], axis=0)
     assert score.dtype == torch.float64 and score.shape == (len(x),)
@@ -78,27 +110,27 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 12), (3, 8, 12)])
-def test_a_turn_head_adds_the_cross_entropy_of_naming_each_turn(rng, shape):
+@pytest.mark.parametrize("shape, shift", [((1, 12, 12), 0.0), ((3, 8, 12), 0.0), ((3, 8, 12), 0.3)])
+def test_a_turn_head_adds_the_cross_entropy_of_naming_each_transformation(rng, shape, shift):
     """With turn_head=w the loss is the restoring loss plus w times the cross-entropy of the
-    head's logits (from the code of each turned image) against the turn it was given; the
-    autoencoder's layers and turns are drawn as without a head, which has no extra weights."""
+    head's logits (from the code of each transformed image) against the transformation it
+    was given; the autoencoder's layers and transformations are drawn as without a head,
+    which has no extra weights."""
     x = torch.from_numpy(rng.random((64, *shape), dtype=np.float32))
     torch.manual_seed(0)
-    plain = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0)
+    plain = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0, shift=shift)
     torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0.5)
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=0.5, shift=shift)
     assert set(model.state_dict()) - set(plain.state_dict()) == {"head.weight", "head.bias", "error_quantiles", "fitted_images"}
-    assert model.head.out_features == len(turns(shape)) and model.turn_seed == plain.turn_seed
+    assert model.head.out_features == len(transformations(shape, shift)) and model.turn_seed == plain.turn_seed
     for name, value in plain.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     loss, (given,) = encoded_inputs(model, x)
-    quarters = [next(i for i, k in enumerate(turns(shape)) if np.array_equal(np.rot90(image, k, axes=(1, 2)), fed))
-                for image, fed in zip(x.numpy(), given.numpy())]
+    picks = drawn(model, x, given)
     with torch.no_grad():
         z = model.encoder(given)
         restoring = logits_loss(model.decoder.logits(z), x, "bce").total
-        naming = -log_softmax(model.head(z).double().numpy())[np.arange(len(x)), quarters].mean()
+        naming = -log_softmax(model.head(z).double().numpy())[np.arange(len(x)), picks].mean()
     assert set(loss.parts) == {"reconstruction", "turns"}
     parts = {name: float(part.detach()) for name, part in loss.parts.items()}
     assert parts["reconstruction"] == float(restoring)
@@ -108,11 +140,17 @@ def test_a_turn_head_adds_the_cross_entropy_of_naming_each_turn(rng, shape):
     for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match=r"^turn_head must be a non-negative number \(0: no turn head\), got "):
             RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=bad)
+    for bad in (-0.1, 0.5, float("nan"), "0.2", True):
+        with pytest.raises(ValueError, match=r"^shift must be a fraction of the image's side in \[0, 0.5\) \(0: no shifts\), got "):
+            RestoreAutoencoder(shape, latent_dim=4, widths=(4,), shift=bad)
+    # 0.06 of 8 rows is 0.48 of a pixel: it would move nothing.
+    with pytest.raises(ValueError, match=r"^shift=0.06 moves images of 8x12 pixels by less than a pixel; pass at least 0.125, or 0 "):
+        RestoreAutoencoder((3, 8, 12), latent_dim=4, widths=(4,), shift=0.06)
 
 
 def test_the_outlier_score_with_a_turn_head_is_how_rare_both_errors_are_in_training(rng):
-    """score = sum over the two errors (restoring; naming the turn: the mean over turns of
-    the cross-entropy) of -log((N tail + 1) / (N + 1)), tail the fraction of the N training
+    """score = sum over the two errors (restoring; naming the transformation: the mean over
+    transformations of the cross-entropy) of -log((N tail + 1) / (N + 1)), tail the fraction of the N training
     images with a larger error, read from their quantiles as np.interp reads them; the
     restoring error alone until fit_outlier_score has seen the training images."""
     from aekit.data import as_images
@@ -120,15 +158,15 @@ def test_the_outlier_score_with_a_turn_head_is_how_rare_both_errors_are_in_train
 
     shape = (1, 12, 12)
     torch.manual_seed(0)
-    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=1.0).eval()
+    model = RestoreAutoencoder(shape, latent_dim=4, widths=(4,), turn_head=1.0, shift=0.25).eval()
     train = torch.from_numpy(rng.random((300, *shape), dtype=np.float32))
     x = torch.cat([train[:3], torch.from_numpy(rng.random((5, *shape), dtype=np.float32)), torch.ones(2, *shape)])
 
-    def errors(images: torch.Tensor) -> np.ndarray:  # (n, 2): restoring, naming, by NumPy's turns
+    def errors(images: torch.Tensor) -> np.ndarray:  # (n, 2): restoring, naming, by NumPy's transformations
         restoring, naming = [], []
         with torch.no_grad():
-            for i, k in enumerate(turns(shape)):
-                z = model.encoder(torch.from_numpy(numpy_turned(images, [k] * len(images))))
+            for i, t in enumerate(transformations(shape, 0.25)):
+                z = model.encoder(numpy_all_transformed(images, t))
                 restored = model.decoder(z).double().clamp(0, 1).numpy()
                 restoring.append(((restored - images.double().numpy()) ** 2).reshape(len(images), -1).mean(1))
                 naming.append(-log_softmax(model.head(z).double().numpy())[:, i])
@@ -151,13 +189,13 @@ def test_the_outlier_score_with_a_turn_head_is_how_rare_both_errors_are_in_train
     # White images restore worse than every training image: that term alone is log(N + 1),
     # computed as -log(1 / (N + 1)), which float64 may round one unit below NumPy's log(N + 1).
     assert errors(x)[-2:, 0].min() > seen[:, 0].max() and score[-2:].min() >= np.log(len(train) + 1) - 1e-12
-    assert model.outlier_score_name == OUTLIER_SCORE_WITH_TURNS
+    assert model.outlier_score_name == OUTLIER_SCORE_WITH_TURNS + " and shift"
 
 
 def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_score(tmp_path, mnist, capsys):
-    """The CLI trains the family without a turn head; a config.json that does not name
-    turn_head (a restore run from before the option) reads as that, not as the default's
-    head. The estimator trains the default, with a head, whose training quantiles (buffers)
+    """The CLI trains the family without a turn head or shifts; a config.json that names neither
+    turn_head nor shift (a restore run from before the options) reads as that, not as the
+    defaults. The estimator trains the default, with a head, whose training quantiles (buffers)
     are saved and loaded with the weights."""
     import json
 
@@ -166,22 +204,28 @@ def test_restore_trains_from_the_cli_and_the_estimator_and_scores_with_its_own_s
 
     (x_train, _), (x_test, _) = mnist
     run = tmp_path / "run"
-    assert main(["train", "--model", "restore", "--turn-head", "0", "--latent-dim", "4", "--limit", "200",
+    assert main(["train", "--model", "restore", "--turn-head", "0", "--shift", "0", "--latent-dim", "4", "--limit", "200",
                  "--epochs", "1", "--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["outlier_score"] == OUTLIER_SCORE
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["model_params"].pop("turn_head") == 0
+    assert recorded["model_params"].pop("shift") == 0
     (run / "config.json").write_text(json.dumps(recorded))
     model, config = load_model(run)
     assert config.model_params["turn_head"] == 0 and not hasattr(model, "head") and model.turn_head == 0
+    assert config.model_params["shift"] == 0 and model.transformations == transformations((1, 28, 28), 0.0)
     capsys.readouterr()
     assert main(["train", "--model", "restore", "--turn-head", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "turn_head must be a non-negative number (0: no turn head), got -1.0" in one_error_line(capsys)
+    assert main(["train", "--model", "restore", "--shift", "0.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "shift must be a fraction of the image's side in [0, 0.5) (0: no shifts), got 0.5" in one_error_line(capsys)
+    assert not (tmp_path / "bad").exists()
 
     estimator = ConvAutoencoder(model="restore", latent_dim=4, epochs=1, random_state=0).fit(x_train[:200])
     assert isinstance(estimator.model_, RestoreAutoencoder) and estimator.model_.turn_head == 1.0
+    assert estimator.model_.transformations == transformations((1, 28, 28), 0.2)  # the default shifts
     assert float(estimator.model_.fitted_images) == 200  # fitted on the training images
-    assert estimator.model_.outlier_score_name == OUTLIER_SCORE_WITH_TURNS
+    assert estimator.model_.outlier_score_name == OUTLIER_SCORE_WITH_TURNS + " and shift"
     x = x_test[:20]
     scores = -estimator.score_samples(x)
     with torch.no_grad():

@@ -172,12 +172,13 @@ class RestoreAutoencoder(ConvAutoencoderNet):
         "reconstruction", "turns")."""
         self.check_objective(objective, "restore")
         generator = batch_generator(self.turn_seed, x, device="cpu")
-        pick = torch.randint(len(self.transformations), (len(x),), generator=generator)  # (n,)
-        z = self.encoder(transform_each(x, pick.to(x.device), self.transformations))    # (n, latent_dim)
+        # Drawn on the CPU (the generator's device), so any device draws the same transformations.
+        pick = torch.randint(len(self.transformations), (len(x),), generator=generator).to(x.device)  # (n,)
+        z = self.encoder(transform_each(x, pick, self.transformations))                  # (n, latent_dim)
         restored = logits_loss(self.decoder.logits(z), target, objective)
         if not self.turn_head:
             return restored
-        naming = F.cross_entropy(self.head(z), pick.to(x.device))
+        naming = F.cross_entropy(self.head(z), pick)
         return Loss(restored.total + self.turn_head * naming, restored.reconstruction,
                     {"reconstruction": restored.total, "turns": naming})
 
